@@ -1,0 +1,342 @@
+#include "gm_route.h"
+
+#include <errno.h>
+#include <setjmp.h>
+#include <string.h>
+
+#include "gm_bounce.h"
+#include "gm_bounce_internal.h"
+#include "gm_fault.h"
+#include "gm_insn.h"
+#include "gm_platform.h"
+#include "gm_status.h"
+#include "gm_thread.h"
+
+/* How often MATCH_ALL re-reads a run's tag after the guest changed it
+ * between LDG and the access, before it gives up with GM_ERR_RACE. */
+#define GM_RACE_RETRIES 64
+
+static inline size_t granule_end(const uint8_t *p)
+{
+    return GM_GRANULE - ((uintptr_t)p & (GM_GRANULE - 1));
+}
+
+static void move(int op, uint8_t *guest, uint8_t *buf, size_t n, int fill_byte)
+{
+    switch (op) {
+    case GM_OP_READ:
+        memcpy(buf, guest, n);
+        break;
+    case GM_OP_WRITE:
+        memcpy(guest, buf, n);
+        break;
+    default:
+        memset(guest, fill_byte, n);
+        break;
+    }
+}
+
+static void move_spans(const struct gm_access *a)
+{
+    uint8_t *buf = a->buf;
+    for (size_t i = 0; i < a->nspans; i++) {
+        move(a->op, a->spans[i].guest, buf, a->spans[i].len, a->fill_byte);
+        if (buf)
+            buf += a->spans[i].len;
+    }
+}
+
+/* A move whose tag-check fault returns -1 (fault address in gm_fault_addr)
+ * instead of killing the process. The handler runs with SA_NODEFER, so
+ * sigsetjmp need not save the signal mask (a system call each time). */
+static int armed_move(int op, uint8_t *guest, uint8_t *buf, size_t n, int fill_byte)
+{
+    sigjmp_buf jb;
+    if (sigsetjmp(jb, 0) != 0)
+        return -1;
+    gm_arm(&jb);
+    move(op, guest, buf, n, fill_byte);
+    gm_disarm();
+    return 0;
+}
+
+static int armed_probe(const uint8_t *tagged, size_t n)
+{
+    sigjmp_buf jb;
+    if (sigsetjmp(jb, 0) != 0)
+        return -1;
+    gm_arm(&jb);
+    for (size_t off = 0; off < n; off += granule_end(tagged + off))
+        (void)*(const volatile uint8_t *)(tagged + off);
+    gm_disarm();
+    return 0;
+}
+
+/* ---- where a checked access failed -------------------------------------- */
+
+static int fault_in_hardware(const struct gm_access *a, size_t span, uintptr_t at)
+{
+    const struct gm_span *s = &a->spans[span];
+    uintptr_t base = (uintptr_t)s->guest;
+    uintptr_t addr = at & GM_ADDR_MASK;
+    size_t from = (addr >= base && addr < base + s->len) ? (addr - base) & ~(size_t)(GM_GRANULE - 1) : 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (size_t off = from; off < s->len; off += granule_end(s->guest + off)) {
+            unsigned tag = gm_ldg(s->guest + off);
+            if (tag != (unsigned)a->logical_tag) {
+                struct gm_access *w = (struct gm_access *)a;
+                w->fault.span = span;
+                w->fault.offset = off;
+                w->fault.logical_tag = a->logical_tag;
+                w->fault.allocation_tag = (int)tag;
+                return GM_ERR_TAG_CHECK;
+            }
+        }
+        from = 0;
+    }
+    /* The guest put the tag back before we looked: report what the CPU saw. */
+    struct gm_access *w = (struct gm_access *)a;
+    w->fault.span = span;
+    w->fault.offset = (addr >= base && addr < base + s->len) ? addr - base : 0;
+    w->fault.logical_tag = a->logical_tag;
+    w->fault.allocation_tag = (int)gm_ldg(s->guest + w->fault.offset);
+    return GM_ERR_TAG_CHECK;
+}
+
+static int mismatch_in_table(struct gm_access *a)
+{
+    for (size_t i = 0; i < a->nspans; i++) {
+        const struct gm_span *s = &a->spans[i];
+        size_t g = 0;
+        for (size_t off = 0; off < s->len; off += granule_end(s->guest + off), g++) {
+            if (s->table[g] != a->logical_tag) {
+                a->fault.span = i;
+                a->fault.offset = off;
+                a->fault.logical_tag = a->logical_tag;
+                a->fault.allocation_tag = s->table[g];
+                return GM_ERR_TAG_CHECK;
+            }
+        }
+    }
+    return GM_OK;
+}
+
+/* ---- the routes ---------------------------------------------------------- */
+
+static int route_tco(struct gm_access *a)
+{
+    if (a->mode != GM_MODE_HARDWARE) {
+        move_spans(a);
+        return GM_OK;
+    }
+    int saved = gm_tco_get();
+    gm_tco_set(1);
+    move_spans(a);
+    gm_tco_set(saved);
+    return GM_OK;
+}
+
+static int route_unchecked_thread(struct gm_access *a)
+{
+    if (a->mode == GM_MODE_NONE) {
+        move_spans(a);
+        return GM_OK;
+    }
+    int status = gm_unchecked_thread_enter();
+    if (status != GM_OK)
+        return status;
+    move_spans(a);
+    return gm_unchecked_thread_exit();
+}
+
+static int route_bounce(struct gm_access *a)
+{
+    if (a->pool == NULL) {
+        errno = EINVAL;
+        return GM_ERR_ERRNO;
+    }
+    size_t cap = gm_pool_buffer_size(a->pool);
+    uint8_t *stage = gm_pool_take(a->pool);
+    int hardware = a->mode == GM_MODE_HARDWARE;
+    int saved = hardware ? gm_tco_get() : 0;
+    if (a->op == GM_OP_FILL)
+        memset(stage, a->fill_byte, cap);
+    uint8_t *buf = a->buf;
+    for (size_t i = 0; i < a->nspans; i++) {
+        const struct gm_span *s = &a->spans[i];
+        for (size_t off = 0; off < s->len; off += cap) {
+            size_t n = s->len - off < cap ? s->len - off : cap;
+            if (a->op == GM_OP_READ) {
+                if (hardware)
+                    gm_tco_set(1);
+                memcpy(stage, s->guest + off, n);
+                if (hardware)
+                    gm_tco_set(saved);
+                memcpy(buf, stage, n);
+            } else {
+                if (a->op == GM_OP_WRITE)
+                    memcpy(stage, buf, n);
+                if (hardware)
+                    gm_tco_set(1);
+                memcpy(s->guest + off, stage, n);
+                if (hardware)
+                    gm_tco_set(saved);
+            }
+            if (buf)
+                buf += n;
+        }
+    }
+    gm_pool_give(a->pool, stage);
+    return GM_OK;
+}
+
+static int match_all_span_hardware(struct gm_access *a, const struct gm_span *s, uint8_t *buf)
+{
+    int tco = gm_tco_get(); /* a handler may leave TCO set (QEMU user mode does) */
+    int retries = 0;
+    size_t off = 0;
+    while (off < s->len) {
+        uint8_t *p = s->guest + off;
+        unsigned tag = gm_ldg(p);
+        size_t end = off + granule_end(p);
+        while (end < s->len && gm_ldg(s->guest + end) == tag)
+            end += GM_GRANULE;
+        if (end > s->len)
+            end = s->len;
+        uint8_t *b = buf ? buf + off : NULL;
+        if (armed_move(a->op, gm_with_tag(p, tag), b, end - off, a->fill_byte) != 0) {
+            gm_tco_set(tco);
+            if (++retries > GM_RACE_RETRIES)
+                return GM_ERR_RACE;
+            continue;
+        }
+        off = end;
+    }
+    return GM_OK;
+}
+
+static void match_all_span_table(struct gm_access *a, const struct gm_span *s, uint8_t *buf)
+{
+    size_t off = 0, g = 0;
+    while (off < s->len) {
+        uint8_t tag = s->table[g];
+        size_t end = off + granule_end(s->guest + off);
+        g++;
+        while (end < s->len && s->table[g] == tag) {
+            end += GM_GRANULE;
+            g++;
+        }
+        if (end > s->len)
+            end = s->len;
+        move(a->op, s->guest + off, buf ? buf + off : NULL, end - off, a->fill_byte);
+        off = end;
+    }
+}
+
+static int route_match_all(struct gm_access *a)
+{
+    if (a->mode == GM_MODE_NONE) {
+        move_spans(a);
+        return GM_OK;
+    }
+    uint8_t *buf = a->buf;
+    for (size_t i = 0; i < a->nspans; i++) {
+        if (a->mode == GM_MODE_HARDWARE) {
+            int status = match_all_span_hardware(a, &a->spans[i], buf);
+            if (status != GM_OK)
+                return status;
+        } else {
+            match_all_span_table(a, &a->spans[i], buf);
+        }
+        if (buf)
+            buf += a->spans[i].len;
+    }
+    return GM_OK;
+}
+
+static int checked_hardware(struct gm_access *a)
+{
+    struct gm_checking saved;
+    int status = gm_checking_begin(&saved);
+    if (status != GM_OK)
+        return status;
+    int reading = a->op == GM_OP_READ;
+    /* Writes touch nothing until every granule passed a checked load. */
+    for (size_t i = 0; !reading && i < a->nspans; i++) {
+        const struct gm_span *s = &a->spans[i];
+        if (armed_probe(gm_with_tag(s->guest, (unsigned)a->logical_tag), s->len) != 0) {
+            gm_checking_end(&saved);
+            return fault_in_hardware(a, i, gm_fault_addr);
+        }
+    }
+    uint8_t *buf = a->buf;
+    for (size_t i = 0; i < a->nspans; i++) {
+        const struct gm_span *s = &a->spans[i];
+        if (armed_move(a->op, gm_with_tag(s->guest, (unsigned)a->logical_tag), buf, s->len, a->fill_byte) != 0) {
+            gm_checking_end(&saved);
+            uintptr_t at = gm_fault_addr & GM_ADDR_MASK;
+            if (at < (uintptr_t)s->guest || at >= (uintptr_t)s->guest + s->len) {
+                a->fault.span = a->nspans; /* the caller's own buffer is tagged */
+                a->fault.offset = 0;
+                a->fault.logical_tag = 0;
+                a->fault.allocation_tag = 0;
+                return GM_ERR_TAG_CHECK;
+            }
+            return fault_in_hardware(a, i, gm_fault_addr);
+        }
+        if (buf)
+            buf += s->len;
+    }
+    gm_checking_end(&saved);
+    return GM_OK;
+}
+
+static int route_checked(struct gm_access *a)
+{
+    if (a->logical_tag < 0 || a->logical_tag > 15) {
+        errno = EINVAL;
+        return GM_ERR_ERRNO;
+    }
+    switch (a->mode) {
+    case GM_MODE_HARDWARE:
+        return checked_hardware(a);
+    case GM_MODE_SOFTWARE: {
+        int status = mismatch_in_table(a);
+        if (status == GM_OK)
+            move_spans(a);
+        return status;
+    }
+    default:
+        return GM_ERR_UNSUPPORTED;
+    }
+}
+
+int gm_access(struct gm_access *a)
+{
+    if (a->op < GM_OP_READ || a->op > GM_OP_FILL || (a->op != GM_OP_FILL && a->buf == NULL)) {
+        errno = EINVAL;
+        return GM_ERR_ERRNO;
+    }
+    if (a->mode == GM_MODE_HARDWARE) {
+        int status = gm_thread_enable_mte();
+        if (status != GM_OK)
+            return status;
+    } else if (a->mode != GM_MODE_SOFTWARE && a->mode != GM_MODE_NONE) {
+        errno = EINVAL;
+        return GM_ERR_ERRNO;
+    }
+    switch (a->route) {
+    case GM_ROUTE_TCO:
+        return route_tco(a);
+    case GM_ROUTE_MATCH_ALL:
+        return route_match_all(a);
+    case GM_ROUTE_BOUNCE:
+        return route_bounce(a);
+    case GM_ROUTE_UNCHECKED_THREAD:
+        return route_unchecked_thread(a);
+    case GM_ROUTE_CHECKED:
+        return route_checked(a);
+    }
+    errno = EINVAL;
+    return GM_ERR_ERRNO;
+}

@@ -1,0 +1,53 @@
+/* Data moves between guest memory and a caller's buffer, one native loop
+ * per route, over a list of spans (one per region touched). */
+#ifndef GM_ROUTE_H
+#define GM_ROUTE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct gm_pool;
+
+enum gm_route {
+    GM_ROUTE_TCO = 0,
+    GM_ROUTE_MATCH_ALL = 1,
+    GM_ROUTE_BOUNCE = 2,
+    GM_ROUTE_UNCHECKED_THREAD = 3,
+    GM_ROUTE_CHECKED = 4
+};
+
+enum gm_op {
+    GM_OP_READ = 0,   /* guest -> buf */
+    GM_OP_WRITE = 1,  /* buf -> guest */
+    GM_OP_FILL = 2    /* fill_byte -> guest */
+};
+
+struct gm_span {
+    uint8_t *guest;   /* host address of the span's first byte, untagged */
+    uint8_t *table;   /* SOFTWARE: tag of the granule holding guest[0] */
+    size_t len;
+};
+
+struct gm_fault {
+    size_t span;            /* which span */
+    size_t offset;          /* first byte of it in a mismatching granule */
+    int logical_tag;
+    int allocation_tag;
+};
+
+struct gm_access {
+    int mode;
+    int route;
+    int op;
+    const struct gm_span *spans;
+    size_t nspans;
+    uint8_t *buf;           /* READ/WRITE: the spans' bytes, back to back */
+    int fill_byte;
+    int logical_tag;        /* CHECKED */
+    struct gm_pool *pool;   /* BOUNCE */
+    struct gm_fault fault;  /* out, on GM_ERR_TAG_CHECK */
+};
+
+int gm_access(struct gm_access *access);
+
+#endif

@@ -1,0 +1,19 @@
+/* Status codes every gm_ entry point returns. */
+#ifndef GM_STATUS_H
+#define GM_STATUS_H
+
+enum gm_status {
+    GM_OK = 0,
+    GM_ERR_ERRNO = -1,       /* a system call failed: errno says why */
+    GM_ERR_TAG_CHECK = -2,   /* a checked access met another allocation tag */
+    GM_ERR_UNSUPPORTED = -3, /* the route or operation does not exist in this mode */
+    GM_ERR_RACE = -4         /* tags kept changing under a MATCH_ALL access */
+};
+
+enum gm_mode {
+    GM_MODE_NONE = 0,
+    GM_MODE_SOFTWARE = 1,
+    GM_MODE_HARDWARE = 2
+};
+
+#endif

@@ -1,0 +1,14 @@
+/* Allocation tags of guest granules: LDG/STG under HARDWARE, a side table
+ * (one byte per granule) under SOFTWARE, all zero under NONE. */
+#ifndef GM_TAGS_H
+#define GM_TAGS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+int gm_tags_get(int mode, const uint8_t *guest, const uint8_t *table,
+                size_t granules, uint8_t *out);
+int gm_tags_set(int mode, uint8_t *guest, uint8_t *table, size_t granules,
+                const uint8_t *tags, int uniform_tag);
+
+#endif

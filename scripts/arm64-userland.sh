@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build (once, cached on this machine) the arm64 Debian userland the arm64 lanes
+# run in, and print its path. Idempotent and resumable; root.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=${GUESTMEM_ARM64_ROOT:-/var/cache/guestmem/arm64-bookworm.v1}
+work=$root.tmp
+
+bash "$here/host-deps.sh" >&2
+bash "$here/binfmt-aarch64.sh" >&2
+
+if [ ! -f "$root/.complete" ]; then
+    if [ ! -f "$work/.bootstrapped" ]; then
+        rm -rf "$work"
+        echo "building the arm64 userland in $root (about 4 minutes, once)" >&2
+        mmdebstrap --arch=arm64 --variant=apt \
+            --include=python3,python3-dev,python3-pip,python3-venv,python3-numpy,python3-cffi,python3-pytest,python3-hypothesis,python3-setuptools,python3-wheel,gcc,libc6-dev,patchelf,mount \
+            bookworm "$work" http://deb.debian.org/debian >&2
+        touch "$work/.bootstrapped"
+    fi
+    # auditwheel is not in Debian 12: a venv over the system packages takes it
+    # from PyPI, trusting the same certificate authorities as the host.
+    cp /etc/ssl/certs/ca-certificates.crt "$work/etc/guestmem-host-ca.crt"
+    [ -x "$work/opt/gm-venv/bin/python" ] || chroot "$work" python3 -m venv --system-site-packages /opt/gm-venv >&2
+    GUESTMEM_ARM64=$work bash "$here/in-arm64.sh" pip install --quiet --no-cache-dir auditwheel >&2
+    umount "$work/proc" "$work/dev"
+    touch "$work/.complete"
+    mv "$work" "$root"
+fi
+echo "$root"

@@ -1,0 +1,74 @@
+"""guestmem: guest RAM access for arm64 VMMs whose guests use MTE.
+
+Every access to guest memory is classified (:class:`Access`) and carried out
+by a native route (:class:`Route`) that never faults and never loses a tag.
+"""
+
+from __future__ import annotations
+
+from guestmem.dma import Dma, DmaMapping
+from guestmem.errors import (
+    AddressError,
+    AlignmentError,
+    BufferInUseError,
+    BufferTypeError,
+    ClosedError,
+    GuestMemoryError,
+    LengthError,
+    NativeOSError,
+    TagCheckError,
+    TagError,
+    TagRaceError,
+    UnsupportedError,
+)
+from guestmem.kinds import Access, Direction, Policy, Route, TagMode
+from guestmem.memory import GuestMemory, resolve_tag_mode
+from guestmem.platform import (
+    CheckMode,
+    available_tag_modes,
+    has_mte,
+    thread_check_mode,
+    thread_tco,
+)
+from guestmem.platform import summary as platform_summary
+from guestmem.region import GRANULE, PAGE_SIZE, Backing, GuestRegion
+from guestmem.scopes import unchecked, unchecked_thread
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRANULE",
+    "PAGE_SIZE",
+    "Access",
+    "AddressError",
+    "AlignmentError",
+    "Backing",
+    "BufferInUseError",
+    "BufferTypeError",
+    "CheckMode",
+    "ClosedError",
+    "Direction",
+    "Dma",
+    "DmaMapping",
+    "GuestMemory",
+    "GuestMemoryError",
+    "GuestRegion",
+    "LengthError",
+    "NativeOSError",
+    "Policy",
+    "Route",
+    "TagCheckError",
+    "TagError",
+    "TagMode",
+    "TagRaceError",
+    "UnsupportedError",
+    "__version__",
+    "available_tag_modes",
+    "has_mte",
+    "platform_summary",
+    "resolve_tag_mode",
+    "thread_check_mode",
+    "thread_tco",
+    "unchecked",
+    "unchecked_thread",
+]

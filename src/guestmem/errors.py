@@ -1,0 +1,77 @@
+"""The exception hierarchy: one base class; each subclass also inherits the
+builtin it resembles and carries its facts as attributes."""
+
+from __future__ import annotations
+
+
+class GuestMemoryError(Exception):
+    """Base class of every error guestmem raises."""
+
+
+class AddressError(GuestMemoryError, ValueError):
+    """A guest physical address range that is not (wholly) mapped."""
+
+    def __init__(self, message: str, *, gpa: int, length: int) -> None:
+        super().__init__(message)
+        self.gpa = gpa
+        self.length = length
+
+
+class AlignmentError(GuestMemoryError, ValueError):
+    """A value that must be a multiple of ``alignment`` is not."""
+
+    def __init__(self, message: str, *, value: int, alignment: int) -> None:
+        super().__init__(message)
+        self.value = value
+        self.alignment = alignment
+
+
+class TagError(GuestMemoryError, ValueError):
+    """An allocation or logical tag outside 0..15, or of the wrong count."""
+
+
+class LengthError(GuestMemoryError, ValueError):
+    """A length that is negative, or that does not match its data."""
+
+
+class BufferTypeError(GuestMemoryError, TypeError):
+    """An object that is not a contiguous (and, to receive data, writable) buffer."""
+
+
+class TagCheckError(GuestMemoryError):
+    """A checked access met a granule whose allocation tag differs from the logical tag.
+
+    ``gpa`` is the first byte of the access inside the first mismatching
+    granule; ``gpa`` is None when the caller's own buffer was the tagged
+    memory that failed the check.
+    """
+
+    def __init__(self, gpa: int | None, logical_tag: int, allocation_tag: int) -> None:
+        where = "the caller's buffer" if gpa is None else f"GPA {gpa:#x}"
+        super().__init__(
+            f"tag check failed at {where}: logical tag {logical_tag}, "
+            f"allocation tag {allocation_tag}"
+        )
+        self.gpa = gpa
+        self.logical_tag = logical_tag
+        self.allocation_tag = allocation_tag
+
+
+class TagRaceError(GuestMemoryError, RuntimeError):
+    """Tags kept changing under a MATCH_ALL access until it gave up."""
+
+
+class UnsupportedError(GuestMemoryError):
+    """What was asked for does not exist here (no MTE, no tags in this mode, ...)."""
+
+
+class ClosedError(GuestMemoryError, ValueError):
+    """An operation on a GuestMemory that was closed."""
+
+
+class BufferInUseError(GuestMemoryError, BufferError):
+    """A DMA buffer was still exported (a numpy array, a memoryview) when its scope ended."""
+
+
+class NativeOSError(GuestMemoryError, OSError):
+    """A system call in the native core failed; ``errno`` and ``strerror`` say why."""

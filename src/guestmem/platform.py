@@ -1,0 +1,54 @@
+"""What this machine offers for MTE, and the calling thread's check state."""
+
+from __future__ import annotations
+
+import enum
+import platform as _stdlib_platform
+
+from guestmem._native import check, lib
+from guestmem.kinds import Route, TagMode
+
+
+class CheckMode(enum.IntEnum):
+    """The thread's tag-check fault mode (prctl PR_MTE_TCF_*), or its model."""
+
+    NONE = 0
+    SYNC = 1
+    ASYNC = 2
+
+
+def has_mte() -> bool:
+    """Whether the CPU and kernel offer MTE to user space (HWCAP2_MTE)."""
+    return bool(lib.gm_cpu_has_mte())
+
+
+def thread_tco() -> bool:
+    """PSTATE.TCO of the calling thread (the library's model of it without MTE)."""
+    return bool(lib.gm_thread_tco())
+
+
+def thread_check_mode() -> CheckMode:
+    """The calling thread's tag-check mode (the library's model of it without MTE)."""
+    mode = int(lib.gm_thread_check_mode())
+    if mode < 0:
+        check(mode, "prctl(PR_GET_TAGGED_ADDR_CTRL)")
+    return CheckMode(mode)
+
+
+def available_tag_modes() -> list[TagMode]:
+    """The tag modes a GuestMemory can use here, best first."""
+    software = [TagMode.SOFTWARE, TagMode.NONE]
+    return [TagMode.HARDWARE, *software] if has_mte() else software
+
+
+def summary() -> dict[str, str]:
+    """A flat description of this platform, for logs and ``guestmem info``."""
+    return {
+        "machine": _stdlib_platform.machine(),
+        "kernel": _stdlib_platform.release(),
+        "python": _stdlib_platform.python_version(),
+        "mte": "yes (HWCAP2_MTE)" if has_mte() else "no",
+        "tag modes": ", ".join(m.name for m in available_tag_modes()),
+        "routes": ", ".join(r.name for r in Route),
+    }
+
