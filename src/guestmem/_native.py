@@ -1,5 +1,7 @@
-"""The compiled core and the glue every module uses to call it (the only
-place that talks to cffi objects untyped)."""
+"""The compiled core, and the glue every module uses to call it.
+
+The only place that handles cffi objects untyped.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 from guestmem._gm import ffi, lib
 from guestmem.errors import NativeOSError, TagRaceError, UnsupportedError
 
-__all__ = ["ffi", "lib", "check", "pointer_keeping"]
+__all__ = ["check", "ffi", "lib", "pointer_keeping"]
 
 
 def check(status: int, what: str) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from guestmem._native import check, lib
-from guestmem.errors import BufferInUseError, GuestMemoryError, TagCheckError, UnsupportedError
+from guestmem.errors import GuestMemoryError, TagCheckError, UnsupportedError
 from guestmem.kinds import Access, Direction, Route, TagMode
 from guestmem.region import GRANULE
 
@@ -43,7 +43,10 @@ class Dma:
         (filled at entry if the device reads, written back at exit if it
         writes); CHECKED gives memory through a pointer carrying ``tag``.
         MATCH_ALL over several tag runs, or a range over several regions,
-        needs :meth:`map_segments`. The buffer is released at exit.
+        needs :meth:`map_segments`. The buffer is released at exit; a view
+        derived from it (a slice, a numpy array) outlives the scope at the
+        caller's risk: under BOUNCE it reaches only the staging copy, under
+        the direct routes it is a plain, checked access.
         """
         with DmaMapping(self._memory, gpa, length, direction, route, tag) as segments:
             if len(segments) != 1:
@@ -120,27 +123,22 @@ class DmaMapping:
         """Write back (BOUNCE, device-written), release the buffers, restore the thread."""
         if self._thread != threading.get_ident():
             raise GuestMemoryError("a DMA scope must end on the thread that opened it")
-        in_use = False
         for segment in self._segments:
-            try:
-                segment.release()
-            except BufferError:
-                in_use = True
+            segment.release()
         try:
             if self.route is Route.BOUNCE and self._staging is not None:
                 if self._direction.copies_out and exc_type is None:
                     self._memory.writev(self._ranges(), self._staging, route=Route.TCO)
                 self._staging = None
             elif self.route in (Route.TCO, Route.UNCHECKED_THREAD):
-                leave = lib.gm_unchecked_exit if self.route is Route.TCO else lib.gm_unchecked_thread_exit
+                leave = (
+                    lib.gm_unchecked_exit
+                    if self.route is Route.TCO
+                    else lib.gm_unchecked_thread_exit
+                )
                 check(leave(), f"{self.route.name} scope exit")
         finally:
             self._segments = []
-        if in_use and exc_type is None:
-            raise BufferInUseError(
-                "a DMA buffer is still exported (numpy array or memoryview made from it): "
-                "release it before the scope ends"
-            )
 
     def _ranges(self) -> list[tuple[int, int]]:
         return [(region.gpa + offset, n) for region, offset, n in self._pieces]
@@ -162,7 +160,7 @@ class DmaMapping:
             tags = self._memory.get_tags(region.gpa + first, last - first)
             starts = np.flatnonzero(np.diff(tags)) + 1
             for run_start, run_end in zip(
-                [0, *starts.tolist()], [*starts.tolist(), len(tags)]
+                [0, *starts.tolist()], [*starts.tolist(), len(tags)], strict=True
             ):
                 lo = max(offset, first + run_start * GRANULE)
                 hi = min(offset + n, first + run_end * GRANULE)

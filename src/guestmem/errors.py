@@ -1,5 +1,8 @@
-"""The exception hierarchy: one base class; each subclass also inherits the
-builtin it resembles and carries its facts as attributes."""
+"""The exception hierarchy.
+
+One base class; each subclass also inherits the builtin it resembles and
+carries its facts as attributes.
+"""
 
 from __future__ import annotations
 
@@ -67,10 +70,6 @@ class UnsupportedError(GuestMemoryError):
 
 class ClosedError(GuestMemoryError, ValueError):
     """An operation on a GuestMemory that was closed."""
-
-
-class BufferInUseError(GuestMemoryError, BufferError):
-    """A DMA buffer was still exported (a numpy array, a memoryview) when its scope ended."""
 
 
 class NativeOSError(GuestMemoryError, OSError):

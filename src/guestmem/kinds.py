@@ -1,5 +1,8 @@
-"""Why an access happens (Access), how it is carried out (Route), and the
-Policy that maps the one to the other."""
+"""Access classes, routes, tag modes and the policy between them.
+
+Why an access happens (Access), how it is carried out (Route), and the
+Policy that maps the one to the other.
+"""
 
 from __future__ import annotations
 

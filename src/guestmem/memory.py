@@ -1,9 +1,12 @@
-"""GuestMemory: guest RAM as regions at guest physical addresses, and every
-access to it classified and carried out by a native route."""
+"""GuestMemory: guest RAM as regions at guest physical addresses.
+
+Every access to it is classified and carried out by a native route.
+"""
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -51,7 +54,9 @@ def resolve_tag_mode(tags: str | TagMode) -> TagMode:
         try:
             mode = TagMode[str(tags).upper()]
         except KeyError:
-            raise ValueError(f"tags must be 'auto', 'hardware', 'software' or 'none', not {tags!r}")
+            raise ValueError(
+                f"tags must be 'auto', 'hardware', 'software' or 'none', not {tags!r}"
+            ) from None
     if mode is TagMode.HARDWARE:
         if not has_mte():
             raise UnsupportedError("tags='hardware' needs a CPU and kernel with MTE (HWCAP2_MTE)")
@@ -81,10 +86,12 @@ class GuestMemory:
         modes = {r.tag_mode for r in ordered}
         if len(modes) != 1:
             raise ValueError(f"all regions must share one tag mode, not {sorted(modes)}")
-        for before, after in zip(ordered, ordered[1:]):
+        for before, after in itertools.pairwise(ordered):
             if after.gpa < before.end:
                 raise AddressError(
-                    f"regions overlap at {after.gpa:#x}", gpa=after.gpa, length=before.end - after.gpa
+                    f"regions overlap at {after.gpa:#x}",
+                    gpa=after.gpa,
+                    length=before.end - after.gpa,
                 )
         self._regions: tuple[GuestRegion, ...] = tuple(ordered)
         self._starts = [r.gpa for r in ordered]
@@ -207,7 +214,9 @@ class GuestMemory:
         pieces = self.translate(gpa, length)
         if len(pieces) > 1:
             raise AddressError(
-                f"[{gpa:#x}, {gpa + length:#x}) spans regions: no single view", gpa=gpa, length=length
+                f"[{gpa:#x}, {gpa + length:#x}) spans regions: no single view",
+                gpa=gpa,
+                length=length,
             )
         if not pieces:
             return np.zeros(0, dtype=np.uint8)
@@ -233,8 +242,11 @@ class GuestMemory:
         return out
 
     def set_tags(self, gpa: int, length: int, tags: TagsLike) -> None:
-        """Set the allocation tags of ``[gpa, gpa + length)``: one tag for all
-        granules, or one per granule. Data is left as it is."""
+        """Set the allocation tags of ``[gpa, gpa + length)``.
+
+        ``tags`` is one tag for every granule, or one per granule; data is
+        left as it is.
+        """
         pieces = self._granule_pieces(gpa, length)
         if self.tag_mode is TagMode.NONE:
             raise UnsupportedError("TagMode.NONE has no tag storage")
@@ -351,7 +363,9 @@ class GuestMemory:
         target = _writable(buffer)
         chosen, logical = self._route(access, route, tag)
         pieces = self._pieces(ranges, target.nbytes)
-        self._move(chosen, _OP_READ, pieces, ffi.from_buffer(target, require_writable=True), 0, logical)
+        self._move(
+            chosen, _OP_READ, pieces, ffi.from_buffer(target, require_writable=True), 0, logical
+        )
         return target.nbytes
 
     def writev(
@@ -388,11 +402,13 @@ class GuestMemory:
             raise TagError(f"tag= is only for Route.CHECKED, not {chosen.name}")
         return chosen, 0
 
-    def _move(self, route: Route, op: int, pieces: list[Piece], buf: Any, fill: int, tag: int) -> None:
+    def _move(
+        self, route: Route, op: int, pieces: list[Piece], buf: Any, fill: int, tag: int
+    ) -> None:
         if not pieces:
             return
         spans = ffi.new("struct gm_span[]", len(pieces))
-        for span, (region, offset, n) in zip(spans, pieces):
+        for span, (region, offset, n) in zip(spans, pieces, strict=True):
             region.fill_span(span, offset, n)
         request = ffi.new("struct gm_access *")
         request.mode = self.tag_mode
@@ -467,4 +483,3 @@ def _writable(buffer: Any) -> memoryview:
     if view.readonly:
         raise BufferTypeError(f"{type(buffer).__name__} is read-only: cannot receive data")
     return view
-

@@ -51,4 +51,3 @@ def summary() -> dict[str, str]:
         "tag modes": ", ".join(m.name for m in available_tag_modes()),
         "routes": ", ".join(r.name for r in Route),
     }
-

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The arm64-user lane: in the cached arm64 userland, under qemu-aarch64 with
+# emulated MTE, build the arm64 wheel, repair it to a manylinux tag, install
+# it in a fresh venv and run the suite against it in HARDWARE mode.
+# Exit 3 means the lane could not start (no userland, no binfmt).
+set -uo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+root=$(bash "$top/scripts/arm64-userland.sh") || { echo "arm64-user: the userland could not be built" >&2; exit 3; }
+export GUESTMEM_ARM64=$root
+in_arm64() { bash "$top/scripts/in-arm64.sh" "$@"; }
+in_arm64 /bin/true || { echo "arm64-user: cannot run arm64 binaries (binfmt_misc/qemu)" >&2; exit 3; }
+set -e
+
+rm -rf "$root/src" "$root/wheelhouse" "$root/opt/gm-test"
+mkdir -p "$root/src"
+if git -C "$top" rev-parse --git-dir >/dev/null 2>&1; then
+    git -C "$top" ls-files -z --cached --others --exclude-standard | (cd "$top" && xargs -0 cp --parents -t "$root/src")
+else
+    cp -a "$top/." "$root/src"
+fi
+
+echo "arm64-user: building the arm64 wheel (native gcc under qemu-aarch64)"
+in_arm64 sh -c 'cd /src && python3 -m pip wheel --quiet --no-build-isolation --no-deps -w /tmp/dist . \
+    && auditwheel repair --wheel-dir /wheelhouse /tmp/dist/guestmem-*.whl && rm -rf /tmp/dist'
+wheel=$(cd "$root/wheelhouse" && ls guestmem-*manylinux*_aarch64.whl)
+echo "arm64-user: testing $wheel"
+in_arm64 python3 -m venv --system-site-packages /opt/gm-test
+in_arm64 /opt/gm-test/bin/pip install --quiet --no-deps "/wheelhouse/$wheel"
+mkdir -p "$top/lane-reports"
+cp "$root/wheelhouse/$wheel" "$top/lane-reports/"
+in_arm64 GUESTMEM_LANE=arm64-user GUESTMEM_LANE_REPORT=/tmp/arm64-user.json \
+    sh -c 'cd /src/tests && /opt/gm-test/bin/python -m pytest -p no:cacheprovider "$@"' pytest "$@"
+status=$?
+cp "$root/tmp/arm64-user.json" "$top/lane-reports/arm64-user.json" 2>/dev/null || true
+exit $status

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The host lane: build and install the package into a cached venv, lint and
+# type-check it, and run the whole suite on this machine (SOFTWARE and NONE).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${GUESTMEM_HOST_VENV:-/var/cache/guestmem/host-venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet '.[dev]'
+"$venv/bin/ruff" check src tests benchmarks
+"$venv/bin/ruff" format --check src tests benchmarks
+"$venv/bin/mypy"
+mkdir -p lane-reports
+cd tests  # import the installed package, not ../src
+GUESTMEM_LANE=host GUESTMEM_LANE_REPORT=../lane-reports/host.json \
+    "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one test command: set up what is missing, then run every lane.
+#   host        the full suite on this machine (SOFTWARE, NONE)
+#   arm64-user  the arm64 wheel on QEMU's emulated MTE (HARDWARE, SOFTWARE, NONE)
+# With CI=true a lane that cannot start fails the run; elsewhere it is
+# reported as not run, with the reason. Extra arguments go to pytest.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+declare -A result
+failed=0
+
+lane() {
+    local name=$1 script=$2; shift 2
+    echo "===== lane $name ====="
+    bash "$here/$script" "$@"
+    local rc=$?
+    if [ $rc -eq 0 ]; then
+        result[$name]="passed"
+    elif [ $rc -eq 3 ] && [ "${CI:-}" != "true" ]; then
+        result[$name]="NOT RUN (could not start; see above)"
+    else
+        result[$name]="FAILED (exit $rc)"
+        failed=1
+    fi
+}
+
+if [ "$(id -u)" -eq 0 ]; then
+    bash "$here/host-deps.sh" || echo "host packages could not be installed: the arm64 lanes may not start"
+fi
+lane host test-host.sh "$@"
+if [ "$(id -u)" -eq 0 ]; then
+    lane arm64-user test-arm64-user.sh "$@"
+elif [ "${CI:-}" = "true" ]; then
+    result[arm64-user]="FAILED (needs root for chroot and binfmt_misc)"; failed=1
+else
+    result[arm64-user]="NOT RUN (needs root for chroot and binfmt_misc)"
+fi
+
+echo "===== lanes ====="
+for name in host arm64-user; do
+    printf '  %-12s %s\n' "$name" "${result[$name]}"
+done
+exit $failed
