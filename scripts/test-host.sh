@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 venv=${GUESTMEM_HOST_VENV:-/var/cache/guestmem/host-venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet '.[dev]'
-"$venv/bin/ruff" check src tests benchmarks
-"$venv/bin/ruff" format --check src tests benchmarks
+"$venv/bin/ruff" check .
+"$venv/bin/ruff" format --check .
 "$venv/bin/mypy"
 mkdir -p lane-reports
 cd tests  # import the installed package, not ../src
