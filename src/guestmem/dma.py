@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -16,6 +16,7 @@ from guestmem.kinds import Access, Direction, Route, TagMode
 from guestmem.region import GRANULE
 
 if TYPE_CHECKING:
+    from guestmem.dma_io import DmaIO
     from guestmem.memory import GuestMemory, Piece
 
 
@@ -25,6 +26,13 @@ class Dma:
     def __init__(self, memory: GuestMemory) -> None:
         """Serve DMA buffers over ``memory``."""
         self._memory = memory
+
+    @property
+    def io(self) -> DmaIO:
+        """System-call I/O into and out of guest memory, on routes safe for it."""
+        from guestmem.dma_io import DmaIO
+
+        return DmaIO(self._memory)
 
     @contextmanager
     def map(
@@ -48,7 +56,7 @@ class Dma:
         caller's risk: under BOUNCE it reaches only the staging copy, under
         the direct routes it is a plain, checked access.
         """
-        with DmaMapping(self._memory, gpa, length, direction, route, tag) as segments:
+        with DmaMapping(self._memory, [(gpa, length)], direction, route, tag) as segments:
             if len(segments) != 1:
                 raise UnsupportedError(
                     f"this range is {len(segments)} segments (tag runs or regions): "
@@ -71,7 +79,7 @@ class Dma:
         a pointer carrying that tag: checks stay on, and the list can go to
         ``os.readv`` or ``socket.recvmsg_into`` as it is.
         """
-        return DmaMapping(self._memory, gpa, length, direction, route, tag)
+        return DmaMapping(self._memory, [(gpa, length)], direction, route, tag)
 
 
 class DmaMapping:
@@ -80,18 +88,16 @@ class DmaMapping:
     def __init__(
         self,
         memory: GuestMemory,
-        gpa: int,
-        length: int,
+        ranges: Sequence[tuple[int, int]],
         direction: Direction,
         route: Route | None,
         tag: int | None,
     ) -> None:
-        """Prepare the mapping; nothing is touched until the scope is entered."""
+        """Prepare the mapping of ``[(gpa, length), ...]``; nothing is touched yet."""
         self._memory = memory
-        self._gpa = gpa
         self._direction = Direction(direction)
         self.route, self._tag = memory._route(Access.DMA, route, tag)
-        self._pieces: list[Piece] = memory.translate(gpa, length)
+        self._pieces: list[Piece] = [p for gpa, n in ranges for p in memory.translate(gpa, n)]
         self._segments: list[memoryview] = []
         self._staging: bytearray | None = None
         self._thread: int | None = None

@@ -56,16 +56,23 @@ class Direction(enum.Enum):
 
 @dataclass(frozen=True)
 class Policy:
-    """The default route of each access class; a call may still name its own."""
+    """The default route of each access class; a call may still name its own.
+
+    ``io`` is the route of DMA system-call I/O (``mem.dma.io``), which must
+    be safe for the kernel's own tag checks: never TCO.
+    """
 
     dma: Route = Route.TCO
     debug: Route = Route.TCO
     migration: Route = Route.MATCH_ALL
+    io: Route = Route.MATCH_ALL
 
     def __post_init__(self) -> None:
-        for name in ("dma", "debug", "migration"):
+        for name in ("dma", "debug", "migration", "io"):
             if getattr(self, name) is Route.CHECKED:
                 raise ValueError(f"{name}: CHECKED needs a tag per call and cannot be a default")
+        if self.io is Route.TCO:
+            raise ValueError("io: TCO is not safe for system calls (the kernel checks with TCO=0)")
 
     def route_for(self, access: Access) -> Route:
         """Return the route this policy gives ``access``."""

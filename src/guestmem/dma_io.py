@@ -1,0 +1,177 @@
+"""System-call I/O between guest memory and file descriptors or sockets.
+
+A real kernel checks the tags of user memory that a system call touches, with
+an effective TCO of 0, so TCO (which works for the library's own copies) is
+never used here: a request for it raises UnsupportedError. The routes that
+are safe: MATCH_ALL (pointers carrying each run's tag: zero-copy, and still
+checked by the kernel), BOUNCE (an untagged staging copy) and
+UNCHECKED_THREAD (checks off for the thread around the call); CHECKED passes
+pointers carrying the caller's tag. Partial transfers, EINTR and EAGAIN
+behave as in ``os.readv``/``os.writev``/``socket.recvmsg_into``/``sendmsg``:
+one system call, its count returned, ``BlockingIOError`` raised.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from guestmem.dma import DmaMapping
+from guestmem.errors import UnsupportedError
+from guestmem.kinds import Direction, Route
+
+if TYPE_CHECKING:
+    from guestmem.memory import GuestMemory
+
+Ranges = Sequence[tuple[int, int]]
+Transfer = Callable[[list[memoryview]], int]
+# One system call takes at most IOV_MAX buffers; the rest is a short transfer.
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+class HasFileno(Protocol):
+    """Anything with a file descriptor (a file, a pipe end, a socket)."""
+
+    def fileno(self) -> int:
+        """Return the descriptor."""
+        ...
+
+
+def _fd(target: int | HasFileno) -> int:
+    return target if isinstance(target, int) else target.fileno()
+
+
+class DmaIO:
+    """System-call I/O into and out of guest memory (``mem.dma.io``)."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        """Serve I/O over ``memory``."""
+        self._memory = memory
+
+    def read_from(
+        self,
+        fd: int | HasFileno,
+        gpa: int,
+        length: int,
+        *,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """Read up to ``length`` bytes from ``fd`` into guest memory at ``gpa``."""
+        return self.readv_from(fd, [(gpa, length)], route=route, tag=tag)
+
+    def write_to(
+        self,
+        fd: int | HasFileno,
+        gpa: int,
+        length: int,
+        *,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """Write up to ``length`` bytes of guest memory at ``gpa`` to ``fd``."""
+        return self.writev_to(fd, [(gpa, length)], route=route, tag=tag)
+
+    def readv_from(
+        self,
+        fd: int | HasFileno,
+        ranges: Ranges,
+        *,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """Scatter one ``readv`` from ``fd`` over the guest ranges; return its count."""
+        n = _fd(fd)
+        return self._transfer(ranges, Direction.FROM_DEVICE, route, tag, lambda b: os.readv(n, b))
+
+    def writev_to(
+        self,
+        fd: int | HasFileno,
+        ranges: Ranges,
+        *,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """Gather the guest ranges into one ``writev`` to ``fd``; return its count."""
+        n = _fd(fd)
+        return self._transfer(ranges, Direction.TO_DEVICE, route, tag, lambda b: os.writev(n, b))
+
+    def recv_into(
+        self,
+        sock: socket.socket,
+        gpa: int,
+        length: int,
+        flags: int = 0,
+        *,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """Receive up to ``length`` bytes from ``sock`` into guest memory at ``gpa``."""
+        return self._transfer(
+            [(gpa, length)],
+            Direction.FROM_DEVICE,
+            route,
+            tag,
+            lambda b: sock.recvmsg_into(b, 0, flags)[0],
+        )
+
+    def send(
+        self,
+        sock: socket.socket,
+        gpa: int,
+        length: int,
+        flags: int = 0,
+        *,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """Send up to ``length`` bytes of guest memory at ``gpa`` on ``sock``."""
+        return self._transfer(
+            [(gpa, length)],
+            Direction.TO_DEVICE,
+            route,
+            tag,
+            lambda b: sock.sendmsg(b, [], flags),
+        )
+
+    def _transfer(
+        self,
+        ranges: Ranges,
+        direction: Direction,
+        route: Route | None,
+        tag: int | None,
+        call: Transfer,
+    ) -> int:
+        chosen = self._memory.policy.io if route is None else Route(route)
+        if chosen is Route.TCO:
+            raise UnsupportedError(
+                "Route.TCO is not safe for system calls: the kernel checks user memory "
+                "with TCO=0; use MATCH_ALL, BOUNCE or UNCHECKED_THREAD"
+            )
+        if chosen is Route.BOUNCE:
+            return self._bounce(ranges, direction, call)
+        with DmaMapping(self._memory, ranges, direction, chosen, tag) as buffers:
+            return call(buffers[:IOV_MAX])
+
+    def _bounce(self, ranges: Ranges, direction: Direction, call: Transfer) -> int:
+        memory = self._memory
+        staging = bytearray(sum(n for _, n in ranges))
+        if direction.copies_in:
+            memory.readv_into(ranges, staging, route=Route.TCO)
+            return call([memoryview(staging)])
+        count = call([memoryview(staging)])
+        memory.writev(_prefix(ranges, count), memoryview(staging)[:count], route=Route.TCO)
+        return count
+
+
+def _prefix(ranges: Ranges, count: int) -> list[tuple[int, int]]:
+    """The first ``count`` bytes of ``ranges``, as ranges."""
+    out = []
+    for gpa, length in ranges:
+        if count <= 0:
+            break
+        out.append((gpa, min(length, count)))
+        count -= length
+    return out

@@ -1,0 +1,130 @@
+"""System-call DMA I/O: every safe route moves the bytes, partial transfers
+behave like the os module's, TCO is refused, and tags never change.
+(That the kernel's own checks make TCO unsafe is shown in the kernel lane.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+from conftest import BASE, REGION, assert_unchanged, snapshot
+
+import guestmem as gm
+
+SAFE = [gm.Route.MATCH_ALL, gm.Route.BOUNCE, gm.Route.UNCHECKED_THREAD]
+
+
+def striped(memory: gm.GuestMemory) -> None:
+    if memory.tag_mode is not gm.TagMode.NONE:
+        memory.set_tags(BASE, 2 * REGION, (np.arange(2 * REGION // 16) % 16).astype(np.uint8))
+
+
+@pytest.mark.parametrize("route", SAFE, ids=lambda r: r.name)
+def test_pipe_round_trip_across_regions_and_tag_runs(mem: gm.GuestMemory, route: gm.Route) -> None:
+    striped(mem)
+    tags = mem.get_tags(BASE, 2 * REGION)
+    payload = np.random.default_rng(3).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    gpa = BASE + REGION - 1001
+    r, w = os.pipe()
+    try:
+        os.write(w, payload)
+        assert mem.dma.io.read_from(r, gpa, len(payload), route=route) == len(payload)
+        assert mem.read(gpa, len(payload)) == payload
+        assert mem.dma.io.write_to(w, gpa, len(payload), route=route) == len(payload)
+        assert os.read(r, 4096) == payload
+    finally:
+        os.close(r)
+        os.close(w)
+    np.testing.assert_array_equal(mem.get_tags(BASE, 2 * REGION), tags)
+
+
+@pytest.mark.parametrize("route", SAFE, ids=lambda r: r.name)
+def test_socket_scatter_gather(mem: gm.GuestMemory, route: gm.Route) -> None:
+    striped(mem)
+    a, b = socket.socketpair()
+    with a, b:
+        ranges = [(BASE + 8, 100), (BASE + REGION + 40, 60)]
+        b.sendall(bytes(range(160)))
+        assert mem.dma.io.readv_from(a, ranges, route=route) == 160
+        assert mem.readv(ranges) == bytes(range(160))
+        assert mem.dma.io.writev_to(a, ranges, route=route) == 160
+        assert b.recv(1000) == bytes(range(160))
+        b.sendall(b"hello")
+        assert mem.dma.io.recv_into(a, BASE, 5, route=route) == 5
+        assert mem.dma.io.send(a, BASE, 5, route=route) == 5
+        assert b.recv(10) == b"hello"
+
+
+@pytest.mark.parametrize("route", SAFE, ids=lambda r: r.name)
+def test_short_read_writes_only_what_arrived(mem: gm.GuestMemory, route: gm.Route) -> None:
+    mem.fill(BASE, 64, 0xEE)
+    r, w = os.pipe()
+    try:
+        os.write(w, b"abc")
+        assert mem.dma.io.read_from(r, BASE, 64, route=route) == 3
+    finally:
+        os.close(r)
+        os.close(w)
+    assert mem.read(BASE, 64) == b"abc" + b"\xee" * 61
+
+
+@pytest.mark.parametrize("route", SAFE, ids=lambda r: r.name)
+def test_eagain_raises_and_changes_nothing(mem: gm.GuestMemory, route: gm.Route) -> None:
+    striped(mem)
+    before = snapshot(mem)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        with pytest.raises(BlockingIOError):
+            mem.dma.io.read_from(r, BASE, 64, route=route)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert_unchanged(mem, before)
+    assert not gm.thread_tco()
+
+
+def test_tco_is_refused_for_system_calls(mem: gm.GuestMemory) -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(gm.UnsupportedError, match="not safe for system calls"):
+            mem.dma.io.read_from(r, BASE, 4, route=gm.Route.TCO)
+    finally:
+        os.close(r)
+        os.close(w)
+    with pytest.raises(ValueError, match="TCO"):
+        gm.Policy(io=gm.Route.TCO)
+
+
+def test_match_all_sends_one_iovec_per_tag_run(tmem: gm.GuestMemory) -> None:
+    tmem.set_tags(BASE, 4096, (np.arange(256) % 2).astype(np.uint8))
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(bytes(range(256)) * 16)
+        with tmem.dma.map_segments(
+            BASE, 4096, gm.Direction.FROM_DEVICE, route=gm.Route.MATCH_ALL
+        ) as segments:
+            assert len(segments) == 256
+        received = 0
+        while received < 4096:
+            got = tmem.dma.io.recv_into(
+                a, BASE + received, 4096 - received, route=gm.Route.MATCH_ALL
+            )
+            assert got > 0
+            received += got
+        assert tmem.read(BASE, 4096) == bytes(range(256)) * 16
+
+
+def test_checked_io_with_the_right_and_the_wrong_tag(tmem: gm.GuestMemory) -> None:
+    tmem.set_tags(BASE, 256, 3)
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x" * 256)
+        assert tmem.dma.io.read_from(r, BASE, 256, route=gm.Route.CHECKED, tag=3) == 256
+        with pytest.raises(gm.TagCheckError):
+            tmem.dma.io.read_from(r, BASE, 256, route=gm.Route.CHECKED, tag=4)
+    finally:
+        os.close(r)
+        os.close(w)
