@@ -7,6 +7,7 @@ by a native route (:class:`Route`) that never faults and never loses a tag.
 from __future__ import annotations
 
 from guestmem.dma import Dma, DmaMapping
+from guestmem.dma_io import DmaIO
 from guestmem.errors import (
     AddressError,
     AlignmentError,
@@ -30,7 +31,7 @@ from guestmem.platform import (
     thread_tco,
 )
 from guestmem.platform import summary as platform_summary
-from guestmem.region import GRANULE, PAGE_SIZE, Backing, GuestRegion
+from guestmem.region import GRANULE, PAGE_SIZE, Backing, GuestRegion, SharedRegion
 from guestmem.scopes import unchecked, unchecked_thread
 
 __version__ = "0.1.0"
@@ -47,6 +48,7 @@ __all__ = [
     "ClosedError",
     "Direction",
     "Dma",
+    "DmaIO",
     "DmaMapping",
     "GuestMemory",
     "GuestMemoryError",
@@ -55,6 +57,7 @@ __all__ = [
     "NativeOSError",
     "Policy",
     "Route",
+    "SharedRegion",
     "TagCheckError",
     "TagError",
     "TagMode",

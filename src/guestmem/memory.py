@@ -27,7 +27,7 @@ from guestmem.errors import (
 )
 from guestmem.kinds import Access, Policy, Route, TagMode
 from guestmem.platform import has_mte
-from guestmem.region import GRANULE, Backing, GuestRegion
+from guestmem.region import GRANULE, Backing, GuestRegion, SharedRegion
 
 if TYPE_CHECKING:
     from guestmem.dma import Dma
@@ -131,6 +131,26 @@ class GuestMemory:
         """Regions from ``(gpa, size)`` pairs, all with the same backing and tag mode."""
         mode = resolve_tag_mode(tags)
         return cls([GuestRegion(gpa, size, mode, backing) for gpa, size in layout], policy=policy)
+
+    @classmethod
+    def attach(
+        cls,
+        shared: Iterable[SharedRegion],
+        *,
+        tags: str | TagMode = "auto",
+        policy: Policy | None = None,
+    ) -> GuestMemory:
+        """Map guest memory another process shared with :meth:`share`.
+
+        A device-model process (as with vhost-user) sees and sets the same
+        bytes and tags; the tag mode must be the one the sharer used.
+        """
+        mode = resolve_tag_mode(tags)
+        return cls([GuestRegion.attach(s, mode) for s in shared], policy=policy)
+
+    def share(self) -> list[SharedRegion]:
+        """The region table and fds another process needs to :meth:`attach` this memory."""
+        return [region.share() for region in self.regions]
 
     @property
     def regions(self) -> tuple[GuestRegion, ...]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import enum
 import mmap
+import os
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,20 @@ class Backing(enum.Enum):
     MEMFD = "memfd"
 
 
+@dataclass(frozen=True)
+class SharedRegion:
+    """A memfd region as another process attaches it: its place and its fds.
+
+    Pass the fds as a child's ``pass_fds`` or over a Unix socket (SCM_RIGHTS).
+    ``table_fd`` is the SOFTWARE tag table; HARDWARE tags travel in the memfd.
+    """
+
+    gpa: int
+    size: int
+    fd: int
+    table_fd: int | None = None
+
+
 class GuestRegion:
     """Guest RAM from ``gpa`` to ``gpa + size``, backed by host memory.
 
@@ -31,8 +48,16 @@ class GuestRegion:
     the region or any view of it: never unmapped under a view.
     """
 
-    def __init__(self, gpa: int, size: int, tag_mode: TagMode, backing: Backing) -> None:
-        """Map a new region; prefer :meth:`anonymous` and :meth:`memfd`."""
+    def __init__(
+        self,
+        gpa: int,
+        size: int,
+        tag_mode: TagMode,
+        backing: Backing,
+        *,
+        shared: SharedRegion | None = None,
+    ) -> None:
+        """Map a region; prefer :meth:`anonymous`, :meth:`memfd` and :meth:`attach`."""
         _require_page_multiple("gpa", gpa)
         _require_page_multiple("size", size)
         if size <= 0:
@@ -41,14 +66,15 @@ class GuestRegion:
         self.size = size
         self.tag_mode = tag_mode
         self.backing = backing
-        self._mapping = _map(size, tag_mode, backing, name=f"guestmem@{gpa:#x}")
+        self._mapping = _map(size, tag_mode, backing, f"guestmem@{gpa:#x}", shared)
         address = int(ffi.cast("uintptr_t", self._mapping.addr))
         self._base = pointer_keeping(address, self._mapping)
         self._bytes = memoryview(ffi.buffer(self._base, size))
         self._table: npt.NDArray[np.uint8] | None = None
         self._table_base: Any = ffi.NULL
+        self._table_fd: int | None = None
         if tag_mode is TagMode.SOFTWARE:
-            self._table = np.zeros(size // GRANULE, dtype=np.uint8)
+            self._table = self._software_table(shared)
             self._table_base = ffi.from_buffer("uint8_t[]", self._table)
 
     @classmethod
@@ -60,6 +86,35 @@ class GuestRegion:
     def memfd(cls, gpa: int, size: int, tag_mode: TagMode) -> GuestRegion:
         """A region of memfd memory, whose :attr:`fd` another process can map."""
         return cls(gpa, size, tag_mode, Backing.MEMFD)
+
+    @classmethod
+    def attach(cls, shared: SharedRegion, tag_mode: TagMode) -> GuestRegion:
+        """Map a region another process shared (see :meth:`share`): same bytes, same tags."""
+        return cls(shared.gpa, shared.size, tag_mode, Backing.MEMFD, shared=shared)
+
+    def share(self) -> SharedRegion:
+        """What another process needs to :meth:`attach` this memfd region."""
+        fd = self.fd
+        if fd is None:
+            raise UnsupportedError("only memfd regions can be shared")
+        return SharedRegion(self.gpa, self.size, fd, self._table_fd)
+
+    def _software_table(self, shared: SharedRegion | None) -> npt.NDArray[np.uint8]:
+        count = self.size // GRANULE
+        if self.backing is Backing.ANONYMOUS:
+            return np.zeros(count, dtype=np.uint8)
+        # A memfd region's tags must be shared with it: the table is a memfd too.
+        if shared is not None:
+            if shared.table_fd is None:
+                raise UnsupportedError("the shared region carries no SOFTWARE tag table")
+            fd = os.dup(shared.table_fd)
+        else:
+            fd = os.memfd_create(f"guestmem-tags@{self.gpa:#x}", os.MFD_CLOEXEC)
+            os.ftruncate(fd, count)
+        self._table_fd = fd
+        weakref.finalize(self, os.close, fd)
+        self._table_map = mmap.mmap(fd, count)
+        return np.frombuffer(self._table_map, dtype=np.uint8)
 
     @property
     def end(self) -> int:
@@ -116,9 +171,13 @@ def _require_page_multiple(name: str, value: int) -> None:
         )
 
 
-def _map(size: int, tag_mode: TagMode, backing: Backing, name: str) -> Any:
+def _map(
+    size: int, tag_mode: TagMode, backing: Backing, name: str, shared: SharedRegion | None
+) -> Any:
     mte = 1 if tag_mode is TagMode.HARDWARE else 0
-    if backing is Backing.MEMFD:
+    if shared is not None:
+        raw = lib.gm_map_fd(shared.fd, size, mte)
+    elif backing is Backing.MEMFD:
         raw = lib.gm_map_memfd(name.encode(), size, mte)
     else:
         raw = lib.gm_map_anonymous(size, mte)
