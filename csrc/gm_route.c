@@ -1,6 +1,7 @@
 #include "gm_route.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <setjmp.h>
 #include <string.h>
 
@@ -8,6 +9,7 @@
 #include "gm_bounce_internal.h"
 #include "gm_fault.h"
 #include "gm_insn.h"
+#include "gm_kvm.h"
 #include "gm_platform.h"
 #include "gm_status.h"
 #include "gm_thread.h"
@@ -123,6 +125,36 @@ static int mismatch_in_table(struct gm_access *a)
 
 /* ---- the routes ---------------------------------------------------------- */
 
+/* KVM: fetch each span's tags through the VM, then check them as a table. */
+static int mismatch_in_kvm(struct gm_access *a)
+{
+    struct gm_span *shadow = calloc(a->nspans, sizeof *shadow);
+    if (shadow == NULL)
+        return GM_ERR_ERRNO;
+    int status = GM_OK;
+    for (size_t i = 0; i < a->nspans && status == GM_OK; i++) {
+        const struct gm_span *s = &a->spans[i];
+        uint64_t first = s->gpa & ~(uint64_t)(GM_GRANULE - 1);
+        size_t granules = (size_t)((s->gpa + s->len + GM_GRANULE - 1 - first) / GM_GRANULE);
+        shadow[i] = *s;
+        shadow[i].table = malloc(granules ? granules : 1);
+        if (shadow[i].table == NULL)
+            status = GM_ERR_ERRNO;
+        else
+            status = gm_kvm_tags_get(a->vm_fd, first, granules, shadow[i].table);
+    }
+    if (status == GM_OK) {
+        const struct gm_span *real = a->spans;
+        a->spans = shadow;
+        status = mismatch_in_table(a);
+        a->spans = real;
+    }
+    for (size_t i = 0; i < a->nspans; i++)
+        free(shadow[i].table);
+    free(shadow);
+    return status;
+}
+
 static int route_tco(struct gm_access *a)
 {
     if (a->mode != GM_MODE_HARDWARE) {
@@ -138,7 +170,7 @@ static int route_tco(struct gm_access *a)
 
 static int route_unchecked_thread(struct gm_access *a)
 {
-    if (a->mode == GM_MODE_NONE) {
+    if (a->mode == GM_MODE_NONE || a->mode == GM_MODE_KVM) {
         move_spans(a);
         return GM_OK;
     }
@@ -235,7 +267,8 @@ static void match_all_span_table(struct gm_access *a, const struct gm_span *s, u
 
 static int route_match_all(struct gm_access *a)
 {
-    if (a->mode == GM_MODE_NONE) {
+    /* Under KVM the VMM's mapping carries no tags: there is nothing to match. */
+    if (a->mode == GM_MODE_NONE || a->mode == GM_MODE_KVM) {
         move_spans(a);
         return GM_OK;
     }
@@ -300,8 +333,9 @@ static int route_checked(struct gm_access *a)
     switch (a->mode) {
     case GM_MODE_HARDWARE:
         return checked_hardware(a);
-    case GM_MODE_SOFTWARE: {
-        int status = mismatch_in_table(a);
+    case GM_MODE_SOFTWARE:
+    case GM_MODE_KVM: {
+        int status = a->mode == GM_MODE_KVM ? mismatch_in_kvm(a) : mismatch_in_table(a);
         if (status == GM_OK)
             move_spans(a);
         return status;
@@ -321,7 +355,7 @@ int gm_access(struct gm_access *a)
         int status = gm_thread_enable_mte();
         if (status != GM_OK)
             return status;
-    } else if (a->mode != GM_MODE_SOFTWARE && a->mode != GM_MODE_NONE) {
+    } else if (a->mode != GM_MODE_SOFTWARE && a->mode != GM_MODE_NONE && a->mode != GM_MODE_KVM) {
         errno = EINVAL;
         return GM_ERR_ERRNO;
     }

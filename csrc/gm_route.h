@@ -23,6 +23,7 @@ enum gm_op {
 };
 
 struct gm_span {
+    uint64_t gpa;     /* guest physical address of the span's first byte */
     uint8_t *guest;   /* host address of the span's first byte, untagged */
     uint8_t *table;   /* SOFTWARE: tag of the granule holding guest[0] */
     size_t len;
@@ -45,6 +46,7 @@ struct gm_access {
     int fill_byte;
     int logical_tag;        /* CHECKED */
     struct gm_pool *pool;   /* BOUNCE */
+    int vm_fd;              /* KVM: the VM whose tags CHECKED compares */
     struct gm_fault fault;  /* out, on GM_ERR_TAG_CHECK */
 };
 

@@ -13,7 +13,8 @@ enum gm_status {
 enum gm_mode {
     GM_MODE_NONE = 0,
     GM_MODE_SOFTWARE = 1,
-    GM_MODE_HARDWARE = 2
+    GM_MODE_HARDWARE = 2,
+    GM_MODE_KVM = 3          /* tags through KVM; the VMM's mapping is untagged */
 };
 
 #endif

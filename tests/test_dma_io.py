@@ -9,9 +9,9 @@ import socket
 
 import numpy as np
 import pytest
-from conftest import BASE, REGION, assert_unchanged, snapshot
 
 import guestmem as gm
+from conftest import BASE, REGION, assert_unchanged, snapshot
 
 SAFE = [gm.Route.MATCH_ALL, gm.Route.BOUNCE, gm.Route.UNCHECKED_THREAD]
 

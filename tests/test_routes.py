@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 import guestmem as gm
 from conftest import BASE, REGION, snapshot
 
+pytestmark = pytest.mark.kernel  # the kernel lane runs these in KVM mode
+
 SPAN = 2 * REGION  # the two adjacent regions
 MOVING_ROUTES = [r for r in gm.Route if r is not gm.Route.CHECKED]
 

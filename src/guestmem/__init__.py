@@ -22,6 +22,7 @@ from guestmem.errors import (
     UnsupportedError,
 )
 from guestmem.kinds import Access, Direction, Policy, Route, TagMode
+from guestmem.kvm import KvmVm, kvm_mte_available
 from guestmem.memory import GuestMemory, resolve_tag_mode
 from guestmem.platform import (
     CheckMode,
@@ -53,6 +54,7 @@ __all__ = [
     "GuestMemory",
     "GuestMemoryError",
     "GuestRegion",
+    "KvmVm",
     "LengthError",
     "NativeOSError",
     "Policy",
@@ -66,6 +68,7 @@ __all__ = [
     "__version__",
     "available_tag_modes",
     "has_mte",
+    "kvm_mte_available",
     "platform_summary",
     "resolve_tag_mode",
     "thread_check_mode",

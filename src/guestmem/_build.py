@@ -17,6 +17,7 @@ BOUND_HEADERS = [
     "gm_tags.h",
     "gm_bounce.h",
     "gm_route.h",
+    "gm_kvm.h",
 ]
 SOURCES = [
     "gm_platform.c",
@@ -25,6 +26,7 @@ SOURCES = [
     "gm_tags.c",
     "gm_bounce.c",
     "gm_route.c",
+    "gm_kvm.c",
 ]
 
 

@@ -34,6 +34,7 @@ class TagMode(enum.IntEnum):
     NONE = 0
     SOFTWARE = 1
     HARDWARE = 2
+    KVM = 3
 
 
 class Direction(enum.Enum):

@@ -26,6 +26,7 @@ from guestmem.errors import (
     UnsupportedError,
 )
 from guestmem.kinds import Access, Policy, Route, TagMode
+from guestmem.kvm import KvmVm, kvm_mte_available
 from guestmem.platform import has_mte
 from guestmem.region import GRANULE, Backing, GuestRegion, SharedRegion
 
@@ -57,6 +58,8 @@ def resolve_tag_mode(tags: str | TagMode) -> TagMode:
             raise ValueError(
                 f"tags must be 'auto', 'hardware', 'software' or 'none', not {tags!r}"
             ) from None
+    if mode is TagMode.KVM and not kvm_mte_available():
+        raise UnsupportedError("tags='kvm' needs /dev/kvm with KVM_CAP_ARM_MTE")
     if mode is TagMode.HARDWARE:
         if not has_mte():
             raise UnsupportedError("tags='hardware' needs a CPU and kernel with MTE (HWCAP2_MTE)")
@@ -78,8 +81,13 @@ class GuestMemory:
         policy: Policy | None = None,
         bounce_buffer_size: int = BOUNCE_BUFFER_SIZE,
         bounce_buffers: int = BOUNCE_BUFFERS,
+        kvm: KvmVm | None = None,
     ) -> None:
-        """Serve ``regions`` (all of one tag mode) as one guest address space."""
+        """Serve ``regions`` (all of one tag mode) as one guest address space.
+
+        Under TagMode.KVM the regions become memslots of ``kvm``, or of a new
+        VM with MTE enabled.
+        """
         ordered = sorted(regions, key=lambda r: r.gpa)
         if not ordered:
             raise LengthError("a GuestMemory needs at least one region")
@@ -101,6 +109,11 @@ class GuestMemory:
         if pool == ffi.NULL:
             raise LengthError("bounce pool: buffer size and count must be positive")
         self._pool = ffi.gc(pool, lib.gm_pool_free)
+        self._kvm: KvmVm | None = None
+        if self.tag_mode is TagMode.KVM:
+            self._kvm = kvm or KvmVm.create()
+            for region in ordered:
+                self._kvm.add_region(region)
         self._closed = False
 
     # ---- construction and lifetime -----------------------------------------
@@ -127,10 +140,12 @@ class GuestMemory:
         tags: str | TagMode = "auto",
         policy: Policy | None = None,
         backing: Backing = Backing.ANONYMOUS,
+        kvm: KvmVm | None = None,
     ) -> GuestMemory:
         """Regions from ``(gpa, size)`` pairs, all with the same backing and tag mode."""
         mode = resolve_tag_mode(tags)
-        return cls([GuestRegion(gpa, size, mode, backing) for gpa, size in layout], policy=policy)
+        regions = [GuestRegion(gpa, size, mode, backing) for gpa, size in layout]
+        return cls(regions, policy=policy, kvm=kvm)
 
     @classmethod
     def attach(
@@ -168,6 +183,8 @@ class GuestMemory:
         self._closed = True
         self._regions = ()
         self._starts = []
+        if self._kvm is not None:
+            self._kvm.close()
 
     def __enter__(self) -> GuestMemory:
         """Use the memory as a context manager that closes it at exit."""
@@ -251,14 +268,16 @@ class GuestMemory:
         out = np.empty(length // GRANULE, dtype=np.uint8)
         at = 0
         for region, offset, n in pieces:
-            span = ffi.new("struct gm_span *")
-            region.fill_span(span, offset, n)
-            dest = ffi.from_buffer("uint8_t[]", out[at : at + n // GRANULE])
-            check(
-                lib.gm_tags_get(self.tag_mode, span.guest, span.table, n // GRANULE, dest),
-                "get_tags",
-            )
-            at += n // GRANULE
+            part = out[at : at + n // GRANULE]
+            if self._kvm is not None:
+                self._kvm.get_tags_into(region.gpa + offset, part)
+            else:
+                span = ffi.new("struct gm_span *")
+                region.fill_span(span, offset, n)
+                dest = ffi.from_buffer("uint8_t[]", part)
+                status = lib.gm_tags_get(self.tag_mode, span.guest, span.table, part.size, dest)
+                check(status, "get_tags")
+            at += part.size
         return out
 
     def set_tags(self, gpa: int, length: int, tags: TagsLike) -> None:
@@ -273,17 +292,19 @@ class GuestMemory:
         per_granule = _tag_array(tags, length // GRANULE)
         at = 0
         for region, offset, n in pieces:
-            span = ffi.new("struct gm_span *")
-            region.fill_span(span, offset, n)
             count = n // GRANULE
-            if per_granule is None:
-                source, uniform = ffi.NULL, int(tags)  # type: ignore[arg-type]
+            part = int(tags) if per_granule is None else per_granule[at : at + count]  # type: ignore[arg-type]
+            if self._kvm is not None:
+                self._kvm.set_tags(region.gpa + offset, count, part)
             else:
-                source, uniform = ffi.from_buffer("uint8_t[]", per_granule[at : at + count]), 0
-            check(
-                lib.gm_tags_set(self.tag_mode, span.guest, span.table, count, source, uniform),
-                "set_tags",
-            )
+                span = ffi.new("struct gm_span *")
+                region.fill_span(span, offset, n)
+                uniform = part if isinstance(part, int) else 0
+                source = ffi.NULL if isinstance(part, int) else ffi.from_buffer("uint8_t[]", part)
+                status = lib.gm_tags_set(
+                    self.tag_mode, span.guest, span.table, count, source, uniform
+                )
+                check(status, "set_tags")
             at += count
 
     def _granule_pieces(self, gpa: int, length: int) -> list[Piece]:
@@ -440,6 +461,7 @@ class GuestMemory:
         request.fill_byte = fill
         request.logical_tag = tag
         request.pool = self._pool
+        request.vm_fd = self._kvm.fd if self._kvm is not None else -1
         status = lib.gm_access(request)
         if status == lib.GM_ERR_TAG_CHECK:
             fault = request.fault

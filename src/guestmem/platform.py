@@ -37,8 +37,12 @@ def thread_check_mode() -> CheckMode:
 
 def available_tag_modes() -> list[TagMode]:
     """The tag modes a GuestMemory can use here, best first."""
-    software = [TagMode.SOFTWARE, TagMode.NONE]
-    return [TagMode.HARDWARE, *software] if has_mte() else software
+    from guestmem.kvm import kvm_mte_available
+
+    modes = [TagMode.HARDWARE] if has_mte() else []
+    if kvm_mte_available():
+        modes.append(TagMode.KVM)
+    return [*modes, TagMode.SOFTWARE, TagMode.NONE]
 
 
 def summary() -> dict[str, str]:

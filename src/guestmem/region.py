@@ -150,6 +150,7 @@ class GuestRegion:
 
     def fill_span(self, span: Any, offset: int, length: int) -> None:
         """Describe ``length`` bytes at ``offset`` in a native ``struct gm_span``."""
+        span.gpa = self.gpa + offset
         span.guest = self._base + offset
         span.table = self._table_base + offset // GRANULE if self._table is not None else ffi.NULL
         span.len = length

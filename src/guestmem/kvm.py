@@ -1,0 +1,126 @@
+"""KVM as the tag source (TagMode.KVM).
+
+A VM with KVM_CAP_ARM_MTE whose memslots are the guest regions. The VMM's
+mapping of guest RAM has no PROT_MTE, so its data accesses are unchecked by
+construction; allocation tags are read and written through
+KVM_ARM_MTE_COPY_TAGS (whole pages: sub-page ranges are read, changed and
+written back). Errors from the kernel become NativeOSError with errno.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from guestmem._native import check, ffi, lib
+from guestmem.errors import AlignmentError, UnsupportedError
+
+if TYPE_CHECKING:
+    from guestmem.region import GuestRegion
+
+KVM_CAP_ARM_MTE = 205
+
+
+def _status(value: int, what: str) -> int:
+    if value < 0:
+        check(value, what)
+    return value
+
+
+def kvm_mte_available() -> bool:
+    """Whether /dev/kvm opens and offers KVM_CAP_ARM_MTE."""
+    fd = int(lib.gm_kvm_open())
+    if fd < 0:
+        return False
+    try:
+        return int(lib.gm_kvm_check_extension(fd, KVM_CAP_ARM_MTE)) > 0
+    finally:
+        os.close(fd)
+
+
+class KvmVm:
+    """A KVM virtual machine with MTE enabled, serving as a tag source.
+
+    Made by :meth:`create` before any vCPU exists (KVM_ENABLE_CAP requires
+    it); a VMM that already has its VM passes its fd to :meth:`adopt`.
+    """
+
+    def __init__(self, vm_fd: int, *, owned: bool) -> None:
+        """Wrap ``vm_fd``; prefer :meth:`create` or :meth:`adopt`."""
+        self.fd = vm_fd
+        self._owned = owned
+        self._next_slot = 0
+
+    @classmethod
+    def create(cls) -> KvmVm:
+        """Open /dev/kvm, create a VM and enable KVM_CAP_ARM_MTE on it."""
+        kvm = int(lib.gm_kvm_open())
+        if kvm < 0:
+            raise UnsupportedError(f"/dev/kvm cannot be opened: {os.strerror(ffi.errno)}")
+        try:
+            if int(lib.gm_kvm_check_extension(kvm, KVM_CAP_ARM_MTE)) <= 0:
+                raise UnsupportedError("this KVM does not offer KVM_CAP_ARM_MTE")
+            vm = _status(int(lib.gm_kvm_create_vm(kvm)), "KVM_CREATE_VM")
+        finally:
+            os.close(kvm)
+        try:
+            _status(int(lib.gm_kvm_enable_mte(vm)), "KVM_ENABLE_CAP(KVM_CAP_ARM_MTE)")
+        except BaseException:
+            os.close(vm)
+            raise
+        return cls(vm, owned=True)
+
+    @classmethod
+    def adopt(cls, vm_fd: int, first_slot: int = 0) -> KvmVm:
+        """Use a VM the VMM made (with MTE already enabled); it stays the VMM's to close."""
+        vm = cls(vm_fd, owned=False)
+        vm._next_slot = first_slot
+        return vm
+
+    def add_region(self, region: GuestRegion) -> int:
+        """Register ``region`` as the next memslot; return the slot number."""
+        slot = self._next_slot
+        status = lib.gm_kvm_add_memslot(
+            self.fd, slot, region.gpa, region.size, ffi.cast("uint8_t *", region.host_address)
+        )
+        check(int(status), f"KVM_SET_USER_MEMORY_REGION slot {slot} at {region.gpa:#x}")
+        self._next_slot += 1
+        return slot
+
+    def get_tags(self, gpa: int, granules: int) -> npt.NDArray[np.uint8]:
+        """The tags of ``granules`` granules from ``gpa`` (16-byte aligned), via the ioctl."""
+        _require_granule(gpa)
+        out = np.empty(granules, dtype=np.uint8)
+        self.get_tags_into(gpa, out)
+        return out
+
+    def get_tags_into(self, gpa: int, out: npt.NDArray[np.uint8]) -> None:
+        """Fill ``out`` (one uint8 per granule) with the tags from ``gpa``."""
+        dest = ffi.from_buffer("uint8_t[]", out, require_writable=True)
+        check(int(lib.gm_kvm_tags_get(self.fd, gpa, out.size, dest)), "KVM_ARM_MTE_COPY_TAGS")
+
+    def set_tags(self, gpa: int, granules: int, tags: npt.NDArray[np.uint8] | int) -> None:
+        """Set ``granules`` tags from ``gpa``: one per granule, or one for all."""
+        _require_granule(gpa)
+        source: Any = ffi.NULL
+        uniform = 0
+        if isinstance(tags, int):
+            uniform = tags
+        else:
+            source = ffi.from_buffer("uint8_t[]", tags)
+        status = lib.gm_kvm_tags_set(self.fd, gpa, granules, source, uniform)
+        check(int(status), "KVM_ARM_MTE_COPY_TAGS")
+
+    def close(self) -> None:
+        """Close the VM, if this object made it."""
+        if self._owned and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+def _require_granule(gpa: int) -> None:
+    if gpa % 16:
+        raise AlignmentError(f"tag gpa {gpa:#x} is not 16-byte aligned", value=gpa, alignment=16)
