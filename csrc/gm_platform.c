@@ -2,6 +2,8 @@
 #include "gm_platform.h"
 
 #include <errno.h>
+#include <signal.h>
+#include <string.h>
 #include <sys/auxv.h>
 #include <sys/prctl.h>
 
@@ -181,4 +183,36 @@ void gm_checking_end(const struct gm_checking *saved)
     gm_tco_set(saved->tco);
     if (saved->mode_forced)
         prctl(PR_SET_TAGGED_ADDR_CTRL, (unsigned long)saved->ctrl, 0, 0, 0);
+}
+
+static volatile sig_atomic_t probed_tco = -1;
+
+static void record_tco(int sig)
+{
+    (void)sig;
+    probed_tco = gm_tco_get();
+}
+
+/* Raise a signal on this thread and report PSTATE.TCO inside its handler
+ * and after the handler returned. A real kernel starts handlers with TCO=0
+ * (checks on) and restores the interrupted TCO on return; QEMU user mode
+ * starts them with TCO=1. */
+int gm_probe_signal_tco(int *in_handler, int *after_return)
+{
+    if (!gm_cpu_has_mte()) {
+        errno = ENOTSUP;
+        return GM_ERR_UNSUPPORTED;
+    }
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = record_tco;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGUSR2, &sa, &old) != 0)
+        return GM_ERR_ERRNO;
+    probed_tco = -1;
+    raise(SIGUSR2);
+    *after_return = gm_tco_get();
+    *in_handler = probed_tco;
+    sigaction(SIGUSR2, &old, NULL);
+    return GM_OK;
 }

@@ -17,5 +17,6 @@ int gm_unchecked_enter(void);
 int gm_unchecked_exit(void);
 int gm_unchecked_thread_enter(void);
 int gm_unchecked_thread_exit(void);
+int gm_probe_signal_tco(int *in_handler, int *after_return);
 
 #endif

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import platform as _stdlib_platform
 
-from guestmem._native import check, lib
+from guestmem._native import check, ffi, lib
 from guestmem.kinds import Route, TagMode
 
 
@@ -33,6 +33,19 @@ def thread_check_mode() -> CheckMode:
     if mode < 0:
         check(mode, "prctl(PR_GET_TAGGED_ADDR_CTRL)")
     return CheckMode(mode)
+
+
+def probe_signal_tco() -> tuple[bool, bool]:
+    """Raise a signal on this thread: (TCO inside its handler, TCO after it returned).
+
+    A real kernel starts handlers with TCO clear (checks on) and gives the
+    interrupted code its TCO back; QEMU user emulation starts them with TCO
+    set. Needs MTE (UnsupportedError otherwise).
+    """
+    in_handler = ffi.new("int *")
+    after = ffi.new("int *")
+    check(lib.gm_probe_signal_tco(in_handler, after), "probe_signal_tco")
+    return bool(in_handler[0]), bool(after[0])
 
 
 def available_tag_modes() -> list[TagMode]:
