@@ -345,7 +345,44 @@ static int route_checked(struct gm_access *a)
     }
 }
 
+static GM_TLS struct gm_fault last_fault;
+
+static int dispatch(struct gm_access *a);
+
 int gm_access(struct gm_access *a)
+{
+    int status = dispatch(a);
+    if (status == GM_ERR_TAG_CHECK)
+        last_fault = a->fault;
+    return status;
+}
+
+/* One span inside one region, with scalar arguments: the binding's fast path
+ * (no structures to allocate from Python). A tag-check failure's facts are
+ * left for gm_last_fault(). */
+int gm_move(int mode, int route, int op, uint8_t *region, uint8_t *table, uint64_t region_gpa,
+            size_t offset, size_t len, uint8_t *buf, int fill_byte, int logical_tag,
+            struct gm_pool *pool, int vm_fd)
+{
+    struct gm_span span = {
+        .gpa = region_gpa + offset,
+        .guest = region + offset,
+        .table = table ? table + offset / GM_GRANULE : NULL,
+        .len = len,
+    };
+    struct gm_access a = {
+        .mode = mode, .route = route, .op = op, .spans = &span, .nspans = 1, .buf = buf,
+        .fill_byte = fill_byte, .logical_tag = logical_tag, .pool = pool, .vm_fd = vm_fd,
+    };
+    return gm_access(&a);
+}
+
+void gm_last_fault(struct gm_fault *out)
+{
+    *out = last_fault;
+}
+
+static int dispatch(struct gm_access *a)
 {
     if (a->op < GM_OP_READ || a->op > GM_OP_FILL || (a->op != GM_OP_FILL && a->buf == NULL)) {
         errno = EINVAL;

@@ -51,5 +51,9 @@ struct gm_access {
 };
 
 int gm_access(struct gm_access *access);
+int gm_move(int mode, int route, int op, uint8_t *region, uint8_t *table, uint64_t region_gpa,
+            size_t offset, size_t len, uint8_t *buf, int fill_byte, int logical_tag,
+            struct gm_pool *pool, int vm_fd);
+void gm_last_fault(struct gm_fault *out);
 
 #endif

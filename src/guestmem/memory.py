@@ -114,6 +114,8 @@ class GuestMemory:
             self._kvm = kvm or KvmVm.create()
             for region in ordered:
                 self._kvm.add_region(region)
+        self._vm_fd = self._kvm.fd if self._kvm is not None else -1
+        self._last_region = ordered[0]
         self._closed = False
 
     # ---- construction and lifetime -----------------------------------------
@@ -172,6 +174,16 @@ class GuestMemory:
         """The regions, in GPA order."""
         self._require_open()
         return self._regions
+
+    @property
+    def policy(self) -> Policy:
+        """The default route of each access class."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self._policy = policy
+        self._defaults = {access: (policy.route_for(access), 0) for access in Access}
 
     @property
     def closed(self) -> bool:
@@ -329,8 +341,8 @@ class GuestMemory:
         tag: int | None = None,
     ) -> bytes:
         """Read ``length`` bytes at ``gpa``, all or nothing."""
-        out = bytearray(length) if length >= 0 else bytearray()
-        self.readv_into([(gpa, length)], out, access=access, route=route, tag=tag)
+        out = bytearray(_require_length(length))
+        self._move_range(access, route, tag, _OP_READ, gpa, length, ffi.from_buffer(out), 0)
         return bytes(out)
 
     def readinto(
@@ -344,7 +356,8 @@ class GuestMemory:
     ) -> int:
         """Fill ``buffer`` (any writable contiguous buffer) from ``gpa``; return its size."""
         target = _writable(buffer)
-        self.readv_into([(gpa, target.nbytes)], target, access=access, route=route, tag=tag)
+        buf = ffi.from_buffer(target, require_writable=True)
+        self._move_range(access, route, tag, _OP_READ, gpa, target.nbytes, buf, 0)
         return target.nbytes
 
     def write(
@@ -358,7 +371,8 @@ class GuestMemory:
     ) -> None:
         """Write ``data`` (any contiguous buffer) at ``gpa``, all or nothing; tags stay."""
         source = _readable(data)
-        self.writev([(gpa, source.nbytes)], source, access=access, route=route, tag=tag)
+        buf = ffi.from_buffer(source)
+        self._move_range(access, route, tag, _OP_WRITE, gpa, source.nbytes, buf, 0)
 
     def fill(
         self,
@@ -373,9 +387,8 @@ class GuestMemory:
         """Set ``length`` bytes at ``gpa`` to ``byte``, all or nothing; tags stay."""
         if not isinstance(byte, int) or not 0 <= byte <= 255:
             raise ValueError(f"fill byte must be 0..255, not {byte!r}")
-        chosen, logical = self._route(access, route, tag)
-        pieces = self.translate(gpa, length)
-        self._move(chosen, _OP_FILL, pieces, ffi.NULL, byte, logical)
+        _require_length(length)
+        self._move_range(access, route, tag, _OP_FILL, gpa, length, ffi.NULL, byte)
 
     def readv(
         self,
@@ -434,7 +447,12 @@ class GuestMemory:
         return pieces
 
     def _route(self, access: Access, route: Route | None, tag: int | None) -> tuple[Route, int]:
-        chosen = self.policy.route_for(Access(access)) if route is None else Route(route)
+        if route is None and tag is None:
+            try:
+                return self._defaults[access]
+            except KeyError:
+                raise ValueError(f"access must be an Access, not {access!r}") from None
+        chosen = self._defaults[Access(access)][0] if route is None else Route(route)
         if chosen is Route.CHECKED:
             if tag is None:
                 raise TagError("Route.CHECKED needs the logical tag: tag=0..15")
@@ -461,16 +479,50 @@ class GuestMemory:
         request.fill_byte = fill
         request.logical_tag = tag
         request.pool = self._pool
-        request.vm_fd = self._kvm.fd if self._kvm is not None else -1
+        request.vm_fd = self._vm_fd
         status = lib.gm_access(request)
-        if status == lib.GM_ERR_TAG_CHECK:
-            fault = request.fault
-            gpa = None
-            if fault.span < len(pieces):
-                region, offset, _ = pieces[fault.span]
-                gpa = region.gpa + offset + fault.offset
-            raise TagCheckError(gpa, fault.logical_tag, fault.allocation_tag)
-        check(status, f"{route.name} access")
+        if status != lib.GM_OK:
+            _fail(status, route, pieces)
+
+    def _move_range(
+        self,
+        access: Access,
+        route: Route | None,
+        tag: int | None,
+        op: int,
+        gpa: int,
+        length: int,
+        buf: Any,
+        fill: int,
+    ) -> None:
+        """Move one range: one native call with scalar arguments when it lies in one region."""
+        chosen, logical = self._route(access, route, tag)
+        self._require_open()
+        region = self._last_region
+        if not (isinstance(gpa, int) and region.gpa <= gpa and gpa + length <= region.end):
+            pieces = self.translate(gpa, length)
+            if len(pieces) != 1:
+                self._move(chosen, op, pieces, buf, fill, logical)
+                return
+            region = self._last_region = pieces[0][0]
+        offset = gpa - region.gpa
+        status = lib.gm_move(
+            self.tag_mode,
+            chosen,
+            op,
+            region._base,
+            region._table_base,
+            region.gpa,
+            offset,
+            length,
+            buf,
+            fill,
+            logical,
+            self._pool,
+            self._vm_fd,
+        )
+        if status != lib.GM_OK:
+            _fail(status, chosen, [(region, offset, length)])
 
     def _require_open(self) -> None:
         if self._closed:
@@ -480,6 +532,27 @@ class GuestMemory:
         """Show the tag mode and the regions."""
         state = "closed" if self._closed else ", ".join(map(repr, self._regions))
         return f"GuestMemory({self.tag_mode.name}: {state})"
+
+
+def _fail(status: int, route: Route, pieces: list[Piece]) -> None:
+    """Raise the exception for a native status other than GM_OK."""
+    if status == lib.GM_ERR_TAG_CHECK:
+        fault = ffi.new("struct gm_fault *")
+        lib.gm_last_fault(fault)
+        gpa = None
+        if fault.span < len(pieces):
+            region, offset, _ = pieces[fault.span]
+            gpa = region.gpa + offset + fault.offset
+        raise TagCheckError(gpa, fault.logical_tag, fault.allocation_tag)
+    check(status, f"{route.name} access")
+
+
+def _require_length(length: object) -> int:
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise TypeError(f"a length is an integer, not {type(length).__name__}")
+    if length < 0:
+        raise LengthError(f"negative length {length}")
+    return length
 
 
 def check_tag(tag: object) -> int:
