@@ -18,6 +18,7 @@ BOUND_HEADERS = [
     "gm_bounce.h",
     "gm_route.h",
     "gm_kvm.h",
+    "gm_stream.h",
 ]
 SOURCES = [
     "gm_platform.c",
@@ -27,6 +28,7 @@ SOURCES = [
     "gm_bounce.c",
     "gm_route.c",
     "gm_kvm.c",
+    "gm_stream.c",
 ]
 
 

@@ -132,6 +132,8 @@ class DmaMapping:
         for segment in self._segments:
             segment.release()
         try:
+            if self._direction.copies_out and self.route is not Route.BOUNCE:
+                self._mark_dirty()
             if self.route is Route.BOUNCE and self._staging is not None:
                 if self._direction.copies_out and exc_type is None:
                     self._memory.writev(self._ranges(), self._staging, route=Route.TCO)
@@ -145,6 +147,11 @@ class DmaMapping:
                 check(leave(), f"{self.route.name} scope exit")
         finally:
             self._segments = []
+
+    def _mark_dirty(self) -> None:
+        if self._memory.dirty.active:
+            for gpa, n in self._ranges():
+                self._memory.dirty.mark(gpa, n)
 
     def _ranges(self) -> list[tuple[int, int]]:
         return [(region.gpa + offset, n) for region, offset, n in self._pieces]

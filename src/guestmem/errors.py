@@ -74,3 +74,16 @@ class ClosedError(GuestMemoryError, ValueError):
 
 class NativeOSError(GuestMemoryError, OSError):
     """A system call in the native core failed; ``errno`` and ``strerror`` say why."""
+
+
+class StreamError(GuestMemoryError, ValueError):
+    """A migration stream that is truncated, corrupt or does not fit the target.
+
+    ``offset`` is where in the stream the problem was found; ``reason`` says
+    what it is.
+    """
+
+    def __init__(self, offset: int, reason: str) -> None:
+        super().__init__(f"migration stream at byte {offset}: {reason}")
+        self.offset = offset
+        self.reason = reason

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from guestmem._native import check, ffi, lib
+from guestmem.dirty import DirtyLog
 from guestmem.errors import (
     AddressError,
     AlignmentError,
@@ -116,6 +117,7 @@ class GuestMemory:
                 self._kvm.add_region(region)
         self._vm_fd = self._kvm.fd if self._kvm is not None else -1
         self._last_region = ordered[0]
+        self.dirty = DirtyLog(self)
         self._closed = False
 
     # ---- construction and lifetime -----------------------------------------
@@ -318,6 +320,8 @@ class GuestMemory:
                 )
                 check(status, "set_tags")
             at += count
+        if self.dirty.active:
+            self.dirty.mark(gpa, length)
 
     def _granule_pieces(self, gpa: int, length: int) -> list[Piece]:
         for name, value in (("gpa", gpa), ("length", length)):
@@ -483,6 +487,9 @@ class GuestMemory:
         status = lib.gm_access(request)
         if status != lib.GM_OK:
             _fail(status, route, pieces)
+        if op != _OP_READ and self.dirty.active:
+            for region, offset, n in pieces:
+                self.dirty.mark(region.gpa + offset, n)
 
     def _move_range(
         self,
@@ -523,6 +530,8 @@ class GuestMemory:
         )
         if status != lib.GM_OK:
             _fail(status, chosen, [(region, offset, length)])
+        if op != _OP_READ and self.dirty.active:
+            self.dirty.mark(gpa, length)
 
     def _require_open(self) -> None:
         if self._closed:

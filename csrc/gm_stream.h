@@ -1,0 +1,47 @@
+/* The migration stream's page records (docs/stream-format.md), encoded and
+ * decoded in native loops: data and tags of many pages per call. */
+#ifndef GM_STREAM_H
+#define GM_STREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum gm_stream_const {
+    GM_REC_PAGE = 1,
+    GM_REC_ROUND = 2,
+    GM_REC_END = 3,
+    GM_PAGE_ZERO_DATA = 1,
+    GM_PAGE_ZERO_TAGS = 2,
+    GM_REC_HEAD = 8,        /* type, flags, 48-bit page frame or counter */
+    GM_REC_SUM = 8,         /* checksum after each record */
+    GM_STREAM_PAGE = 4096,
+    GM_STREAM_TAG_BYTES = 128
+};
+
+enum gm_stream_error {
+    GM_STREAM_NEED_MORE = 1,     /* not an error: the record is not all here yet */
+    GM_STREAM_BAD_TYPE = -10,
+    GM_STREAM_BAD_FLAGS = -11,
+    GM_STREAM_BAD_CHECKSUM = -12,
+    GM_STREAM_OUT_OF_REGION = -13,
+    GM_STREAM_TAGS_UNSUPPORTED = -14
+};
+
+/* Where pages go or come from: one region's memory and tag source. */
+struct gm_stream_region {
+    int mode;
+    uint8_t *base;          /* the VMM's address of the region's first byte */
+    uint8_t *table;         /* SOFTWARE tag table, or NULL */
+    uint64_t gpa;
+    uint64_t size;
+    int vm_fd;              /* KVM */
+};
+
+uint64_t gm_checksum(const uint8_t *data, size_t len);
+int gm_stream_encode(const struct gm_stream_region *region, const uint64_t *pfns, size_t npfns,
+                     uint8_t *out, size_t out_cap, size_t *done, size_t *written);
+int gm_stream_decode(const struct gm_stream_region *regions, size_t nregions,
+                     const uint8_t *in, size_t in_len, size_t *consumed,
+                     uint64_t *pages, int *record_type, uint64_t *record_value);
+
+#endif

@@ -1,0 +1,101 @@
+"""Live pre-copy migration.
+
+Send everything, then rounds of dirty pages while the guest runs, then pause
+it and send the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from guestmem.migration.stream import Sink, Source, StreamReader, StreamWriter, Totals
+
+if TYPE_CHECKING:
+    from guestmem.memory import GuestMemory
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a migration stands: sent on the source side, applied on the target."""
+
+    phase: str  # "precopy", "paused", "done"
+    round: int
+    pages: int
+    bytes: int
+    dirty_pages: int  # pages dirtied during the last round
+    dirty_rate: float  # of those, per second
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def send_live(
+    memory: GuestMemory,
+    sink: Sink,
+    *,
+    pause: Callable[[], None],
+    max_rounds: int = 8,
+    converged_pages: int = 64,
+    progress: ProgressCallback | None = None,
+) -> Totals:
+    """Migrate ``memory`` while its users keep writing to it.
+
+    Round 0 sends every page; each later round sends the pages dirtied during
+    the one before, until a round is small (``converged_pages``) or
+    ``max_rounds`` is reached. Then ``pause()`` stops the writers (the VMM
+    stops its vCPUs and devices) and the last dirty pages are sent.
+    """
+    writer = StreamWriter(memory, sink)
+    memory.dirty.start()
+    try:
+        writer.header()
+        started = time.monotonic()
+        writer.all_pages()
+        writer.round()
+        dirty = memory.dirty.take()
+        for _ in range(max_rounds):
+            elapsed = max(time.monotonic() - started, 1e-9)
+            _report(progress, "precopy", writer.totals, dirty.size, dirty.size / elapsed)
+            if dirty.size <= converged_pages:
+                break
+            started = time.monotonic()
+            writer.pages(dirty)
+            writer.round()
+            dirty = memory.dirty.take()
+        pause()
+        dirty = np.union1d(dirty, memory.dirty.take()).astype(np.uint64)
+        _report(progress, "paused", writer.totals, dirty.size, 0.0)
+        writer.pages(dirty)
+        writer.round()
+        writer.end()
+        _report(progress, "done", writer.totals, 0, 0.0)
+        return writer.totals
+    finally:
+        memory.dirty.stop()
+
+
+def receive(
+    source: Source, memory: GuestMemory, *, progress: ProgressCallback | None = None
+) -> Totals:
+    """Apply a (live or saved) stream to ``memory`` round by round."""
+    reader = StreamReader(memory, source)
+    reader.header()
+
+    def on_round(totals: Totals) -> None:
+        _report(progress, "precopy", totals, 0, 0.0)
+
+    totals = reader.records(on_round)
+    _report(progress, "done", totals, 0, 0.0)
+    return totals
+
+
+def _report(
+    callback: ProgressCallback | None, phase: str, totals: Totals, dirty: int, rate: float
+) -> None:
+    if callback is not None:
+        callback(Progress(phase, totals.rounds, totals.pages, totals.bytes, dirty, rate))

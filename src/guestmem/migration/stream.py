@@ -1,0 +1,211 @@
+"""Writing and reading migration streams over files and sockets.
+
+The page records are encoded and decoded by the native core
+(``gm_stream_encode``/``gm_stream_decode``), many pages per call; Python only
+moves buffers. Layout: docs/stream-format.md.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+
+from guestmem._native import check, ffi, lib
+from guestmem.errors import StreamError
+from guestmem.migration.header import PAGE, StreamHeader, checksum, read_header
+
+if TYPE_CHECKING:
+    from guestmem.memory import GuestMemory
+
+Sink = BinaryIO | socket.socket
+Source = BinaryIO | socket.socket
+RECORD_MAX = 8 + PAGE + 128 + 8
+BATCH_PAGES = 1024
+_REASONS = {
+    lib.GM_STREAM_BAD_TYPE: "unknown record type",
+    lib.GM_STREAM_BAD_FLAGS: "unknown record flags",
+    lib.GM_STREAM_BAD_CHECKSUM: "record checksum mismatch",
+    lib.GM_STREAM_OUT_OF_REGION: "page outside the declared regions",
+    lib.GM_STREAM_TAGS_UNSUPPORTED: "tagged page, but the target has no tag storage",
+}
+
+
+@dataclass
+class Totals:
+    """What a stream carried so far."""
+
+    pages: int = 0
+    bytes: int = 0
+    rounds: int = 0
+
+
+def native_regions(memory: GuestMemory) -> Any:
+    """The native description of ``memory``'s regions for the stream codec."""
+    regions = memory.regions
+    table = ffi.new("struct gm_stream_region[]", len(regions))
+    for entry, region in zip(table, regions, strict=True):
+        entry.mode = memory.tag_mode
+        entry.base = region._base
+        entry.table = region._table_base
+        entry.gpa = region.gpa
+        entry.size = region.size
+        entry.vm_fd = memory._vm_fd
+    return table
+
+
+class StreamWriter:
+    """Writes a stream of ``memory``'s pages to a binary file or a socket."""
+
+    def __init__(self, memory: GuestMemory, sink: Sink) -> None:
+        """Prepare to write; nothing is sent before :meth:`header`."""
+        self._memory = memory
+        self._send = sink.sendall if isinstance(sink, socket.socket) else sink.write
+        self._regions = native_regions(memory)
+        self._out = bytearray(RECORD_MAX * BATCH_PAGES)
+        self._out_ptr = ffi.from_buffer(self._out)
+        self.totals = Totals()
+
+    def header(self) -> None:
+        """Send the header: geometry, tag mode and region table."""
+        layout = tuple((r.gpa, r.size) for r in self._memory.regions)
+        self._emit(StreamHeader(self._memory.tag_mode, layout).encode())
+
+    def all_pages(self) -> None:
+        """Send every page of every region."""
+        for region in self._memory.regions:
+            first = region.gpa // PAGE
+            self.pages(np.arange(first, first + region.size // PAGE, dtype=np.uint64))
+
+    def pages(self, frames: npt.NDArray[np.uint64]) -> None:
+        """Send the pages whose guest page frame numbers are ``frames``."""
+        for index, region in enumerate(self._memory.regions):
+            first = region.gpa // PAGE
+            mine = frames[(frames >= first) & (frames < first + region.size // PAGE)]
+            mine = np.ascontiguousarray(mine, dtype=np.uint64)
+            pointer = ffi.from_buffer("uint64_t[]", mine)
+            at = 0
+            while at < mine.size:
+                done = ffi.new("size_t *")
+                written = ffi.new("size_t *")
+                status = lib.gm_stream_encode(
+                    self._regions + index,
+                    pointer + at,
+                    mine.size - at,
+                    self._out_ptr,
+                    len(self._out),
+                    done,
+                    written,
+                )
+                check(status, "encoding pages")
+                self._emit(memoryview(self._out)[: written[0]])
+                self.totals.pages += done[0]
+                at += done[0]
+
+    def round(self) -> None:
+        """Mark the end of a pre-copy round."""
+        self._control(lib.GM_REC_ROUND, self.totals.rounds)
+        self.totals.rounds += 1
+
+    def end(self) -> None:
+        """Send the end record (the page count) and flush."""
+        self._control(lib.GM_REC_END, self.totals.pages)
+
+    def _control(self, kind: int, value: int) -> None:
+        head = (kind | (value << 16)).to_bytes(8, "little")
+        self._emit(head + checksum(head).to_bytes(8, "little"))
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._send(data)
+        self.totals.bytes += len(data)
+
+
+class StreamReader:
+    """Reads a stream into ``memory``: header, pages, rounds, end."""
+
+    def __init__(self, memory: GuestMemory, source: Source) -> None:
+        """Prepare to read from a binary file or a socket."""
+        self._memory = memory
+        if isinstance(source, socket.socket):
+            self._read_into = source.recv_into
+        else:
+            self._read_into = source.readinto  # type: ignore[attr-defined]
+        self._buffer = bytearray(RECORD_MAX * BATCH_PAGES)
+        self._have = 0
+        self.offset = 0  # of the first byte in the buffer
+        self.totals = Totals()
+
+    def header(self) -> StreamHeader:
+        """Read and check the header against the target's regions."""
+        header = read_header(self._read_exactly)
+        target = tuple((r.gpa, r.size) for r in self._memory.regions)
+        if header.regions != target:
+            raise StreamError(
+                28, f"region table {header.regions} differs from the target's {target}"
+            )
+        return header
+
+    def records(self, on_round: Any = None) -> Totals:
+        """Apply page records until the end record; call ``on_round(totals)`` at each round."""
+        regions = native_regions(self._memory)
+        pages = ffi.new("uint64_t *")
+        kind = ffi.new("int *")
+        value = ffi.new("uint64_t *")
+        consumed = ffi.new("size_t *")
+        while True:
+            status = lib.gm_stream_decode(
+                regions,
+                len(self._memory.regions),
+                ffi.from_buffer(self._buffer),
+                self._have,
+                consumed,
+                pages,
+                kind,
+                value,
+            )
+            self.totals.pages = int(pages[0])
+            self._drop(consumed[0])
+            if status == lib.GM_STREAM_NEED_MORE:
+                self._fill()
+                continue
+            if status < 0:
+                raise StreamError(self.offset, _REASONS.get(status, f"native status {status}"))
+            if kind[0] == lib.GM_REC_ROUND:
+                self.totals.rounds += 1
+                if on_round is not None:
+                    on_round(self.totals)
+                continue
+            if value[0] != self.totals.pages:
+                raise StreamError(
+                    self.offset - 16,
+                    f"end record counts {value[0]} pages, the stream had {self.totals.pages}",
+                )
+            if self._have:
+                raise StreamError(self.offset, "data after the end record")
+            self.totals.bytes = self.offset
+            return self.totals
+
+    def _fill(self) -> None:
+        if self._have == len(self._buffer):  # pragma: no cover - a record always fits
+            raise StreamError(self.offset, "record larger than any record can be")
+        n = self._read_into(memoryview(self._buffer)[self._have :])
+        if not n:
+            where = "inside a record" if self._have else "before the end record"
+            raise StreamError(self.offset + self._have, f"truncated {where}")
+        self._have += n
+
+    def _drop(self, n: int) -> None:
+        if n:
+            self._buffer[: self._have - n] = self._buffer[n : self._have]
+            self._have -= n
+            self.offset += n
+
+    def _read_exactly(self, n: int) -> bytes:
+        while self._have < n:
+            self._fill()
+        data = bytes(self._buffer[:n])
+        self._drop(n)
+        return data
