@@ -43,6 +43,7 @@ def saved(mem: gm.GuestMemory) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.kernel  # KVM mode's round trip runs in the kernel lane
 @given(seed=st.integers(0, 2**32 - 1), share=st.sampled_from([0.0, 0.5, 1.0]))
 def test_round_trip_is_bit_exact(mode: gm.TagMode, seed: int, share: float) -> None:
     with memory(mode) as src, memory(mode) as dst:
