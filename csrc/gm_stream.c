@@ -36,12 +36,15 @@ static inline uint64_t rotl(uint64_t v, int r)
  * bijection of the lane, so any change to one word changes the result. */
 uint64_t gm_checksum(const uint8_t *data, size_t len)
 {
-    uint64_t lane[4] = {PRIME1, PRIME2, PRIME1 ^ PRIME2, ~PRIME1};
+    uint64_t a = PRIME1, b = PRIME2, c = PRIME1 ^ PRIME2, d = ~PRIME1;
     size_t i = 0;
-    for (; i + 32 <= len; i += 32)
-        for (int k = 0; k < 4; k++)
-            lane[k] = (lane[k] ^ load64(data + i + 8 * k)) * PRIME1;
-    uint64_t h = lane[0] ^ rotl(lane[1], 16) ^ rotl(lane[2], 32) ^ rotl(lane[3], 48);
+    for (; i + 32 <= len; i += 32) {
+        a = (a ^ load64(data + i)) * PRIME1;
+        b = (b ^ load64(data + i + 8)) * PRIME1;
+        c = (c ^ load64(data + i + 16)) * PRIME1;
+        d = (d ^ load64(data + i + 24)) * PRIME1;
+    }
+    uint64_t h = a ^ rotl(b, 16) ^ rotl(c, 32) ^ rotl(d, 48);
     for (; i + 8 <= len; i += 8)
         h = (h ^ load64(data + i)) * PRIME2;
     for (; i < len; i++)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 Sink = BinaryIO | socket.socket
 Source = BinaryIO | socket.socket
 RECORD_MAX = 8 + PAGE + 128 + 8
-BATCH_PAGES = 1024
+BATCH_PAGES = 64
 _REASONS = {
     lib.GM_STREAM_BAD_TYPE: "unknown record type",
     lib.GM_STREAM_BAD_FLAGS: "unknown record flags",
