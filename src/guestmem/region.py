@@ -186,7 +186,9 @@ def _map(
         code = ffi.errno
         raise NativeOSError(code, f"mapping {size:#x} bytes of {backing.value} memory failed")
     mapping = ffi.gc(raw, lib.gm_mapping_free)
-    if mte and not lib.gm_mapping_keeps_tags(mapping):
+    # Probing retags granule 0 for a moment: only on memory no one else uses yet.
+    probe = mte and backing is Backing.MEMFD and shared is None
+    if probe and not lib.gm_mapping_keeps_tags(mapping):
         raise UnsupportedError(
             f"{backing.value} mappings do not keep MTE tags on this platform "
             "(QEMU user emulation drops tags on shared mappings)"
