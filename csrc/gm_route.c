@@ -105,25 +105,40 @@ static int fault_in_hardware(const struct gm_access *a, size_t span, uintptr_t a
     return GM_ERR_TAG_CHECK;
 }
 
+/* The first granule of a span whose table entry is not `tag`, eight at a time. */
+static size_t first_other_tag(const uint8_t *table, size_t granules, uint8_t tag)
+{
+    const uint64_t all = 0x0101010101010101ULL * tag;
+    size_t g = 0;
+    for (; g + 8 <= granules; g += 8) {
+        uint64_t word;
+        memcpy(&word, table + g, sizeof word);
+        if (word != all)
+            break;
+    }
+    for (; g < granules; g++)
+        if (table[g] != tag)
+            return g;
+    return granules;
+}
+
 static int mismatch_in_table(struct gm_access *a)
 {
     for (size_t i = 0; i < a->nspans; i++) {
         const struct gm_span *s = &a->spans[i];
-        size_t g = 0;
-        for (size_t off = 0; off < s->len; off += granule_end(s->guest + off), g++) {
-            if (s->table[g] != a->logical_tag) {
-                a->fault.span = i;
-                a->fault.offset = off;
-                a->fault.logical_tag = a->logical_tag;
-                a->fault.allocation_tag = s->table[g];
-                return GM_ERR_TAG_CHECK;
-            }
+        size_t lead = (uintptr_t)s->guest & (GM_GRANULE - 1);
+        size_t granules = (lead + s->len + GM_GRANULE - 1) / GM_GRANULE;
+        size_t g = first_other_tag(s->table, granules, (uint8_t)a->logical_tag);
+        if (g < granules) {
+            a->fault.span = i;
+            a->fault.offset = g == 0 ? 0 : g * GM_GRANULE - lead;
+            a->fault.logical_tag = a->logical_tag;
+            a->fault.allocation_tag = s->table[g];
+            return GM_ERR_TAG_CHECK;
         }
     }
     return GM_OK;
 }
-
-/* ---- the routes ---------------------------------------------------------- */
 
 /* KVM: fetch each span's tags through the VM, then check them as a table. */
 static int mismatch_in_kvm(struct gm_access *a)

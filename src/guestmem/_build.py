@@ -19,6 +19,7 @@ BOUND_HEADERS = [
     "gm_route.h",
     "gm_kvm.h",
     "gm_stream.h",
+    "gm_clock.h",
 ]
 SOURCES = [
     "gm_platform.c",
@@ -29,6 +30,7 @@ SOURCES = [
     "gm_route.c",
     "gm_kvm.c",
     "gm_stream.c",
+    "gm_clock.c",
 ]
 
 
