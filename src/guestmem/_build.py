@@ -19,7 +19,7 @@ BOUND_HEADERS = [
     "gm_route.h",
     "gm_kvm.h",
     "gm_stream.h",
-    "gm_clock.h",
+    "gm_bench.h",
 ]
 SOURCES = [
     "gm_platform.c",
@@ -30,7 +30,7 @@ SOURCES = [
     "gm_route.c",
     "gm_kvm.c",
     "gm_stream.c",
-    "gm_clock.c",
+    "gm_bench.c",
 ]
 
 

@@ -470,6 +470,21 @@ class GuestMemory:
     ) -> None:
         if not pieces:
             return
+        request, _spans = self._request(route, op, pieces, buf, fill, tag)
+        status = lib.gm_access(request)
+        if status != lib.GM_OK:
+            _fail(status, route, pieces)
+        if op != _OP_READ and self.dirty.active:
+            for region, offset, n in pieces:
+                self.dirty.mark(region.gpa + offset, n)
+
+    def _request(
+        self, route: Route, op: int, pieces: list[Piece], buf: Any, fill: int, tag: int
+    ) -> tuple[Any, Any]:
+        """A native ``struct gm_access`` for ``pieces``, and the spans it points to.
+
+        Keep both alive while the request is in use (the benchmarks reuse it).
+        """
         spans = ffi.new("struct gm_span[]", len(pieces))
         for span, (region, offset, n) in zip(spans, pieces, strict=True):
             region.fill_span(span, offset, n)
@@ -484,12 +499,7 @@ class GuestMemory:
         request.logical_tag = tag
         request.pool = self._pool
         request.vm_fd = self._vm_fd
-        status = lib.gm_access(request)
-        if status != lib.GM_OK:
-            _fail(status, route, pieces)
-        if op != _OP_READ and self.dirty.active:
-            for region, offset, n in pieces:
-                self.dirty.mark(region.gpa + offset, n)
+        return request, spans
 
     def _move_range(
         self,
