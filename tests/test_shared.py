@@ -4,6 +4,7 @@ the same bytes and the same tags on both sides, and DMA keeps them."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -32,12 +33,21 @@ with gm.GuestMemory.attach(shared, tags=mode) as mem:
 """
 
 
+def kernel_version() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int(minor)
+
+
 def test_a_second_process_sees_and_sets_the_same_tags(mode: gm.TagMode) -> None:
     if mode is gm.TagMode.HARDWARE and LANE == "arm64-user":
         pytest.skip(
             "QEMU user emulation keeps no MTE tags on shared mappings: "
             "the arm64-kernel lane runs this in HARDWARE mode"
         )
+    if mode is gm.TagMode.KVM and kernel_version() < (6, 2):
+        with pytest.raises(gm.UnsupportedError, match="before 6.2"):
+            gm.GuestMemory.memfd(0x10000, gpa=0x4000_0000, tags=mode)
+        return
     with gm.GuestMemory.memfd(0x10000, gpa=0x4000_0000, tags=mode) as mem:
         if mode is not gm.TagMode.NONE:
             mem.set_tags(0x4000_0000, 64, [3, 1, 4, 1])

@@ -9,6 +9,7 @@ written back). Errors from the kernel become NativeOSError with errno.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from guestmem._native import check, ffi, lib
-from guestmem.errors import AlignmentError, UnsupportedError
+from guestmem.errors import AlignmentError, NativeOSError, UnsupportedError
 
 if TYPE_CHECKING:
     from guestmem.region import GuestRegion
@@ -86,7 +87,15 @@ class KvmVm:
         status = lib.gm_kvm_add_memslot(
             self.fd, slot, region.gpa, region.size, ffi.cast("uint8_t *", region.host_address)
         )
-        check(int(status), f"KVM_SET_USER_MEMORY_REGION slot {slot} at {region.gpa:#x}")
+        try:
+            check(int(status), f"KVM_SET_USER_MEMORY_REGION slot {slot} at {region.gpa:#x}")
+        except NativeOSError as err:
+            if err.errno == errno.EINVAL and region.fd is not None:
+                raise UnsupportedError(
+                    f"KVM refused memfd region {region.gpa:#x} as a memslot of an MTE VM "
+                    f"(EINVAL): Linux before 6.2 allows no shared mappings there"
+                ) from err
+            raise
         self._next_slot += 1
         return slot
 

@@ -113,8 +113,13 @@ class GuestMemory:
         self._kvm: KvmVm | None = None
         if self.tag_mode is TagMode.KVM:
             self._kvm = kvm or KvmVm.create()
-            for region in ordered:
-                self._kvm.add_region(region)
+            try:
+                for region in ordered:
+                    self._kvm.add_region(region)
+            except BaseException:
+                if kvm is None:
+                    self._kvm.close()
+                raise
         self._vm_fd = self._kvm.fd if self._kvm is not None else -1
         self._last_region = ordered[0]
         self.dirty = DirtyLog(self)
