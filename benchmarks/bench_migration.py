@@ -16,6 +16,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -59,14 +60,14 @@ def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, floa
     return statistics.median(times), max(times) - min(times)
 
 
-def measure(size: int, mode: str, share: float, repeats: int) -> dict[str, object]:
+def measure(size: int, mode: str, share: float, repeats: int) -> dict[str, Any]:
     with gm.GuestMemory.anonymous(size, gpa=0x4000_0000, tags=mode) as src:
         nonzero = populate(src, share)
         view = src.view(0x4000_0000, size)
         target = np.empty(size, dtype=np.uint8)
         with gm.unchecked():
             copy, copy_spread = median_seconds(lambda: np.copyto(target, view), repeats)
-        sink = CountingSink()
+        sink = cast(BinaryIO, CountingSink())
         save, save_spread = median_seconds(lambda: migration.save(src, sink), repeats)
         stream = io.BytesIO()
         migration.save(src, stream)
@@ -113,7 +114,7 @@ def main() -> None:
     )
     for r in results:
         per_page = r["bytes_per_nonzero_page"]
-        per_page_text = "-" if per_page is None else str(round(float(per_page)))  # type: ignore[arg-type]
+        per_page_text = "-" if per_page is None else str(round(float(per_page)))
         print(
             f"{r['nonzero_share']:>9.0%} {r['stream_bytes'] / 2**20:>11.1f} "
             f"{r['plain_copy_gbps']:>10.2f} {r['save_gbps']:>10.2f} "

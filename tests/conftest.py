@@ -12,7 +12,7 @@ import textwrap
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import pytest
@@ -57,7 +57,7 @@ def needs_mte(test: T) -> T:
         not gm.has_mte(),
         reason="needs MTE hardware (HWCAP2_MTE): runs in the arm64 lanes, not on this host",
     )
-    return pytest.mark.hardware(skip(test))  # type: ignore[no-any-return]
+    return cast(T, pytest.mark.hardware(skip(test)))
 
 
 def pytest_configure(config: pytest.Config) -> None:

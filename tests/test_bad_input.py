@@ -37,7 +37,7 @@ BAD_CALLS: dict[str, tuple[type[BaseException], Callable[[gm.GuestMemory], objec
     "tag -1": (gm.TagError, lambda m: m.set_tags(BASE, 16, -1)),
     "tag array with 16": (gm.TagError, lambda m: m.set_tags(BASE, 32, [1, 16])),
     "tag array too short": (gm.TagError, lambda m: m.set_tags(BASE, 48, [1, 2])),
-    "tag array of floats": (gm.TagError, lambda m: m.set_tags(BASE, 32, [1.0, 2.0])),
+    "tag array of floats": (gm.TagError, lambda m: m.set_tags(BASE, 32, [1.0, 2.0])),  # type: ignore[list-item]
     "misaligned tag gpa": (gm.AlignmentError, lambda m: m.set_tags(BASE + 8, 16, 1)),
     "misaligned tag length": (gm.AlignmentError, lambda m: m.set_tags(BASE, 24, 1)),
     "tags into the hole": (gm.AddressError, lambda m: m.set_tags(HOLE - 16, 32, 1)),

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import guestmem as gm
 from guestmem import bench, cli
 
 # The JSON report's schema, checked by hand (no jsonschema dependency):
@@ -174,7 +175,7 @@ def test_plot_without_matplotlib_is_a_clear_error(
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     report = bench.Report(platform={"machine": "x"}, where="native x")
-    with pytest.raises(cli.gm.UnsupportedError, match="matplotlib"):
+    with pytest.raises(gm.UnsupportedError, match="matplotlib"):
         bench.plot(report, str(tmp_path / "x.png"))
 
 
