@@ -3,7 +3,7 @@
 The kernel lane boots Debian's kernel with an initramfs: everything in it is
 unpacked into RAM and Python runs about 40x slower than natively, so the root
 holds only what the kernel-lane tests import: Python 3.11's standard library,
-numpy, cffi's backend, pytest and hypothesis, a shell and mount, and the shared
+numpy, cffi's backend, pytest and hypothesis, a shell, mount and mkdir, and the shared
 libraries those need (found by walking ELF DT_NEEDED entries with readelf).
 
     python3 kernel_root.py USERLAND STAGE
@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROGRAMS = ["usr/bin/python3.11", "usr/bin/dash", "usr/bin/mount"]
+PROGRAMS = ["usr/bin/python3.11", "usr/bin/dash", "usr/bin/mount", "usr/bin/mkdir"]
 LOADER = "usr/lib/ld-linux-aarch64.so.1"
 STDLIB = "usr/lib/python3.11"
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data"}
@@ -88,6 +88,7 @@ def needed(elf: Path) -> tuple[list[str], list[str]]:
 
 
 def is_elf(path: Path) -> bool:
+    """Whether ``path`` starts with the ELF magic."""
     with path.open("rb") as f:
         return f.read(4) == b"\x7fELF"
 
@@ -112,6 +113,11 @@ def python_files(root: Path) -> list[str]:
     return chosen
 
 
+def find_library(root: Path, name: str, dirs: list[str]) -> str | None:
+    """The first ``dir/name`` among ``dirs`` that is a file in ``root``."""
+    return next((f"{d}/{name}" for d in dirs if resolve(root, f"{d}/{name}").is_file()), None)
+
+
 def closure(root: Path, files: list[str]) -> dict[str, Path]:
     """Every file to stage (its path in the image -> its real file in the userland)."""
     staged: dict[str, Path] = {}
@@ -131,7 +137,7 @@ def closure(root: Path, files: list[str]) -> dict[str, Path]:
         origin = str(Path(rel).parent)
         dirs = [p.replace("$ORIGIN", "/" + origin).lstrip("/") for p in runpaths] + search
         for name in names:
-            found = next((f"{d}/{name}" for d in dirs if resolve(root, f"{d}/{name}").is_file()), None)
+            found = find_library(root, name, dirs)
             if found is None:
                 raise FileNotFoundError(f"{rel} needs {name}, found in none of {dirs}")
             pending.append(os.path.normpath(found))
@@ -142,7 +148,7 @@ def stage(root: Path, target: Path) -> int:
     """Copy the trimmed root into ``target``; return the bytes staged."""
     if target.exists():
         shutil.rmtree(target)
-    files = PROGRAMS + [LOADER] + SMALL_ETC + python_files(root)
+    files = [*PROGRAMS, LOADER, *SMALL_ETC, *python_files(root)]
     total = 0
     for rel, real in closure(root, files).items():
         dest = target / rel

@@ -69,7 +69,7 @@ def naive_count(read: Callable[[memoryview], int], memory: gm.GuestMemory) -> in
     """What a device model gets reading straight into guest memory under TCO."""
     with gm.unchecked():
         assert gm.thread_tco()
-        buffer = memoryview(memory.view(BASE, SIZE))
+        buffer = memory.view(BASE, SIZE).data
         try:
             return read(buffer)
         except OSError as err:
@@ -137,7 +137,7 @@ def test_writes_to_a_device_under_tco_fail_and_routes_send_every_byte(
     with a, b:
         with gm.unchecked():
             with pytest.raises(OSError) as refused:
-                a.send(memoryview(mem.view(BASE, SIZE)))
+                a.send(mem.view(BASE, SIZE).data)
             assert refused.value.errno == errno.EFAULT
         for route in SYSCALL_ROUTES:
             sent = mem.dma.io.send(a, BASE, SIZE, route=route)

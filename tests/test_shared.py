@@ -45,7 +45,7 @@ def test_a_second_process_sees_and_sets_the_same_tags(mode: gm.TagMode) -> None:
             "the arm64-kernel lane runs this in HARDWARE mode"
         )
     if mode is gm.TagMode.KVM and kernel_version() < (6, 2):
-        with pytest.raises(gm.UnsupportedError, match="before 6.2"):
+        with pytest.raises(gm.UnsupportedError, match=r"before 6\.2"):
             gm.GuestMemory.memfd(0x10000, gpa=0x4000_0000, tags=mode)
         return
     with gm.GuestMemory.memfd(0x10000, gpa=0x4000_0000, tags=mode) as mem:
