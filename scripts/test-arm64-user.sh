@@ -11,23 +11,20 @@ in_arm64() { bash "$top/scripts/in-arm64.sh" "$@"; }
 in_arm64 /bin/true || { echo "arm64-user: cannot run arm64 binaries (binfmt_misc/qemu)" >&2; exit 3; }
 set -e
 
-rm -rf "$root/src" "$root/wheelhouse" "$root/opt/gm-test"
+wheel_path=$(bash "$top/scripts/arm64-wheel.sh")
+wheel=$(basename "$wheel_path")
+rm -rf "$root/src" "$root/opt/gm-test"
 mkdir -p "$root/src"
 if git -C "$top" rev-parse --git-dir >/dev/null 2>&1; then
     git -C "$top" ls-files -z --cached --others --exclude-standard | (cd "$top" && xargs -0 cp --parents -t "$root/src")
 else
     cp -a "$top/." "$root/src"
 fi
-
-echo "arm64-user: building the arm64 wheel (native gcc under qemu-aarch64)"
-in_arm64 sh -c 'cd /src && python3 -m pip wheel --quiet --no-build-isolation --no-deps -w /tmp/dist . \
-    && auditwheel repair --wheel-dir /wheelhouse /tmp/dist/guestmem-*.whl && rm -rf /tmp/dist'
-wheel=$(cd "$root/wheelhouse" && ls guestmem-*manylinux*_aarch64.whl)
 echo "arm64-user: testing $wheel"
 in_arm64 python3 -m venv --system-site-packages /opt/gm-test
-in_arm64 /opt/gm-test/bin/pip install --quiet --no-deps "/wheelhouse/$wheel"
+in_arm64 /opt/gm-test/bin/pip install --quiet --no-deps "${wheel_path#"$root"}"
 mkdir -p "$top/lane-reports"
-cp "$root/wheelhouse/$wheel" "$top/lane-reports/"
+cp "$wheel_path" "$top/lane-reports/"
 in_arm64 GUESTMEM_LANE=arm64-user GUESTMEM_LANE_REPORT=/tmp/arm64-user.json \
     sh -c 'cd /src/tests && /opt/gm-test/bin/python -m pytest -p no:cacheprovider "$@"' pytest "$@"
 status=$?

@@ -2,6 +2,8 @@
 # The one test command: set up what is missing, then run every lane.
 #   host        the full suite on this machine (SOFTWARE, NONE)
 #   arm64-user  the arm64 wheel on QEMU's emulated MTE (HARDWARE, SOFTWARE, NONE)
+#   arm64-kernel  the same wheel under Debian's arm64 kernel in qemu-system-aarch64
+#               with MTE and nested KVM: what only a kernel shows (HARDWARE, KVM)
 # With CI=true a lane that cannot start fails the run; elsewhere it is
 # reported as not run, with the reason. Extra arguments go to pytest.
 set -uo pipefail
@@ -28,16 +30,18 @@ if [ "$(id -u)" -eq 0 ]; then
     bash "$here/host-deps.sh" || echo "host packages could not be installed: the arm64 lanes may not start"
 fi
 lane host test-host.sh "$@"
-if [ "$(id -u)" -eq 0 ]; then
-    lane arm64-user test-arm64-user.sh "$@"
-elif [ "${CI:-}" = "true" ]; then
-    result[arm64-user]="FAILED (needs root for chroot and binfmt_misc)"; failed=1
-else
-    result[arm64-user]="NOT RUN (needs root for chroot and binfmt_misc)"
-fi
+for name in arm64-user arm64-kernel; do
+    if [ "$(id -u)" -eq 0 ]; then
+        lane "$name" "test-$name.sh" "$@"
+    elif [ "${CI:-}" = "true" ]; then
+        result[$name]="FAILED (needs root for chroot and binfmt_misc)"; failed=1
+    else
+        result[$name]="NOT RUN (needs root for chroot and binfmt_misc)"
+    fi
+done
 
 echo "===== lanes ====="
-for name in host arm64-user; do
-    printf '  %-12s %s\n' "$name" "${result[$name]}"
+for name in host arm64-user arm64-kernel; do
+    printf '  %-13s %s\n' "$name" "${result[$name]}"
 done
 exit $failed

@@ -16,6 +16,7 @@ mem.set_tags(0x40000000, 0x1000, 5)
 """
 
 
+@pytest.mark.kernel  # the fault also arrives from a real kernel
 @needs_mte
 def test_plain_access_to_tagged_memory_faults() -> None:
     result = run_child(
@@ -33,6 +34,7 @@ print("not reached", flush=True)
     assert died_of_sigsegv(result), (result.returncode, result.stderr)
 
 
+@pytest.mark.kernel  # the fault also arrives from a real kernel
 @needs_mte
 def test_thread_checks_survive_every_route_and_every_error() -> None:
     result = run_child(
