@@ -76,6 +76,10 @@ class NativeOSError(GuestMemoryError, OSError):
     """A system call in the native core failed; ``errno`` and ``strerror`` say why."""
 
 
+class ProtocolError(GuestMemoryError, ValueError):
+    """A malformed GDB remote protocol packet (bad framing, hex or arguments)."""
+
+
 class StreamError(GuestMemoryError, ValueError):
     """A migration stream that is truncated, corrupt or does not fit the target.
 
