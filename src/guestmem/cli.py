@@ -1,4 +1,4 @@
-"""The ``guestmem`` command: ``info``, ``bench``, ``migrate`` and ``inspect``."""
+"""The ``guestmem`` command: ``info``, ``bench``, ``migrate``, ``inspect`` and ``gdbserve``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import guestmem as gm
 from guestmem import bench
+from guestmem.gdbstub import cli as gdbstub_cli
 from guestmem.info import info_rows
 from guestmem.migration import cli as migration_cli
 
@@ -107,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--modes", type=_modes, help="tag modes (comma-separated); default: all here")
     b.set_defaults(run=_cmd_bench)
     migration_cli.add_commands(commands)
+    gdbstub_cli.add_commands(commands)
     return top
 
 
