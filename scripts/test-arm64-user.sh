@@ -25,8 +25,20 @@ in_arm64 python3 -m venv --system-site-packages /opt/gm-test
 in_arm64 /opt/gm-test/bin/pip install --quiet --no-deps "${wheel_path#"$root"}"
 mkdir -p "$top/lane-reports"
 cp "$wheel_path" "$top/lane-reports/"
+set +e  # both test runs below report, whatever the first one's result
 in_arm64 GUESTMEM_LANE=arm64-user GUESTMEM_LANE_REPORT=/tmp/arm64-user.json \
     sh -c 'cd /src/tests && /opt/gm-test/bin/python -m pytest -p no:cacheprovider "$@"' pytest "$@"
 status=$?
 cp "$root/tmp/arm64-user.json" "$top/lane-reports/arm64-user.json" 2>/dev/null || true
-exit $status
+
+# Real GDB on the host against the stub under emulation (HARDWARE tags), over loopback.
+echo "arm64-user: gdb-multiarch on the host against the arm64 stub"
+host_python=/var/cache/guestmem/host-venv/bin/python  # made by scripts/test-host.sh
+[ -x "$host_python" ] || bash "$top/scripts/test-host.sh" --co -q >/dev/null
+(cd "$top/tests" && GUESTMEM_LANE=arm64-user-gdb GUESTMEM_GDB_MODES=HARDWARE \
+    GUESTMEM_LANE_REPORT="$top/lane-reports/arm64-user-gdb.json" \
+    GUESTMEM_GDB_TARGET="bash $top/scripts/in-arm64.sh /opt/gm-test/bin/python /src/tests/gdb_target.py" \
+    "$host_python" -m pytest -p no:cacheprovider test_gdb_client.py)
+gdb_status=$?
+[ $status -ne 0 ] && exit $status
+exit $gdb_status

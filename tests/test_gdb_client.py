@@ -1,8 +1,8 @@
 """Real GDB (Debian's gdb-multiarch, GDB 13) against the stub, asserting on
 GDB's own output. The guest runs in its own process (tests/gdb_target.py):
 in host Python on the host lane, and under qemu-aarch64 with HARDWARE tags
-when scripts/test-arm64-user.sh runs this module from the host with
-GUESTMEM_GDB_TARGET pointing into the arm64 userland."""
+when scripts/test-arm64-user.sh runs this module from the host (lane
+arm64-user-gdb) with GUESTMEM_GDB_TARGET pointing into the arm64 userland."""
 
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ TARGET = os.environ.get("GUESTMEM_GDB_TARGET")
 MODES = os.environ.get("GUESTMEM_GDB_MODES", "SOFTWARE,NONE").upper().split(",")
 BASE = 0x4000_0000
 
-if GDB is None and os.environ.get("CI") == "true" and LANE == "host":
+GDB_LANES = ("host", "arm64-user-gdb")  # where this module runs: on the host, beside GDB
+if GDB is None and os.environ.get("CI") == "true" and LANE in GDB_LANES:
     raise RuntimeError("CI: gdb-multiarch is missing; scripts/host-deps.sh installs it")
 pytestmark = [
     pytest.mark.skipif(
-        LANE != "host",
+        LANE not in GDB_LANES,
         reason=f"no GDB in the {LANE} lane: scripts/test-arm64-user.sh runs these from the "
-        "host against a stub under emulation",
+        "host against a stub under emulation (lane arm64-user-gdb)",
     ),
     pytest.mark.skipif(GDB is None, reason="gdb-multiarch is not installed (scripts/host-deps.sh)"),
 ]
@@ -138,6 +139,7 @@ def test_gdb_sessions_follow_one_another(guest: Guest) -> None:
         assert guest.ask("read", BASE + 0x40, 1) == bytes([value])
 
 
+@pytest.mark.skipif(TARGET is not None, reason="the CLI runs in host Python: the host lane runs it")
 def test_gdbserve_serves_a_restored_migration_stream(tmp_path: Path) -> None:
     stream = tmp_path / "guest.gms"
     with gm.GuestMemory.anonymous(0x10000, gpa=BASE, tags="software") as mem:
