@@ -8,12 +8,12 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+from guestmem._closing import ClosesOnExit
 from guestmem._native import check, ffi, lib
 from guestmem.dirty import DirtyLog
 from guestmem.errors import (
@@ -68,7 +68,7 @@ def resolve_tag_mode(tags: str | TagMode) -> TagMode:
     return mode
 
 
-class GuestMemory:
+class GuestMemory(ClosesOnExit):
     """Guest RAM: non-overlapping regions at guest physical addresses (GPAs).
 
     Every data access names why it happens (:class:`Access`) or how it must
@@ -204,19 +204,6 @@ class GuestMemory:
         self._starts = []
         if self._kvm is not None:
             self._kvm.close()
-
-    def __enter__(self) -> GuestMemory:
-        """Use the memory as a context manager that closes it at exit."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close the memory."""
-        self.close()
 
     def find_region(self, gpa: int) -> GuestRegion:
         """The region holding ``gpa``; AddressError if none does."""

@@ -14,8 +14,8 @@ import logging
 import os
 import socket
 import threading
-from types import TracebackType
 
+from guestmem._closing import ClosesOnExit
 from guestmem.gdbstub.packets import BadPacket, Nak, Packet, PacketReader, frame
 from guestmem.gdbstub.session import Session
 from guestmem.gdbstub.target import RegisterProvider, no_registers
@@ -24,7 +24,7 @@ from guestmem.memory import GuestMemory
 log = logging.getLogger(__name__)
 
 
-class GdbStub:
+class GdbStub(ClosesOnExit):
     """A GDB remote stub serving ``memory`` (see :mod:`guestmem.gdbstub`)."""
 
     def __init__(
@@ -109,16 +109,3 @@ class GdbStub:
         self._listener.close()
         if self._unix_path is not None and os.path.exists(self._unix_path):
             os.unlink(self._unix_path)
-
-    def __enter__(self) -> GdbStub:
-        """Use as a context manager; it closes the listener at exit."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Close the listener."""
-        self.close()
