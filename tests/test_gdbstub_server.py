@@ -258,3 +258,8 @@ def test_random_payloads_never_crash_a_session(payload: bytes) -> None:
         assert reply is None or isinstance(reply, bytes)
         if payload[:1] not in (b"M", b"X", b"Q"):
             assert_unchanged(memory, before)
+
+
+def test_the_stub_listens_on_loopback_unless_told_otherwise(mem: gm.GuestMemory) -> None:
+    with GdbStub(mem) as server:
+        assert server.address.startswith("127.0.0.1:")
