@@ -21,8 +21,10 @@ qemu_major=$(qemu-system-aarch64 --version | sed -n 's/.*version \([0-9]*\)\..*/
 [ "${qemu_major:-0}" -ge 10 ] || cannot_start "QEMU $qemu_major stores MTE tags wrongly in system emulation; need 10+"
 wheel=$(GUESTMEM_ARM64=$root bash "$top/scripts/arm64-wheel.sh") || cannot_start "the arm64 wheel could not be built"
 
-# The base archive depends only on the userland and on kernel_root.py.
-base_key=$(cat "$root/.tools.v2" "$root/.bench-deps.v1" "$top/scripts/kernel_root.py" 2>/dev/null | sha256sum | cut -c1-16)
+# The base archive depends only on the userland (its versioned path and its
+# stamp files) and on kernel_root.py.
+base_key=$( (echo "$root"; ls -a "$root" | grep '^\.[a-z]'; cat "$top/scripts/kernel_root.py") \
+    | sha256sum | cut -c1-16)
 base=$cache/kernel-root-$base_key.cpio
 if [ ! -f "$base" ]; then
     echo "arm64-kernel: staging the trimmed root (once per userland)"
