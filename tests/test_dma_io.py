@@ -40,10 +40,12 @@ def test_pipe_round_trip_across_regions_and_tag_runs(mem: gm.GuestMemory, route:
     np.testing.assert_array_equal(mem.get_tags(BASE, 2 * REGION), tags)
 
 
+@pytest.mark.parametrize("timeout", [None, 30.0], ids=["blocking", "timeout"])
 @pytest.mark.parametrize("route", SAFE, ids=lambda r: r.name)
-def test_socket_scatter_gather(mem: gm.GuestMemory, route: gm.Route) -> None:
+def test_socket_scatter_gather(mem: gm.GuestMemory, route: gm.Route, timeout: float | None) -> None:
     striped(mem)
     a, b = socket.socketpair()
+    a.settimeout(timeout)  # with a timeout, the socket module's own path waits
     with a, b:
         ranges = [(BASE + 8, 100), (BASE + REGION + 40, 60)]
         b.sendall(bytes(range(160)))

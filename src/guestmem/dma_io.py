@@ -13,12 +13,14 @@ one system call, its count returned, ``BlockingIOError`` raised.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from guestmem.dma import DmaMapping
+from guestmem._native import check, ffi, lib
+from guestmem.dma_mapping import DmaMapping
 from guestmem.errors import UnsupportedError
 from guestmem.kinds import Direction, Route
 
@@ -84,7 +86,9 @@ class DmaIO:
     ) -> int:
         """Scatter one ``readv`` from ``fd`` over the guest ranges; return its count."""
         n = _fd(fd)
-        return self._transfer(ranges, Direction.FROM_DEVICE, route, tag, lambda b: os.readv(n, b))
+        return self._transfer(
+            ranges, Direction.FROM_DEVICE, route, tag, lambda b: os.readv(n, b), native_fd=n
+        )
 
     def writev_to(
         self,
@@ -96,7 +100,9 @@ class DmaIO:
     ) -> int:
         """Gather the guest ranges into one ``writev`` to ``fd``; return its count."""
         n = _fd(fd)
-        return self._transfer(ranges, Direction.TO_DEVICE, route, tag, lambda b: os.writev(n, b))
+        return self._transfer(
+            ranges, Direction.TO_DEVICE, route, tag, lambda b: os.writev(n, b), native_fd=n
+        )
 
     def recv_into(
         self,
@@ -115,6 +121,7 @@ class DmaIO:
             route,
             tag,
             lambda b: sock.recvmsg_into(b, 0, flags)[0],
+            native_fd=_plain_socket_fd(sock, flags),
         )
 
     def send(
@@ -134,6 +141,7 @@ class DmaIO:
             route,
             tag,
             lambda b: sock.sendmsg(b, [], flags),
+            native_fd=_plain_socket_fd(sock, flags),
         )
 
     def _transfer(
@@ -143,6 +151,7 @@ class DmaIO:
         route: Route | None,
         tag: int | None,
         call: Transfer,
+        native_fd: int | None = None,
     ) -> int:
         chosen = self._memory.policy.io if route is None else Route(route)
         if chosen is Route.TCO:
@@ -152,8 +161,34 @@ class DmaIO:
             )
         if chosen is Route.BOUNCE:
             return self._bounce(ranges, direction, call)
+        if native_fd is not None and chosen in (Route.MATCH_ALL, Route.UNCHECKED_THREAD):
+            return self._native(native_fd, ranges, direction, chosen)
         with DmaMapping(self._memory, ranges, direction, chosen, tag) as buffers:
             return call(buffers[:IOV_MAX])
+
+    def _native(self, fd: int, ranges: Ranges, direction: Direction, route: Route) -> int:
+        """One readv/writev whose iovec the core builds (tag runs under MATCH_ALL)."""
+        memory = self._memory
+        pieces = [p for gpa, n in ranges for p in memory.translate(gpa, n)]
+        spans = ffi.new("struct gm_span[]", len(pieces))
+        for span, (region, offset, n) in zip(spans, pieces, strict=True):
+            region.fill_span(span, offset, n)
+        into_guest = direction is Direction.FROM_DEVICE
+        way = lib.GM_IO_INTO_GUEST if into_guest else lib.GM_IO_FROM_GUEST
+        while True:
+            count = int(lib.gm_io(fd, way, memory.tag_mode, route, spans, len(pieces)))
+            if count >= 0:
+                break
+            code = ffi.errno
+            if count == lib.GM_ERR_ERRNO and code == errno.EINTR:
+                continue  # as os.readv does (PEP 475); signal handlers have run
+            if count == lib.GM_ERR_ERRNO:
+                raise OSError(code, os.strerror(code))
+            check(count, f"{route.name} system-call I/O")
+        if into_guest and memory.dirty.active:
+            for gpa, n in _prefix(ranges, count):
+                memory.dirty.mark(gpa, n)
+        return count
 
     def _bounce(self, ranges: Ranges, direction: Direction, call: Transfer) -> int:
         memory = self._memory
@@ -164,6 +199,15 @@ class DmaIO:
         count = call([memoryview(staging)])
         memory.writev(_prefix(ranges, count), memoryview(staging)[:count], route=Route.TCO)
         return count
+
+
+def _plain_socket_fd(sock: socket.socket, flags: int) -> int | None:
+    """The socket's fd when readv/writev on it is what recv/send would do, else None.
+
+    A socket with a timeout is non-blocking underneath and waits in Python;
+    flags need recvmsg/sendmsg. Both keep the socket module's path.
+    """
+    return sock.fileno() if flags == 0 and sock.gettimeout() is None else None
 
 
 def _prefix(ranges: Ranges, count: int) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +16,7 @@ import numpy.typing as npt
 from guestmem._closing import ClosesOnExit
 from guestmem._native import check, ffi, lib
 from guestmem.dirty import DirtyLog
+from guestmem.dma import Dma
 from guestmem.errors import (
     AddressError,
     AlignmentError,
@@ -30,9 +31,6 @@ from guestmem.kinds import Access, Policy, Route, TagMode
 from guestmem.kvm import KvmVm, kvm_mte_available
 from guestmem.platform import has_mte
 from guestmem.region import GRANULE, Backing, GuestRegion, SharedRegion
-
-if TYPE_CHECKING:
-    from guestmem.dma import Dma
 
 TagsLike = int | Sequence[int] | npt.NDArray[np.integer[Any]]
 Piece = tuple[GuestRegion, int, int]
@@ -216,8 +214,6 @@ class GuestMemory(ClosesOnExit):
     @property
     def dma(self) -> Dma:
         """Buffers for device models: ``with mem.dma.map(gpa, n, direction) as buf``."""
-        from guestmem.dma import Dma
-
         return Dma(self)
 
     # ---- addresses -------------------------------------------------------------

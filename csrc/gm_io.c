@@ -1,0 +1,73 @@
+#include "gm_io.h"
+
+#include <errno.h>
+#include <sys/uio.h>
+
+#include "gm_insn.h"
+#include "gm_platform.h"
+#include "gm_route.h"
+#include "gm_status.h"
+
+/* Append one entry per run of equal tags in the span; return the count. */
+static int tag_runs(const struct gm_span *span, struct iovec *iov, int n)
+{
+    uint8_t *p = span->guest;
+    uint8_t *end = p + span->len;
+    while (p < end && n < GM_IO_MAX_IOV) {
+        unsigned tag = gm_ldg(p);
+        uint8_t *next = (uint8_t *)(((uintptr_t)p | (GM_GRANULE - 1)) + 1);
+        while (next < end && gm_ldg(next) == tag)
+            next += GM_GRANULE;
+        if (next > end)
+            next = end;
+        iov[n].iov_base = gm_with_tag(p, tag);
+        iov[n].iov_len = (size_t)(next - p);
+        n++;
+        p = next;
+    }
+    return n;
+}
+
+static ssize_t transfer(int fd, int direction, const struct iovec *iov, int n)
+{
+    return direction == GM_IO_INTO_GUEST ? readv(fd, iov, n) : writev(fd, iov, n);
+}
+
+int64_t gm_io(int fd, int direction, int mode, int route,
+              const struct gm_span *spans, size_t nspans)
+{
+    struct iovec iov[GM_IO_MAX_IOV];
+    int n = 0;
+    int split = route == GM_ROUTE_MATCH_ALL && mode == GM_MODE_HARDWARE;
+
+    if (route != GM_ROUTE_MATCH_ALL && route != GM_ROUTE_UNCHECKED_THREAD)
+        return GM_ERR_UNSUPPORTED;
+    if (split) {
+        int status = gm_thread_enable_mte();
+        if (status != GM_OK)
+            return status;
+    }
+    for (size_t s = 0; s < nspans && n < GM_IO_MAX_IOV; s++) {
+        if (split) {
+            n = tag_runs(&spans[s], iov, n);
+        } else {
+            iov[n].iov_base = spans[s].guest;
+            iov[n].iov_len = spans[s].len;
+            n++;
+        }
+    }
+    if (route == GM_ROUTE_MATCH_ALL) {
+        ssize_t done = transfer(fd, direction, iov, n);
+        return done < 0 ? GM_ERR_ERRNO : (int64_t)done;
+    }
+    int status = gm_unchecked_thread_enter();
+    if (status != GM_OK)
+        return status;
+    ssize_t done = transfer(fd, direction, iov, n);
+    int saved = errno;
+    status = gm_unchecked_thread_exit();
+    if (status != GM_OK)
+        return status;
+    errno = saved;
+    return done < 0 ? GM_ERR_ERRNO : (int64_t)done;
+}

@@ -1,0 +1,28 @@
+/* System-call I/O over guest spans: one readv(2) or writev(2) whose iovec is
+ * built natively, for the routes that are safe around system calls.
+ * MATCH_ALL under HARDWARE: one iovec entry per run of equal allocation
+ * tags, through a pointer carrying the run's tag, so the kernel checks every
+ * byte and finds it matching. Elsewhere one entry per span (the kernel
+ * checks nothing there). UNCHECKED_THREAD: the thread's checks are off
+ * around the call. At most GM_IO_MAX_IOV entries: the rest is a short
+ * transfer, as with any readv. */
+#ifndef GM_IO_H
+#define GM_IO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct gm_span;
+
+enum gm_io_direction {
+    GM_IO_INTO_GUEST = 0,   /* readv: fd -> guest */
+    GM_IO_FROM_GUEST = 1,   /* writev: guest -> fd */
+    GM_IO_MAX_IOV = 1024
+};
+
+/* Bytes moved (>= 0), or GM_ERR_ERRNO with errno set, or GM_ERR_UNSUPPORTED
+ * for a route other than MATCH_ALL and UNCHECKED_THREAD. */
+int64_t gm_io(int fd, int direction, int mode, int route,
+              const struct gm_span *spans, size_t nspans);
+
+#endif

@@ -1,0 +1,136 @@
+"""The scope that lends device code guest memory as a list of buffers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from guestmem._native import check, lib
+from guestmem.errors import GuestMemoryError, TagCheckError, UnsupportedError
+from guestmem.kinds import Access, Direction, Route, TagMode
+from guestmem.region import GRANULE
+
+if TYPE_CHECKING:
+    from guestmem.memory import GuestMemory, Piece
+
+
+class DmaMapping:
+    """A scope that lends device code guest memory as a list of buffers."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        ranges: Sequence[tuple[int, int]],
+        direction: Direction,
+        route: Route | None,
+        tag: int | None,
+    ) -> None:
+        """Prepare the mapping of ``[(gpa, length), ...]``; nothing is touched yet."""
+        self._memory = memory
+        self._direction = Direction(direction)
+        self.route, self._tag = memory._route(Access.DMA, route, tag)
+        self._pieces: list[Piece] = [p for gpa, n in ranges for p in memory.translate(gpa, n)]
+        self._segments: list[memoryview] = []
+        self._staging: bytearray | None = None
+        self._thread: int | None = None
+
+    def __enter__(self) -> list[memoryview]:
+        """Open the scope and return its buffers."""
+        if self._thread is not None:
+            raise GuestMemoryError("a DmaMapping is entered once")
+        route = self.route
+        if route is Route.BOUNCE:
+            self._segments = [self._stage_in()]
+        elif route is Route.MATCH_ALL:
+            self._segments = self._tag_runs()
+        elif route is Route.CHECKED:
+            self._segments = self._checked_segments()
+        else:
+            enter = lib.gm_unchecked_enter if route is Route.TCO else lib.gm_unchecked_thread_enter
+            check(enter(), f"{route.name} scope")
+            self._segments = [region.bytes_at(offset, n) for region, offset, n in self._pieces]
+        self._thread = threading.get_ident()
+        return self._segments
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Write back (BOUNCE, device-written), release the buffers, restore the thread."""
+        if self._thread != threading.get_ident():
+            raise GuestMemoryError("a DMA scope must end on the thread that opened it")
+        for segment in self._segments:
+            segment.release()
+        try:
+            if self._direction.copies_out and self.route is not Route.BOUNCE:
+                self._mark_dirty()
+            if self.route is Route.BOUNCE and self._staging is not None:
+                if self._direction.copies_out and exc_type is None:
+                    self._memory.writev(self._ranges(), self._staging, route=Route.TCO)
+                self._staging = None
+            elif self.route in (Route.TCO, Route.UNCHECKED_THREAD):
+                leave = (
+                    lib.gm_unchecked_exit
+                    if self.route is Route.TCO
+                    else lib.gm_unchecked_thread_exit
+                )
+                check(leave(), f"{self.route.name} scope exit")
+        finally:
+            self._segments = []
+
+    def _mark_dirty(self) -> None:
+        if self._memory.dirty.active:
+            for gpa, n in self._ranges():
+                self._memory.dirty.mark(gpa, n)
+
+    def _ranges(self) -> list[tuple[int, int]]:
+        return [(region.gpa + offset, n) for region, offset, n in self._pieces]
+
+    def _stage_in(self) -> memoryview:
+        total = sum(n for _, _, n in self._pieces)
+        self._staging = bytearray(total)
+        if self._direction.copies_in:
+            self._memory.readv_into(self._ranges(), self._staging, route=Route.TCO)
+        return memoryview(self._staging)
+
+    def _tag_runs(self) -> list[memoryview]:
+        if self._memory.tag_mode is TagMode.HARDWARE:
+            check(lib.gm_thread_enable_mte(), "enabling the tagged-address ABI")
+        segments = []
+        for region, offset, n in self._pieces:
+            first = offset - offset % GRANULE
+            last = -(-(offset + n) // GRANULE) * GRANULE
+            tags = self._memory.get_tags(region.gpa + first, last - first)
+            starts = np.flatnonzero(np.diff(tags)) + 1
+            for run_start, run_end in zip(
+                [0, *starts.tolist()], [*starts.tolist(), len(tags)], strict=True
+            ):
+                lo = max(offset, first + run_start * GRANULE)
+                hi = min(offset + n, first + run_end * GRANULE)
+                segments.append(region.tagged_bytes_at(lo, hi - lo, int(tags[run_start])))
+        return segments
+
+    def _checked_segments(self) -> list[memoryview]:
+        if self._memory.tag_mode is TagMode.NONE:
+            raise UnsupportedError("TagMode.NONE has no tags to check against")
+        if self._memory.tag_mode is TagMode.HARDWARE:
+            check(lib.gm_thread_enable_mte(), "enabling the tagged-address ABI")
+        segments = []
+        for region, offset, n in self._pieces:
+            first = offset - offset % GRANULE
+            last = -(-(offset + n) // GRANULE) * GRANULE
+            tags = self._memory.get_tags(region.gpa + first, last - first)
+            wrong = np.flatnonzero(tags != self._tag)
+            if wrong.size:
+                granule = first + int(wrong[0]) * GRANULE
+                raise TagCheckError(
+                    region.gpa + max(offset, granule), self._tag, int(tags[wrong[0]])
+                )
+            segments.append(region.tagged_bytes_at(offset, n, self._tag))
+        return segments
