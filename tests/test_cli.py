@@ -26,6 +26,7 @@ REPORT_FIELDS: dict[str, Any] = {
     "results": list,
     "tag_ops": list,
     "read64": dict,
+    "syscall_io": list,
     "skipped": dict,
 }
 PLATFORM_FIELDS = {"machine", "kernel", "python", "mte", "tag modes", "routes"}
@@ -52,6 +53,18 @@ TAG_OPS_FIELDS: dict[str, Any] = {
     "get_tags_s_per_gib": float,
 }
 READ64_FIELDS = {"read_ns": float, "mmap_slice_ns": float, "ratio": float}
+SYSCALL_IO_FIELDS: dict[str, Any] = {
+    "mode": str,
+    "route": str,
+    "tag_runs": int,
+    "size": int,
+    "repeats": int,
+    "iterations": int,
+    "median_gbps": float,
+    "spread_gbps": float,
+    "ratio": float,
+}
+IO_ROUTES = ("MATCH_ALL", "BOUNCE", "UNCHECKED_THREAD")
 CASES = {
     "memcpy untagged": None,
     "memcpy checks off": None,
@@ -74,7 +87,7 @@ def check_fields(record: dict[str, Any], fields: dict[str, Any]) -> None:
 
 def check_schema(report: dict[str, Any], sizes: set[int], modes: set[str]) -> None:
     check_fields(report, REPORT_FIELDS)
-    assert report["schema"] == "guestmem-bench/2"
+    assert report["schema"] == "guestmem-bench/3"
     assert report["platform"].keys() >= PLATFORM_FIELDS
     assert report["where"].startswith(("native ", "emulated "))
     assert report["llc_bytes"] > 0
@@ -107,6 +120,16 @@ def check_schema(report: dict[str, Any], sizes: set[int], modes: set[str]) -> No
         check_fields(ops, TAG_OPS_FIELDS)
     assert {ops["mode"] for ops in report["tag_ops"]} == modes - {"NONE"}
     check_fields(report["read64"], READ64_FIELDS)
+    io = report["syscall_io"]
+    for row in io:
+        check_fields(row, SYSCALL_IO_FIELDS)
+        assert row["median_gbps"] > 0 and row["ratio"] > 0
+    for mode in modes:
+        routes = {(r["route"], r["tag_runs"]) for r in io if r["mode"] == mode}
+        layouts = {1} if mode == "NONE" else {1, 256}
+        expected = {(route, runs) for route in IO_ROUTES for runs in layouts}
+        assert routes == expected | {("os.readv", 1)}, (mode, routes)
+    assert all(r["ratio"] == 1.0 for r in io if r["route"] == "os.readv")
 
 
 def png_size(path: Path) -> tuple[int, int]:

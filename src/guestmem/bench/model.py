@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA = "guestmem-bench/2"
+SCHEMA = "guestmem-bench/3"
 
 BASELINE = "memcpy untagged"
 CHECKS_OFF = "memcpy checks off"
@@ -70,6 +70,7 @@ class Report:
     results: list[Result] = field(default_factory=list)
     tag_ops: list[dict[str, Any]] = field(default_factory=list)
     read64: dict[str, float] = field(default_factory=dict)
+    syscall_io: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # tag mode -> why
     schema: str = SCHEMA
 

@@ -22,6 +22,8 @@ HEADINGS = {
     "MATCH_ALL": "MATCH\n_ALL",
     PER_CALL: "UT\n/call",
     PER_THREAD: "UT\n/thread",
+    "UNCHECKED_THREAD": "UT\n/call",
+    "os.readv": "os.readv\n(base)",
 }
 LEGEND = (
     "memcpy (base): plain memcpy between untagged buffers, the baseline; "
@@ -106,8 +108,32 @@ def print_report(report: Report, file: TextIO | None = None) -> None:
             f"(one tag), get_tags {ops['get_tags_s_per_gib'] * 1e3:.1f} ms/GiB",
             file=file,
         )
+    print_syscall_io(report, file)
     for line in fixed_costs(report):
         print(line, file=file)
+
+
+def print_syscall_io(report: Report, file: TextIO | None = None) -> None:
+    """One table: each route's pipe write + read into guest memory beside os.readv."""
+    if not report.syscall_io:
+        return
+    routes = list(dict.fromkeys(r["route"] for r in report.syscall_io))
+    cells = {(r["mode"], r["tag_runs"], r["route"]): r for r in report.syscall_io}
+    rows = []
+    for mode, runs in dict.fromkeys((r["mode"], r["tag_runs"]) for r in report.syscall_io):
+        row = [f"{mode}, {runs} tag run{'s' if runs > 1 else ''}"]
+        for route in routes:
+            r = cells.get((mode, runs, route)) or cells.get((mode, 1, route))
+            row.append(f"{r['median_gbps']:.2f}\n{r['ratio']:.2f}x" if r else "-")
+        rows.append(row)
+    size = report.syscall_io[0]["size"] >> 10
+    title = (
+        f"system-call I/O: a {size} KiB pipe write + read into guest memory, GB/s and "
+        f"x os.readv into a bytearray (median of {report.syscall_io[0]['repeats']}) "
+        f"- {report.where}"
+    )
+    header = ["guest memory", *(HEADINGS.get(r, r) for r in routes)]
+    print_table(title, header, rows, file)
 
 
 def fixed_costs(report: Report) -> list[str]:

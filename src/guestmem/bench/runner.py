@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import guestmem as gm
-from guestmem.bench import calls, host, native, plan, tagops
+from guestmem.bench import calls, host, native, plan, syscall_io, tagops
 from guestmem.bench.model import CASES, Case, Report, Result, set_ratios
 from guestmem.bench.subject import Subject
 
@@ -88,6 +88,9 @@ def run(
             if progress:
                 progress(done, len(todo), f"{mode.name} set_tags/get_tags")
             report.tag_ops.append(tagops.tag_ops(mode, repeats, tag_bytes))
+        if progress:
+            progress(done, len(todo), f"{mode.name} system-call I/O (pipe into guest memory)")
+        report.syscall_io += syscall_io.syscall_io(mode, repeats, target_ns)
     if progress:
         progress(done, len(todo), "read(gpa, 64) against an mmap slice")
     report.read64 = tagops.read64_against_mmap(repeats)
