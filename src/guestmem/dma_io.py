@@ -8,7 +8,9 @@ checked by the kernel), BOUNCE (an untagged staging copy) and
 UNCHECKED_THREAD (checks off for the thread around the call); CHECKED passes
 pointers carrying the caller's tag. Partial transfers, EINTR and EAGAIN
 behave as in ``os.readv``/``os.writev``/``socket.recvmsg_into``/``sendmsg``:
-one system call, its count returned, ``BlockingIOError`` raised.
+one system call, its count returned, ``BlockingIOError`` raised. For file
+descriptors and blocking sockets without flags, MATCH_ALL and
+UNCHECKED_THREAD build the iovec and make the call in the core (gm_io.c).
 """
 
 from __future__ import annotations
