@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import guestmem as gm
+from conftest import EMULATED
 from guestmem import bench, cli
 
 # The JSON report's schema, checked by hand (no jsonschema dependency):
@@ -225,3 +226,12 @@ def test_benchmark_script_runs_the_same_code(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     check_schema(json.loads(out.read_text()), {64}, {"NONE"})
+
+
+def test_figures_say_where_they_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GUESTMEM_LANE", raising=False)  # found from the CPU, not the lane
+    where = bench.where_it_ran()
+    if EMULATED:
+        assert where.startswith("emulated aarch64 (QEMU's CPU"), where
+    else:
+        assert where == f"native {os.uname().machine} host"

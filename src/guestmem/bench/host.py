@@ -9,11 +9,19 @@ LLC_FALLBACK = 32 << 20
 _CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
 
 
-def _qemu_user() -> bool:
-    """Whether this process runs under QEMU user-mode emulation."""
+def _qemu_cpu() -> bool:
+    """Whether the CPU is QEMU's: implementer 0x00 ("software use") in /proc/cpuinfo.
+
+    QEMU user mode hides itself from /proc/self/maps but fakes cpuinfo with
+    its own CPU model, as system mode shows it; no silicon uses 0x00.
+    """
     try:
-        with open("/proc/self/maps") as f:
-            return "qemu" in f.read()
+        with open("/proc/cpuinfo") as f:
+            return any(
+                line.split(":")[0].strip() == "CPU implementer"
+                and line.split(":")[1].strip() == "0x00"
+                for line in f
+            )
     except OSError:
         return False
 
@@ -25,10 +33,12 @@ def where_it_ran() -> str:
     """
     lane = os.environ.get("GUESTMEM_LANE", "")
     machine = platform.machine()
-    if lane == "arm64-user" or (machine == "aarch64" and _qemu_user()):
+    if lane == "arm64-user":
         return f"emulated {machine} (qemu-user: figures describe the emulator, not silicon)"
     if lane == "arm64-kernel":
         return f"emulated {machine} (qemu-system: figures describe the emulator, not silicon)"
+    if machine == "aarch64" and _qemu_cpu():
+        return f"emulated {machine} (QEMU's CPU: figures describe the emulator, not silicon)"
     return f"native {machine} host"
 
 
