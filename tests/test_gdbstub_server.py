@@ -263,3 +263,18 @@ def test_random_payloads_never_crash_a_session(payload: bytes) -> None:
 def test_the_stub_listens_on_loopback_unless_told_otherwise(mem: gm.GuestMemory) -> None:
     with GdbStub(mem) as server:
         assert server.address.startswith("127.0.0.1:")
+
+
+def test_a_register_provider_that_raises_gets_an_error_reply(mem: gm.GuestMemory) -> None:
+    def broken() -> dict[str, int]:
+        raise RuntimeError("vCPU state unavailable")
+
+    with GdbStub(mem, registers=broken) as server:
+        thread = threading.Thread(target=server.serve, args=(1,), daemon=True)
+        thread.start()
+        c = Client(server.address)
+        assert c.ask(b"g") == b"E01"
+        assert c.ask(b"m%x,1" % BASE) == b"00"  # the session goes on
+        c.raw(frame(b"k"))
+        c.close()
+        thread.join(timeout=30)

@@ -88,7 +88,7 @@ class GdbStub(ClosesOnExit):
                 if isinstance(event, Packet):
                     if not session.no_ack:
                         conn.sendall(b"+")
-                    reply = session.handle(event.payload)
+                    reply = self._reply(session, event.payload)
                     if reply is not None:
                         last_reply = frame(reply)
                         conn.sendall(last_reply)
@@ -100,6 +100,18 @@ class GdbStub(ClosesOnExit):
                         conn.sendall(b"-")
                 elif isinstance(event, Nak) and last_reply is not None and not session.no_ack:
                     conn.sendall(last_reply)
+
+    @staticmethod
+    def _reply(session: Session, payload: bytes) -> bytes | None:
+        """The session's reply, or E01 for a failure it did not foresee.
+
+        A register provider that raises, or a bug, is logged; serving goes on.
+        """
+        try:
+            return session.handle(payload)
+        except Exception:
+            log.exception("packet %r failed", payload[:64])
+            return b"E01"
 
     def close(self) -> None:
         """Stop listening (a session in progress runs to its end)."""
