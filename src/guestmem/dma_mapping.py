@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from guestmem._native import check, lib
 from guestmem.errors import GuestMemoryError, TagCheckError, UnsupportedError
 from guestmem.kinds import Access, Direction, Route, TagMode
-from guestmem.region import GRANULE
+from guestmem.region import GRANULE, GuestRegion
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory, Piece
@@ -99,14 +100,18 @@ class DmaMapping:
             self._memory.readv_into(self._ranges(), self._staging, route=Route.TCO)
         return memoryview(self._staging)
 
-    def _tag_runs(self) -> list[memoryview]:
+    def _piece_tags(self) -> Iterator[tuple[GuestRegion, int, int, int, npt.NDArray[np.uint8]]]:
+        """Each piece with its first whole granule's offset and the tags of its granules."""
         if self._memory.tag_mode is TagMode.HARDWARE:
             check(lib.gm_thread_enable_mte(), "enabling the tagged-address ABI")
-        segments = []
         for region, offset, n in self._pieces:
             first = offset - offset % GRANULE
             last = -(-(offset + n) // GRANULE) * GRANULE
-            tags = self._memory.get_tags(region.gpa + first, last - first)
+            yield region, offset, n, first, self._memory.get_tags(region.gpa + first, last - first)
+
+    def _tag_runs(self) -> list[memoryview]:
+        segments = []
+        for region, offset, n, first, tags in self._piece_tags():
             starts = np.flatnonzero(np.diff(tags)) + 1
             for run_start, run_end in zip(
                 [0, *starts.tolist()], [*starts.tolist(), len(tags)], strict=True
@@ -119,13 +124,8 @@ class DmaMapping:
     def _checked_segments(self) -> list[memoryview]:
         if self._memory.tag_mode is TagMode.NONE:
             raise UnsupportedError("TagMode.NONE has no tags to check against")
-        if self._memory.tag_mode is TagMode.HARDWARE:
-            check(lib.gm_thread_enable_mte(), "enabling the tagged-address ABI")
         segments = []
-        for region, offset, n in self._pieces:
-            first = offset - offset % GRANULE
-            last = -(-(offset + n) // GRANULE) * GRANULE
-            tags = self._memory.get_tags(region.gpa + first, last - first)
+        for region, offset, n, first, tags in self._piece_tags():
             wrong = np.flatnonzero(tags != self._tag)
             if wrong.size:
                 granule = first + int(wrong[0]) * GRANULE
