@@ -4,6 +4,7 @@ behave like the os module's, TCO is refused, and tags never change.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 import guestmem as gm
-from conftest import BASE, REGION, assert_unchanged, snapshot
+from conftest import BASE, REGION, assert_unchanged, needs_mte, snapshot
+from guestmem._native import lib
 
 SAFE = [gm.Route.MATCH_ALL, gm.Route.BOUNCE, gm.Route.UNCHECKED_THREAD]
 
@@ -86,6 +88,35 @@ def test_eagain_raises_and_changes_nothing(mem: gm.GuestMemory, route: gm.Route)
         os.close(w)
     assert_unchanged(mem, before)
     assert not gm.thread_tco()
+
+
+@pytest.mark.parametrize("route", SAFE, ids=lambda r: r.name)
+def test_a_failing_call_leaves_the_thread_checked(mem: gm.GuestMemory, route: gm.Route) -> None:
+    mode_before = gm.thread_check_mode()
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(OSError) as failed:
+        mem.dma.io.read_from(r, BASE, 64, route=route)
+    assert failed.value.errno == errno.EBADF
+    assert gm.thread_check_mode() is mode_before
+    assert not gm.thread_tco()
+
+
+@needs_mte
+def test_more_tag_runs_than_iov_max_is_a_short_transfer() -> None:
+    runs = 2 * lib.GM_IO_MAX_IOV
+    with gm.GuestMemory.anonymous(runs * 16, gpa=BASE, tags="hardware") as memory:
+        memory.set_tags(BASE, runs * 16, (np.arange(runs) % 2).astype(np.uint8))
+        r, w = os.pipe()
+        try:
+            os.write(w, b"z" * (runs * 16))
+            got = memory.dma.io.read_from(r, BASE, runs * 16, route=gm.Route.MATCH_ALL)
+        finally:
+            os.close(r)
+            os.close(w)
+        assert got == lib.GM_IO_MAX_IOV * 16  # one buffer per run, at most 1024 per call
+        assert memory.read(BASE, runs * 16) == b"z" * got + b"\0" * (runs * 16 - got)
 
 
 def test_tco_is_refused_for_system_calls(mem: gm.GuestMemory) -> None:
