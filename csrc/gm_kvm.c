@@ -17,8 +17,6 @@
 #define GM_KVM_CAP_ARM_MTE 205
 #define GM_KVM_TAGS_TO_GUEST 0
 #define GM_KVM_TAGS_FROM_GUEST 1
-#define GM_PAGE 4096u
-#define GM_TAGS_PER_PAGE (GM_PAGE / 16u)
 
 struct gm_kvm_memory_region {
     uint32_t slot;
@@ -102,11 +100,31 @@ static int copy_tags(int vm_fd, uint64_t gpa, uint64_t length, uint8_t *tags, in
     return GM_OK;
 }
 
-/* The ioctl works on whole pages: read the pages that cover the range. */
+/* The ioctl works on whole host pages (4, 16 or 64 KiB: the kernel's, not a
+ * fixed 4 KiB): the first and the end of the host pages that cover a range. */
+static uint64_t host_page_mask(void)
+{
+    static uint64_t mask;
+    if (mask == 0)
+        mask = (uint64_t)sysconf(_SC_PAGESIZE) - 1;
+    return mask;
+}
+
+static uint64_t cover_start(uint64_t gpa)
+{
+    return gpa & ~host_page_mask();
+}
+
+static uint64_t cover_end(uint64_t gpa, size_t granules)
+{
+    return (gpa + granules * 16u + host_page_mask()) & ~host_page_mask();
+}
+
+/* Read the tags of the host pages that cover the range. */
 static int read_cover(int vm_fd, uint64_t gpa, size_t granules, uint8_t **cover, uint64_t *first)
 {
-    uint64_t start = gpa & ~(uint64_t)(GM_PAGE - 1);
-    uint64_t end = (gpa + granules * 16u + GM_PAGE - 1) & ~(uint64_t)(GM_PAGE - 1);
+    uint64_t start = cover_start(gpa);
+    uint64_t end = cover_end(gpa, granules);
     uint8_t *tags = malloc((end - start) / 16u);
     if (tags == NULL)
         return GM_ERR_ERRNO;
@@ -148,7 +166,7 @@ int gm_kvm_tags_set(int vm_fd, uint64_t gpa, size_t granules, const uint8_t *tag
         memcpy(at, tags, granules);
     else
         memset(at, uniform_tag, granules);
-    uint64_t end = (gpa + granules * 16u + GM_PAGE - 1) & ~(uint64_t)(GM_PAGE - 1);
+    uint64_t end = cover_end(gpa, granules);
     status = copy_tags(vm_fd, start, end - start, cover, GM_KVM_TAGS_TO_GUEST);
     free(cover);
     return status;

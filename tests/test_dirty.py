@@ -1,5 +1,5 @@
-"""The dirty log: the library's writes mark pages, a VMM can mark more, and
-taking the log clears it in one step."""
+"""The dirty log: the library's writes mark host pages, a VMM can mark more,
+and taking the log clears it in one step; frames carry their unit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import guestmem as gm
 from conftest import BASE, REGION
 
-PAGE = 4096
+PAGE = gm.HOST_PAGE
 
 
 def frames(*gpas: int) -> list[int]:
@@ -41,8 +41,10 @@ def test_writes_fills_tags_dma_and_external_marks(mem: gm.GuestMemory) -> None:
     expected += frames(BASE + 3 * REGION + 2 * PAGE)
     if mem.tag_mode is not gm.TagMode.NONE:
         expected += frames(BASE + 5 * PAGE)
-    assert mem.dirty.take().tolist() == sorted(expected)
-    assert mem.dirty.take().size == 0
+    taken = mem.dirty.take()
+    assert taken.page == gm.HOST_PAGE
+    assert taken.numbers.tolist() == sorted(expected)
+    assert len(mem.dirty.take()) == 0
 
 
 def test_take_loses_no_concurrent_mark(mem: gm.GuestMemory) -> None:
@@ -56,7 +58,35 @@ def test_take_loses_no_concurrent_mark(mem: gm.GuestMemory) -> None:
     thread = threading.Thread(target=writer)
     thread.start()
     while thread.is_alive():
-        seen.update(mem.dirty.take().tolist())
+        seen.update(mem.dirty.take().numbers.tolist())
     thread.join()
-    seen.update(mem.dirty.take().tolist())
+    seen.update(mem.dirty.take().numbers.tolist())
     assert seen == {int(f) for f in np.arange(16) + BASE // PAGE}
+
+
+def test_frames_from_another_unit_mark_every_page_they_touch(mem: gm.GuestMemory) -> None:
+    mem.dirty.start()
+    stream_frame = (BASE + REGION + 3 * gm.STREAM_PAGE) // gm.STREAM_PAGE
+    mem.dirty.mark_frames(gm.Frames.of([stream_frame], gm.STREAM_PAGE))
+    host = (BASE + REGION + 3 * gm.STREAM_PAGE) // gm.HOST_PAGE
+    assert mem.dirty.take().numbers.tolist() == [host]
+
+
+@pytest.mark.parametrize("host_page", [4096, 16384, 65536])
+def test_frames_convert_between_host_and_stream_pages(host_page: int) -> None:
+    host = gm.Frames.of([3, 1, 3], host_page)
+    assert host.numbers.tolist() == [1, 3]
+    stream = host.to(gm.STREAM_PAGE)
+    ratio = host_page // gm.STREAM_PAGE
+    assert stream.numbers.tolist() == [*range(ratio, 2 * ratio), *range(3 * ratio, 4 * ratio)]
+    assert stream.bytes == host.bytes
+    assert stream.to(host_page).numbers.tolist() == [1, 3]
+    # A coarser unit covers every frame that touches it: nothing dirty is dropped.
+    one = gm.Frames.of([ratio * 5 + ratio - 1], gm.STREAM_PAGE)
+    assert one.to(host_page).numbers.tolist() == [5]
+    assert stream.union(one).numbers.tolist() == sorted({*stream.numbers.tolist(), ratio * 6 - 1})
+
+
+def test_a_page_size_is_a_power_of_two() -> None:
+    with pytest.raises(gm.LengthError):
+        gm.Frames.of([1], 3000)

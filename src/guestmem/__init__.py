@@ -34,14 +34,17 @@ from guestmem.platform import (
     thread_tco,
 )
 from guestmem.platform import summary as platform_summary
-from guestmem.region import GRANULE, PAGE_SIZE, Backing, GuestRegion, SharedRegion
+from guestmem.region import PAGE_SIZE, Backing, GuestRegion, SharedRegion
 from guestmem.scopes import unchecked, unchecked_thread
+from guestmem.units import GRANULE, HOST_PAGE, STREAM_PAGE, Frames
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GRANULE",
+    "HOST_PAGE",
     "PAGE_SIZE",
+    "STREAM_PAGE",
     "Access",
     "AddressError",
     "AlignmentError",
@@ -53,6 +56,7 @@ __all__ = [
     "Dma",
     "DmaIO",
     "DmaMapping",
+    "Frames",
     "GuestMemory",
     "GuestMemoryError",
     "GuestRegion",

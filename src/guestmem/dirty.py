@@ -1,4 +1,4 @@
-"""The dirty log: which guest pages changed since it was last taken."""
+"""The dirty log: which host pages of guest memory changed since it was last taken."""
 
 from __future__ import annotations
 
@@ -8,26 +8,31 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from guestmem.region import PAGE_SIZE
+from guestmem.units import HOST_PAGE, Frames
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory
+    from guestmem.region import GuestRegion
 
 
 class DirtyLog:
-    """Per-page dirty bits over a GuestMemory (``mem.dirty``).
+    """Per-host-page dirty bits over a GuestMemory (``mem.dirty``).
 
     Off until :meth:`start`. While on, the library's own writes, fills, tag
     changes and device-written DMA scopes mark their pages; a VMM feeds the
-    rest (e.g. KVM's dirty log) through :meth:`mark`. :meth:`take` returns
-    the dirty pages and clears them in one step.
+    rest (e.g. KVM's dirty log, which counts host pages too) through
+    :meth:`mark` or :meth:`mark_frames`. :meth:`take` returns the dirty pages
+    and clears them in one step. The unit is the host page (:data:`HOST_PAGE`):
+    the granularity at which the kernel tracks writes.
     """
+
+    page = HOST_PAGE
 
     def __init__(self, memory: GuestMemory) -> None:
         """Track ``memory``'s pages (off until :meth:`start`)."""
         self._memory = memory
         self._lock = threading.Lock()
-        self._bits: list[npt.NDArray[np.bool_]] | None = None
+        self._bits: dict[GuestRegion, npt.NDArray[np.bool_]] | None = None
 
     @property
     def active(self) -> bool:
@@ -46,26 +51,42 @@ class DirtyLog:
 
     def mark(self, gpa: int, length: int) -> None:
         """Mark the pages of ``[gpa, gpa + length)`` dirty (AddressError if unmapped)."""
-        pieces = self._memory.translate(gpa, length)
-        with self._lock:
-            if self._bits is None:
-                return
-            for region, offset, n in pieces:
-                index = self._memory.regions.index(region)
-                first, last = offset // PAGE_SIZE, (offset + n - 1) // PAGE_SIZE
-                self._bits[index][first : last + 1] = True
+        for region, offset, n in self._memory.translate(gpa, length):
+            self.mark_region(region, offset, n)
 
-    def take(self) -> npt.NDArray[np.uint64]:
-        """The guest page frame numbers dirty now, in GPA order; they become clean."""
+    def mark_region(self, region: GuestRegion, offset: int, length: int) -> None:
+        """Mark ``length`` bytes at ``offset`` in ``region`` dirty (the hot path: no lookup)."""
+        if length <= 0:
+            return
+        first, last = offset // HOST_PAGE, (offset + length - 1) // HOST_PAGE
+        with self._lock:
+            if self._bits is not None:
+                self._bits[region][first : last + 1] = True
+
+    def mark_frames(self, frames: Frames) -> None:
+        """Mark whole pages dirty, in any unit (e.g. host frames from KVM's dirty log)."""
+        host = frames.to(HOST_PAGE)
+        for region in self._memory.regions:
+            first = region.gpa // HOST_PAGE
+            mine = host.numbers[
+                (host.numbers >= first) & (host.numbers < first + region.size // HOST_PAGE)
+            ]
+            with self._lock:
+                if self._bits is not None:
+                    self._bits[region][(mine - np.uint64(first)).astype(np.intp)] = True
+
+    def take(self) -> Frames:
+        """The host pages dirty now, in GPA order; they become clean."""
         with self._lock:
             if self._bits is None:
                 raise RuntimeError("the dirty log is not started")
             bits, self._bits = self._bits, self._clean()
-        frames = [
-            np.flatnonzero(b).astype(np.uint64) + np.uint64(r.gpa // PAGE_SIZE)
-            for r, b in zip(self._memory.regions, bits, strict=True)
+        numbers = [
+            np.flatnonzero(b).astype(np.uint64) + np.uint64(r.gpa // HOST_PAGE)
+            for r, b in bits.items()
         ]
-        return np.concatenate(frames) if frames else np.zeros(0, np.uint64)
+        joined = np.concatenate(numbers) if numbers else np.zeros(0, np.uint64)
+        return Frames(np.sort(joined), HOST_PAGE)
 
-    def _clean(self) -> list[npt.NDArray[np.bool_]]:
-        return [np.zeros(r.size // PAGE_SIZE, dtype=np.bool_) for r in self._memory.regions]
+    def _clean(self) -> dict[GuestRegion, npt.NDArray[np.bool_]]:
+        return {r: np.zeros(r.size // HOST_PAGE, dtype=np.bool_) for r in self._memory.regions}

@@ -13,7 +13,8 @@ import numpy.typing as npt
 from guestmem._native import check, lib
 from guestmem.errors import GuestMemoryError, TagCheckError, UnsupportedError
 from guestmem.kinds import Access, Direction, Route, TagMode
-from guestmem.region import GRANULE, GuestRegion
+from guestmem.region import GuestRegion
+from guestmem.units import GRANULE
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory, Piece

@@ -30,7 +30,8 @@ from guestmem.errors import (
 from guestmem.kinds import Access, Policy, Route, TagMode
 from guestmem.kvm import KvmVm, kvm_mte_available
 from guestmem.platform import has_mte
-from guestmem.region import GRANULE, Backing, GuestRegion, SharedRegion
+from guestmem.region import Backing, GuestRegion, SharedRegion
+from guestmem.units import GRANULE
 
 TagsLike = int | Sequence[int] | npt.NDArray[np.integer[Any]]
 Piece = tuple[GuestRegion, int, int]
@@ -308,8 +309,8 @@ class GuestMemory(ClosesOnExit):
                 )
                 check(status, "set_tags")
             at += count
-        if self.dirty.active:
-            self.dirty.mark(gpa, length)
+            if self.dirty.active:
+                self.dirty.mark_region(region, offset, n)
 
     def _granule_pieces(self, gpa: int, length: int) -> list[Piece]:
         for name, value in (("gpa", gpa), ("length", length)):
@@ -464,7 +465,7 @@ class GuestMemory(ClosesOnExit):
             _fail(status, route, pieces)
         if op != _OP_READ and self.dirty.active:
             for region, offset, n in pieces:
-                self.dirty.mark(region.gpa + offset, n)
+                self.dirty.mark_region(region, offset, n)
 
     def _request(
         self, route: Route, op: int, pieces: list[Piece], buf: Any, fill: int, tag: int
@@ -529,7 +530,7 @@ class GuestMemory(ClosesOnExit):
         if status != lib.GM_OK:
             _fail(status, chosen, [(region, offset, length)])
         if op != _OP_READ and self.dirty.active:
-            self.dirty.mark(gpa, length)
+            self.dirty.mark_region(region, offset, length)
 
     def _require_open(self) -> None:
         if self._closed:

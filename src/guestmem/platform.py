@@ -7,6 +7,7 @@ import platform as _stdlib_platform
 
 from guestmem._native import check, ffi, lib
 from guestmem.kinds import Route, TagMode
+from guestmem.units import HOST_PAGE
 
 
 class CheckMode(enum.IntEnum):
@@ -63,6 +64,7 @@ def summary() -> dict[str, str]:
     return {
         "machine": _stdlib_platform.machine(),
         "kernel": _stdlib_platform.release(),
+        "host page": f"{HOST_PAGE // 1024} KiB",
         "python": _stdlib_platform.python_version(),
         "mte": "yes (HWCAP2_MTE)" if has_mte() else "no",
         "tag modes": ", ".join(m.name for m in available_tag_modes()),

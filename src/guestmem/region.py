@@ -15,9 +15,9 @@ import numpy.typing as npt
 from guestmem._native import ffi, lib, pointer_keeping
 from guestmem.errors import AlignmentError, LengthError, NativeOSError, UnsupportedError
 from guestmem.kinds import TagMode
+from guestmem.units import GRANULE, HOST_PAGE
 
-PAGE_SIZE = mmap.PAGESIZE
-GRANULE = 16
+PAGE_SIZE = HOST_PAGE  # the name before the units had names
 
 
 class Backing(enum.Enum):
@@ -164,11 +164,11 @@ class GuestRegion:
 
 
 def _require_page_multiple(name: str, value: int) -> None:
-    if value % PAGE_SIZE:
+    if value % HOST_PAGE:
         raise AlignmentError(
-            f"{name} {value:#x} is not a multiple of the page size {PAGE_SIZE:#x}",
+            f"{name} {value:#x} is not a multiple of the host page size {HOST_PAGE:#x}",
             value=value,
-            alignment=PAGE_SIZE,
+            alignment=HOST_PAGE,
         )
 
 

@@ -23,7 +23,7 @@ from guestmem.gdbstub.smaps import smaps_text
 from guestmem.gdbstub.target import RegisterProvider
 from guestmem.kinds import Access, TagMode
 from guestmem.memory import GuestMemory
-from guestmem.region import GRANULE
+from guestmem.units import GRANULE
 
 log = logging.getLogger(__name__)
 

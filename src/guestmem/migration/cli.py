@@ -14,20 +14,20 @@ import numpy as np
 import guestmem as gm
 from guestmem.migration.live import Progress, receive, send_live
 from guestmem.migration.save import inspect, restore, save
-from guestmem.region import PAGE_SIZE
+from guestmem.units import GRANULE, STREAM_PAGE
 
 DEMO_GPA = 0x4000_0000
 
 
 def demo_memory(size_mib: int, tags: str, seed: int = 7) -> gm.GuestMemory:
-    """A guest whose every other page holds data and a tag pattern."""
+    """A guest whose every other stream page holds data and a tag pattern (same on any host)."""
     mem = gm.GuestMemory.anonymous(size_mib << 20, gpa=DEMO_GPA, tags=tags)
     rng = np.random.default_rng(seed)
-    for page in range(0, (size_mib << 20) // PAGE_SIZE, 2):
-        gpa = DEMO_GPA + page * PAGE_SIZE
-        mem.write(gpa, rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8).tobytes())
+    for page in range(0, (size_mib << 20) // STREAM_PAGE, 2):
+        gpa = DEMO_GPA + page * STREAM_PAGE
+        mem.write(gpa, rng.integers(0, 256, STREAM_PAGE, dtype=np.uint8).tobytes())
         if mem.tag_mode is not gm.TagMode.NONE:
-            mem.set_tags(gpa, PAGE_SIZE, (np.arange(256) + page) % 16)
+            mem.set_tags(gpa, STREAM_PAGE, (np.arange(STREAM_PAGE // GRANULE) + page) % 16)
     return mem
 
 
@@ -133,7 +133,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
             stop.set()
             writer.join()
 
-        bar = progress_bar(mem.regions[0].size // PAGE_SIZE)
+        bar = progress_bar(mem.regions[0].size // STREAM_PAGE)
         try:
             with _address(args.to) as sock:
                 send_live(mem, sock, pause=pause, max_rounds=args.max_rounds, progress=bar)
@@ -150,7 +150,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             conn,
             gm.GuestMemory.anonymous(args.size_mib << 20, gpa=DEMO_GPA, tags=args.tags) as mem,
         ):
-            bar = progress_bar(mem.regions[0].size // PAGE_SIZE)
+            bar = progress_bar(mem.regions[0].size // STREAM_PAGE)
             receive(conn, mem, progress=bar)
             print(f"received; digest {digest(mem)}")
     return 0

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from guestmem._native import lib
 from guestmem.errors import StreamError
 from guestmem.kinds import TagMode
+from guestmem.units import GRANULE, STREAM_PAGE
 
 MAGIC = b"GMSTREAM"
 VERSION = 1
-PAGE = 4096
-GRANULE = 16
 MAX_REGIONS = 1024
 _FIXED = struct.Struct("<8sHHIIB3sI")  # magic version flags page granule mode reserved count
 _REGION = struct.Struct("<QQ")
@@ -26,7 +25,7 @@ class StreamHeader:
 
     tag_mode: TagMode
     regions: tuple[tuple[int, int], ...]  # (gpa, size)
-    page_size: int = PAGE
+    page_size: int = STREAM_PAGE
     granule_size: int = GRANULE
     version: int = VERSION
 
@@ -68,8 +67,8 @@ def read_header(read_exactly: ReadExactly) -> StreamHeader:
         raise StreamError(8, f"version {version} is not supported (only {VERSION})")
     if flags != 0 or reserved != b"\0\0\0":
         raise StreamError(10, "reserved header fields are not zero")
-    if page != PAGE:
-        raise StreamError(12, f"page size {page} differs from this host's {PAGE}")
+    if page != STREAM_PAGE:
+        raise StreamError(12, f"stream page size {page} is not {STREAM_PAGE}")
     if granule != GRANULE:
         raise StreamError(16, f"granule size {granule} is not {GRANULE}")
     try:

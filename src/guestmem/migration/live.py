@@ -11,9 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from guestmem.migration.stream import Sink, Source, StreamReader, StreamWriter, Totals
+from guestmem.units import STREAM_PAGE
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory
@@ -27,7 +26,7 @@ class Progress:
     round: int
     pages: int
     bytes: int
-    dirty_pages: int  # pages dirtied during the last round
+    dirty_pages: int  # stream pages dirtied during the last round
     dirty_rate: float  # of those, per second
 
 
@@ -46,7 +45,7 @@ def send_live(
     """Migrate ``memory`` while its users keep writing to it.
 
     Round 0 sends every page; each later round sends the pages dirtied during
-    the one before, until a round is small (``converged_pages``) or
+    the one before, until a round is small (``converged_pages`` stream pages) or
     ``max_rounds`` is reached. Then ``pause()`` stops the writers (the VMM
     stops its vCPUs and devices) and the last dirty pages are sent.
     """
@@ -57,19 +56,19 @@ def send_live(
         started = time.monotonic()
         writer.all_pages()
         writer.round()
-        dirty = memory.dirty.take()
+        dirty = memory.dirty.take().to(STREAM_PAGE)
         for _ in range(max_rounds):
             elapsed = max(time.monotonic() - started, 1e-9)
-            _report(progress, "precopy", writer.totals, dirty.size, dirty.size / elapsed)
-            if dirty.size <= converged_pages:
+            _report(progress, "precopy", writer.totals, len(dirty), len(dirty) / elapsed)
+            if len(dirty) <= converged_pages:
                 break
             started = time.monotonic()
             writer.pages(dirty)
             writer.round()
-            dirty = memory.dirty.take()
+            dirty = memory.dirty.take().to(STREAM_PAGE)
         pause()
-        dirty = np.union1d(dirty, memory.dirty.take()).astype(np.uint64)
-        _report(progress, "paused", writer.totals, dirty.size, 0.0)
+        dirty = dirty.union(memory.dirty.take())
+        _report(progress, "paused", writer.totals, len(dirty), 0.0)
         writer.pages(dirty)
         writer.round()
         writer.end()

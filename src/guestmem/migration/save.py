@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, BinaryIO
 
 from guestmem.errors import StreamError
-from guestmem.migration.header import PAGE, StreamHeader, checksum, read_header
+from guestmem.migration.header import StreamHeader, checksum, read_header
 from guestmem.migration.stream import Sink, Source, StreamReader, StreamWriter, Totals
+from guestmem.units import STREAM_PAGE
 
 PAGE_RECORD, ROUND_RECORD, END_RECORD = 1, 2, 3
 
@@ -53,7 +54,7 @@ def inspect(source: BinaryIO) -> tuple[StreamHeader, Totals]:
         head = exactly(8)
         kind, flags, value = head[0], head[1], int.from_bytes(head[2:], "little")
         if kind == PAGE_RECORD and not flags & ~3:
-            body = exactly((0 if flags & 1 else PAGE) + (0 if flags & 2 else 128))
+            body = exactly((0 if flags & 1 else STREAM_PAGE) + (0 if flags & 2 else 128))
         elif kind in (ROUND_RECORD, END_RECORD) and flags == 0:
             body = b""
         else:

@@ -12,18 +12,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import numpy.typing as npt
 
 from guestmem._native import check, ffi, lib
 from guestmem.errors import StreamError
-from guestmem.migration.header import PAGE, StreamHeader, checksum, read_header
+from guestmem.migration.header import StreamHeader, checksum, read_header
+from guestmem.units import STREAM_PAGE, Frames
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory
 
 Sink = BinaryIO | socket.socket
 Source = BinaryIO | socket.socket
-RECORD_MAX = 8 + PAGE + 128 + 8
+RECORD_MAX = 8 + STREAM_PAGE + 128 + 8
 BATCH_PAGES = 64
 _REASONS = {
     lib.GM_STREAM_BAD_TYPE: "unknown record type",
@@ -77,14 +77,17 @@ class StreamWriter:
     def all_pages(self) -> None:
         """Send every page of every region."""
         for region in self._memory.regions:
-            first = region.gpa // PAGE
-            self.pages(np.arange(first, first + region.size // PAGE, dtype=np.uint64))
+            first = region.gpa // STREAM_PAGE
+            every = np.arange(first, first + region.size // STREAM_PAGE, dtype=np.uint64)
+            self.pages(Frames(every, STREAM_PAGE))
 
-    def pages(self, frames: npt.NDArray[np.uint64]) -> None:
-        """Send the pages whose guest page frame numbers are ``frames``."""
+    def pages(self, frames: Frames) -> None:
+        """Send the pages ``frames`` covers (in any unit: each record is one stream page)."""
+        numbers = frames.to(STREAM_PAGE).numbers
         for index, region in enumerate(self._memory.regions):
-            first = region.gpa // PAGE
-            mine = frames[(frames >= first) & (frames < first + region.size // PAGE)]
+            first = region.gpa // STREAM_PAGE
+            last = first + region.size // STREAM_PAGE
+            mine = numbers[(numbers >= first) & (numbers < last)]
             mine = np.ascontiguousarray(mine, dtype=np.uint64)
             pointer = ffi.from_buffer("uint64_t[]", mine)
             at = 0
