@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from guestmem.cli import main
+from guestmem.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

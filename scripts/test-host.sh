@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${GUESTMEM_HOST_VENV:-/var/cache/guestmem/host-venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+rm -rf build  # stale modules in build/lib would ship in the wheel
 "$venv/bin/pip" install --quiet '.[dev]'
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .

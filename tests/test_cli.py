@@ -14,7 +14,7 @@ import pytest
 
 import guestmem as gm
 from conftest import EMULATED
-from guestmem import bench, cli
+from guestmem.tools import bench, cli
 
 # The JSON report's schema, checked by hand (no jsonschema dependency):
 # field -> allowed types; a tuple for a field that may be null.
@@ -142,7 +142,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "guestmem.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "guestmem", *args], capture_output=True, text=True, timeout=600
     )
 
 

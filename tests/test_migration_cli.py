@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from guestmem.migration.cli import cli_main
+from guestmem.tools.migrate import cli_main
 
 
 def digests(text: str) -> list[str]:

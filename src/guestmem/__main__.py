@@ -2,6 +2,6 @@
 
 import sys
 
-from guestmem.cli import main
+from guestmem.tools.cli import main
 
 sys.exit(main())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import guestmem as gm
-from guestmem.bench.model import BASELINE, CASE_NAMES, Report
+from guestmem.tools.bench.model import BASELINE, CASE_NAMES, Report
 
 PLOT_SIZE = (10.0, 6.0)  # inches, at PLOT_DPI: 1000 x 600 pixels
 PLOT_DPI = 100

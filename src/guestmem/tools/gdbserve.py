@@ -12,7 +12,7 @@ from contextlib import ExitStack
 import guestmem as gm
 from guestmem.gdbstub.server import GdbStub
 from guestmem.migration import inspect, restore
-from guestmem.migration.cli import demo_memory
+from guestmem.tools.demo import demo_memory
 
 
 def _memory(args: argparse.Namespace) -> gm.GuestMemory:

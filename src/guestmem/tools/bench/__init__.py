@@ -10,11 +10,11 @@ second), with their spread (max - min) and their ratio to the baseline.
 
 from __future__ import annotations
 
-from guestmem.bench.host import last_level_cache, where_it_ran
-from guestmem.bench.model import BASELINE, CASE_NAMES, CASES, SCHEMA, Case, Report, Result
-from guestmem.bench.plot import plot
-from guestmem.bench.render import print_report, print_table
-from guestmem.bench.runner import MIN_REPEATS, run
+from guestmem.tools.bench.host import last_level_cache, where_it_ran
+from guestmem.tools.bench.model import BASELINE, CASE_NAMES, CASES, SCHEMA, Case, Report, Result
+from guestmem.tools.bench.plot import plot
+from guestmem.tools.bench.render import print_report, print_table
+from guestmem.tools.bench.runner import MIN_REPEATS, run
 
 __all__ = [
     "BASELINE",

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import guestmem as gm
-from guestmem.bench import calls, host, native, plan, syscall_io, tagops
-from guestmem.bench.model import CASES, Case, Report, Result, set_ratios
-from guestmem.bench.subject import Subject
+from guestmem.tools.bench import calls, host, native, plan, syscall_io, tagops
+from guestmem.tools.bench.model import CASES, Case, Report, Result, set_ratios
+from guestmem.tools.bench.subject import Subject
 
 MIN_REPEATS = 11
 TARGET_NS_QUICK = 4_000_000  # each repeat lasts about this long

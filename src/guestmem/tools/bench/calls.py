@@ -7,10 +7,10 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import guestmem as gm
-from guestmem.bench import plan
-from guestmem.bench.model import BASELINE, CHECKS_OFF, Case
-from guestmem.bench.subject import CHECKED_TAG, GPA, Subject
-from guestmem.bench.timing import Timing, timed
+from guestmem.tools.bench import plan
+from guestmem.tools.bench.model import BASELINE, CHECKS_OFF, Case
+from guestmem.tools.bench.subject import CHECKED_TAG, GPA, Subject
+from guestmem.tools.bench.timing import Timing, timed
 
 
 def _call(subject: Subject, case: Case, point: plan.Point) -> Callable[[], object]:

@@ -6,10 +6,10 @@ from typing import Any
 
 import guestmem as gm
 from guestmem._native import check, ffi, lib
-from guestmem.bench import plan
-from guestmem.bench.model import BASELINE, CHECKS_OFF, Case
-from guestmem.bench.subject import CHECKED_TAG, Subject
-from guestmem.bench.timing import Timing, timed
+from guestmem.tools.bench import plan
+from guestmem.tools.bench.model import BASELINE, CHECKS_OFF, Case
+from guestmem.tools.bench.subject import CHECKED_TAG, Subject
+from guestmem.tools.bench.timing import Timing, timed
 
 _OP_READ = 0  # guest -> device buffer
 

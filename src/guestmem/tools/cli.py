@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import guestmem as gm
-from guestmem import bench
-from guestmem.gdbstub import cli as gdbstub_cli
-from guestmem.info import info_rows
-from guestmem.migration import cli as migration_cli
+from guestmem.tools import bench
+from guestmem.tools import gdbserve as gdbstub_cli
+from guestmem.tools import migrate as migration_cli
+from guestmem.tools.info import info_rows
 
 Progress = Callable[[int, int, str], None]
 

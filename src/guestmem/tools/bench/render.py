@@ -6,7 +6,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import TextIO
 
-from guestmem.bench.model import (
+from guestmem.tools.bench.model import (
     BASELINE,
     CASE_NAMES,
     CHECKS_OFF,
@@ -163,6 +163,6 @@ def fixed_costs(report: Report) -> list[str]:
 
 
 def _label(size: int, offset: int) -> str:
-    from guestmem.bench.plan import Point
+    from guestmem.tools.bench.plan import Point
 
     return Point(size, offset).label()

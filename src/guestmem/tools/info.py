@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import guestmem as gm
-from guestmem.bench.host import last_level_cache, where_it_ran
 from guestmem.kvm import KVM_CAP_ARM_MTE
+from guestmem.tools.bench.host import last_level_cache, where_it_ran
 
 
 def kvm_status() -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 import guestmem as gm
-from guestmem.bench.subject import GPA
+from guestmem.tools.bench.subject import GPA
 
 TAG_OPS_SIZE = 64 << 20  # --full; a quick run uses a quarter
 READ64_CALLS = 20000

@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 import guestmem as gm
-from guestmem.bench.subject import GPA
-from guestmem.bench.timing import timed
+from guestmem.tools.bench.subject import GPA
+from guestmem.tools.bench.timing import timed
 
 SIZE = 64 << 10  # one pipe's default capacity: the write never blocks
 RUN_BYTES = 256
