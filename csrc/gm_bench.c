@@ -4,7 +4,6 @@
 #include <string.h>
 #include <time.h>
 
-#include "gm_platform.h"
 #include "gm_route.h"
 #include "gm_status.h"
 
@@ -27,8 +26,8 @@ static size_t gm_bench_step(size_t slots)
 /* Run one single-span access `iterations` times. thread_scope: inside one
  * unchecked-thread scope (the UNCHECKED_THREAD route then makes no
  * system call per access: the scopes nest). */
-int gm_bench_access(struct gm_access *a, size_t stride, size_t slots, size_t iterations,
-                    int thread_scope, uint64_t *nanoseconds)
+int gm_bench_access(const struct gm_bench_core *core, struct gm_access *a, size_t stride,
+                    size_t slots, size_t iterations, int thread_scope, uint64_t *nanoseconds)
 {
     if (slots == 0 || a->nspans != 1) {
         errno = EINVAL;
@@ -43,7 +42,7 @@ int gm_bench_access(struct gm_access *a, size_t stride, size_t slots, size_t ite
     size_t slot = 0;
     int status = GM_OK;
     if (thread_scope) {
-        status = gm_unchecked_thread_enter();
+        status = core->unchecked_thread_enter();
         if (status != GM_OK)
             return status;
     }
@@ -54,13 +53,13 @@ int gm_bench_access(struct gm_access *a, size_t stride, size_t slots, size_t ite
         span.guest = base + at;
         span.gpa = gpa + at;
         span.table = table ? table + at / 16 : NULL;
-        status = gm_access(a);
+        status = core->access(a);
         slot = (slot + step) % slots;
     }
     *nanoseconds = gm_bench_now() - start;
     a->spans = original;
     if (thread_scope) {
-        int exit_status = gm_unchecked_thread_exit();
+        int exit_status = core->unchecked_thread_exit();
         if (status == GM_OK)
             status = exit_status;
     }
@@ -69,15 +68,16 @@ int gm_bench_access(struct gm_access *a, size_t stride, size_t slots, size_t ite
 
 /* The baselines: memcpy between untagged buffers, or on guest memory with
  * tag checks off for the thread. */
-int gm_bench_memcpy(uint8_t *dst, const uint8_t *src, size_t len, size_t stride, size_t slots,
-                    size_t iterations, int checks_off, uint64_t *nanoseconds)
+int gm_bench_memcpy(const struct gm_bench_core *core, uint8_t *dst, const uint8_t *src,
+                    size_t len, size_t stride, size_t slots, size_t iterations, int checks_off,
+                    uint64_t *nanoseconds)
 {
     if (slots == 0) {
         errno = EINVAL;
         return GM_ERR_ERRNO;
     }
     if (checks_off) {
-        int status = gm_unchecked_thread_enter();
+        int status = core->unchecked_thread_enter();
         if (status != GM_OK)
             return status;
     }
@@ -90,5 +90,5 @@ int gm_bench_memcpy(uint8_t *dst, const uint8_t *src, size_t len, size_t stride,
         slot = (slot + step) % slots;
     }
     *nanoseconds = gm_bench_now() - start;
-    return checks_off ? gm_unchecked_thread_exit() : GM_OK;
+    return checks_off ? core->unchecked_thread_exit() : GM_OK;
 }
