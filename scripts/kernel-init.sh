@@ -20,7 +20,7 @@ while IFS= read -r arg; do set -- "$@" "$arg"; done < /pytest-args
 cd /src/tests
 PATH=/usr/bin HOME=/root LANG=C.UTF-8 PYTHONPATH=/opt/guestmem PYTHONDONTWRITEBYTECODE=1 \
     GUESTMEM_LANE=arm64-kernel GUESTMEM_LANE_REPORT=/tmp/lane.json \
-    python3 -m pytest -p no:cacheprovider -m kernel "$@"
+    python3 -m pytest -p no:cacheprovider -q --color=no -m kernel "$@"  # each console byte costs
 status=$?
 echo "GUESTMEM-LANE-REPORT-BEGIN"
 [ -f /tmp/lane.json ] && while IFS= read -r line || [ -n "$line" ]; do echo "$line"; done < /tmp/lane.json
