@@ -208,7 +208,7 @@ static const struct gm_stream_region *region_of(const struct gm_stream_region *r
 }
 
 int gm_stream_decode(const struct gm_stream_region *regions, size_t nregions,
-                     const uint8_t *in, size_t in_len, size_t *consumed,
+                     int source_tagged, const uint8_t *in, size_t in_len, size_t *consumed,
                      uint64_t *pages, int *record_type, uint64_t *record_value)
 {
     uint8_t tags[GRANULES];
@@ -253,11 +253,18 @@ int gm_stream_decode(const struct gm_stream_region *regions, size_t nregions,
         const struct gm_stream_region *r = region_of(regions, nregions, gpa);
         if (r == NULL)
             return GM_STREAM_OUT_OF_REGION;
+        int zero_tags = (flags & GM_PAGE_ZERO_TAGS) != 0;
+        if (!zero_tags && !source_tagged)
+            return GM_STREAM_TAGS_FROM_UNTAGGED;
+        if (r->base == NULL) {  /* validating only */
+            ++*pages;
+            at += size;
+            continue;
+        }
         const uint8_t *p = rec + GM_REC_HEAD;
         const uint8_t *data = p;
         if (!(flags & GM_PAGE_ZERO_DATA))
             p += PAGE;
-        int zero_tags = (flags & GM_PAGE_ZERO_TAGS) != 0;
         if (!zero_tags)
             for (size_t g = 0; g < GRANULES; g += 2) {
                 tags[g] = p[g / 2] & 0xf;

@@ -24,13 +24,16 @@ enum gm_stream_error {
     GM_STREAM_BAD_FLAGS = -11,
     GM_STREAM_BAD_CHECKSUM = -12,
     GM_STREAM_OUT_OF_REGION = -13,
-    GM_STREAM_TAGS_UNSUPPORTED = -14
+    GM_STREAM_TAGS_UNSUPPORTED = -14,
+    GM_STREAM_TAGS_FROM_UNTAGGED = -15  /* tags in a stream whose source had none */
 };
 
-/* Where pages go or come from: one region's memory and tag source. */
+/* Where pages go or come from: one region's memory and tag source. A
+ * region whose base is NULL only validates: decoding checks every record
+ * against it and applies nothing (what `guestmem inspect` does). */
 struct gm_stream_region {
     int mode;
-    uint8_t *base;          /* the VMM's address of the region's first byte */
+    uint8_t *base;          /* the VMM's address of the region's first byte, or NULL */
     uint8_t *table;         /* SOFTWARE tag table, or NULL */
     uint64_t gpa;
     uint64_t size;
@@ -41,7 +44,7 @@ uint64_t gm_checksum(const uint8_t *data, size_t len);
 int gm_stream_encode(const struct gm_stream_region *region, const uint64_t *pfns, size_t npfns,
                      uint8_t *out, size_t out_cap, size_t *done, size_t *written);
 int gm_stream_decode(const struct gm_stream_region *regions, size_t nregions,
-                     const uint8_t *in, size_t in_len, size_t *consumed,
+                     int source_tagged, const uint8_t *in, size_t in_len, size_t *consumed,
                      uint64_t *pages, int *record_type, uint64_t *record_value);
 
 #endif

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import struct
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -100,8 +102,11 @@ def test_truncation_anywhere_is_detected() -> None:
             migration.restore(io.BytesIO(stream[:cut]), target)
 
 
-def header_with(**changes: object) -> bytes:
-    fields = {"magic": b"GMSTREAM", "version": 1, "page": 4096, "granule": 16, "count": 2}
+def header_with(
+    regions: Sequence[tuple[int, int]] = LAYOUT, *, mode: int = 1, **changes: object
+) -> bytes:
+    fields = {"magic": b"GMSTREAM", "version": 1, "page": 4096, "granule": 16}
+    fields["count"] = len(regions)
     fields.update(changes)
     body = struct.pack(
         "<8sHHIIB3sI",
@@ -110,11 +115,11 @@ def header_with(**changes: object) -> bytes:
         0,
         fields["page"],
         fields["granule"],
-        1,
+        mode,
         b"\0\0\0",
         fields["count"],
     )
-    body += b"".join(struct.pack("<QQ", g, s) for g, s in LAYOUT)
+    body += b"".join(struct.pack("<QQ", g, s) for g, s in regions)
     return body + struct.pack("<Q", migration.header.checksum(body))
 
 
@@ -128,11 +133,11 @@ def header_with(**changes: object) -> bytes:
         ({"count": 10**9}, "absurd region count"),
     ],
 )
-def test_bad_headers(changes: dict[str, object], reason: str) -> None:
+def test_bad_headers(changes: dict[str, Any], reason: str) -> None:
     with memory(gm.TagMode.SOFTWARE) as target:
         before = snapshot(target)
         with pytest.raises(gm.StreamError, match=reason) as caught:
-            migration.restore(io.BytesIO(header_with(**changes) + b"\0" * 64), target)
+            migration.restore(io.BytesIO(header_with(LAYOUT, **changes) + b"\0" * 64), target)
         assert caught.value.offset >= 0 and caught.value.reason
         assert snapshot(target)[0] == before[0]
 

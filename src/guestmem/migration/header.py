@@ -14,6 +14,8 @@ from guestmem.units import GRANULE, STREAM_PAGE
 MAGIC = b"GMSTREAM"
 VERSION = 1
 MAX_REGIONS = 1024
+ZERO_PAGE_RECORD = 16  # head and checksum: the smallest page record
+CONTROL_RECORD = 16  # a round or end record
 _FIXED = struct.Struct("<8sHHIIB3sI")  # magic version flags page granule mode reserved count
 _REGION = struct.Struct("<QQ")
 _SUM = struct.Struct("<Q")
@@ -82,4 +84,45 @@ def read_header(read_exactly: ReadExactly) -> StreamHeader:
     (stated,) = _SUM.unpack(read_exactly(_SUM.size))
     if stated != checksum(fixed + table):
         raise StreamError(_FIXED.size + len(table), "header checksum mismatch")
+    _check_regions(regions)
     return StreamHeader(tag_mode, regions, page, granule, version)
+
+
+def _check_regions(regions: tuple[tuple[int, int], ...]) -> None:
+    """Each region whole stream pages, non-empty, below 2**64, in order, apart."""
+    end = 0
+    for index, (gpa, size) in enumerate(regions):
+        at = _FIXED.size + _REGION.size * index
+        if size == 0:
+            raise StreamError(at, f"region {index} is empty")
+        if gpa % STREAM_PAGE or size % STREAM_PAGE:
+            raise StreamError(at, f"region {index} ({gpa:#x}+{size:#x}) is not whole pages")
+        if gpa + size > 1 << 64:
+            raise StreamError(at, f"region {index} ({gpa:#x}+{size:#x}) wraps past 2**64")
+        if gpa < end:
+            raise StreamError(
+                at, f"region {index} at {gpa:#x} overlaps or precedes region {index - 1}"
+            )
+        end = gpa + size
+
+
+def check_claims(header: StreamHeader, stream_bytes: int | None, max_memory: int) -> None:
+    """Refuse a header whose regions a target should not map.
+
+    ``stream_bytes`` is the whole stream's size where it is known (a file):
+    a complete stream sends every page at least once, at least 16 bytes
+    each, so a short stream cannot honestly claim more. ``max_memory`` is
+    the most guest memory the caller agrees to map.
+    """
+    memory = sum(size for _, size in header.regions)
+    if memory > max_memory:
+        raise StreamError(
+            28, f"the header claims {memory} bytes of guest memory, over the limit of {max_memory}"
+        )
+    least = header.size + ZERO_PAGE_RECORD * (memory // STREAM_PAGE) + CONTROL_RECORD
+    if stream_bytes is not None and stream_bytes < least:
+        raise StreamError(
+            28,
+            f"the header claims {memory} bytes of guest memory, which takes at least "
+            f"{least} stream bytes; the stream has {stream_bytes}",
+        )

@@ -11,7 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from guestmem.migration.stream import Sink, Source, StreamReader, StreamWriter, Totals
+from guestmem.migration.stream import (
+    IDLE_TIMEOUT,
+    Sink,
+    Source,
+    StreamReader,
+    StreamWriter,
+    Totals,
+)
 from guestmem.units import STREAM_PAGE
 
 if TYPE_CHECKING:
@@ -48,9 +55,17 @@ def send_live(
     the one before, until a round is small (``converged_pages`` stream pages) or
     ``max_rounds`` is reached. Then ``pause()`` stops the writers (the VMM
     stops its vCPUs and devices) and the last dirty pages are sent.
+
+    The dirty log: if it is off, send_live starts it and stops it at the
+    end. If the VMM already runs it (e.g. fed from KVM's dirty log),
+    send_live uses it as it is: it takes from it each round, so the pages
+    marked in it are sent, and leaves it running (clean as of the last
+    round) for the VMM.
     """
     writer = StreamWriter(memory, sink)
-    memory.dirty.start()
+    owned = not memory.dirty.active
+    if owned:
+        memory.dirty.start()
     try:
         writer.header()
         started = time.monotonic()
@@ -75,14 +90,23 @@ def send_live(
         _report(progress, "done", writer.totals, 0, 0.0)
         return writer.totals
     finally:
-        memory.dirty.stop()
+        if owned:
+            memory.dirty.stop()
 
 
 def receive(
-    source: Source, memory: GuestMemory, *, progress: ProgressCallback | None = None
+    source: Source,
+    memory: GuestMemory,
+    *,
+    progress: ProgressCallback | None = None,
+    idle_timeout: float | None = IDLE_TIMEOUT,
 ) -> Totals:
-    """Apply a (live or saved) stream to ``memory`` round by round."""
-    reader = StreamReader(memory, source)
+    """Apply a (live or saved) stream to ``memory`` round by round.
+
+    A sender that goes quiet for ``idle_timeout`` seconds (on a socket) is a
+    StreamError with the offset reached, not a hang; None waits for ever.
+    """
+    reader = StreamReader(memory, source, idle_timeout=idle_timeout)
     reader.header()
 
     def on_round(totals: Totals) -> None:

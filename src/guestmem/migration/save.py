@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, BinaryIO
+import os
+import socket
+import stat
+from typing import TYPE_CHECKING
 
-from guestmem.errors import StreamError
-from guestmem.migration.header import StreamHeader, checksum, read_header
-from guestmem.migration.stream import Sink, Source, StreamReader, StreamWriter, Totals
-from guestmem.units import STREAM_PAGE
-
-PAGE_RECORD, ROUND_RECORD, END_RECORD = 1, 2, 3
+from guestmem.migration.header import StreamHeader, check_claims
+from guestmem.migration.stream import (
+    IDLE_TIMEOUT,
+    Sink,
+    Source,
+    StreamReader,
+    StreamWriter,
+    Totals,
+)
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory
@@ -24,51 +30,43 @@ def save(memory: GuestMemory, sink: Sink) -> Totals:
     return writer.totals
 
 
-def restore(source: Source, memory: GuestMemory) -> Totals:
+def restore(
+    source: Source, memory: GuestMemory, *, idle_timeout: float | None = IDLE_TIMEOUT
+) -> Totals:
     """Read a stream into ``memory``, whose regions must be the stream's.
 
     Raises StreamError (offset and reason) for anything truncated, corrupt or
-    not fitting; it never writes outside the declared regions.
+    not fitting; it never writes outside the declared regions. On a socket, a
+    sender quiet for ``idle_timeout`` seconds is a StreamError too.
     """
-    reader = StreamReader(memory, source)
+    reader = StreamReader(memory, source, idle_timeout=idle_timeout)
     reader.header()
     return reader.records()
 
 
-def inspect(source: BinaryIO) -> tuple[StreamHeader, Totals]:
-    """Read a stream's header and walk its records (checksums checked), with no target."""
-    offset = 0
+def inspect(
+    source: Source, *, max_memory: int | None = None, idle_timeout: float | None = IDLE_TIMEOUT
+) -> tuple[StreamHeader, Totals]:
+    """Check a whole stream as a restore would, applying nothing; its header and totals.
 
-    def exactly(n: int) -> bytes:
-        nonlocal offset
-        data = source.read(n)
-        if len(data) != n:
-            raise StreamError(offset + len(data), "truncated")
-        offset += n
-        return data
+    The header's claims are checked first: against ``max_memory`` if given,
+    and against the stream's real size where it is a file.
+    """
+    size = _size_of(source)
+    reader = StreamReader(None, source, idle_timeout=idle_timeout)
+    header = reader.header()
+    if max_memory is not None:
+        check_claims(header, size, max_memory)
+    return header, reader.records()
 
-    header = read_header(exactly)
-    totals = Totals()
-    while True:
-        at = offset
-        head = exactly(8)
-        kind, flags, value = head[0], head[1], int.from_bytes(head[2:], "little")
-        if kind == PAGE_RECORD and not flags & ~3:
-            body = exactly((0 if flags & 1 else STREAM_PAGE) + (0 if flags & 2 else 128))
-        elif kind in (ROUND_RECORD, END_RECORD) and flags == 0:
-            body = b""
-        else:
-            raise StreamError(at, f"unknown record type {kind} or flags {flags:#x}")
-        if int.from_bytes(exactly(8), "little") != checksum(head + body):
-            raise StreamError(at, "record checksum mismatch")
-        if kind == PAGE_RECORD:
-            totals.pages += 1
-        elif kind == ROUND_RECORD:
-            totals.rounds += 1
-        else:
-            if value != totals.pages:
-                raise StreamError(
-                    at, f"end record counts {value} pages, the stream had {totals.pages}"
-                )
-            totals.bytes = offset
-            return header, totals
+
+def _size_of(source: Source) -> int | None:
+    """How many bytes a stream that is a regular file holds from where it is read; else None."""
+    if isinstance(source, socket.socket):
+        return None
+    try:
+        info = os.fstat(source.fileno())
+        position = source.tell()
+    except (OSError, AttributeError, ValueError):
+        return None
+    return info.st_size - position if stat.S_ISREG(info.st_mode) else None

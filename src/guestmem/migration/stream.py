@@ -15,6 +15,7 @@ import numpy as np
 
 from guestmem._native import check, ffi, lib
 from guestmem.errors import StreamError
+from guestmem.kinds import TagMode
 from guestmem.migration.header import StreamHeader, checksum, read_header
 from guestmem.units import STREAM_PAGE, Frames
 
@@ -25,12 +26,14 @@ Sink = BinaryIO | socket.socket
 Source = BinaryIO | socket.socket
 RECORD_MAX = 8 + STREAM_PAGE + 128 + 8
 BATCH_PAGES = 64
+IDLE_TIMEOUT = 60.0  # seconds a receiving socket waits for the next byte by default
 _REASONS = {
     lib.GM_STREAM_BAD_TYPE: "unknown record type",
     lib.GM_STREAM_BAD_FLAGS: "unknown record flags",
     lib.GM_STREAM_BAD_CHECKSUM: "record checksum mismatch",
     lib.GM_STREAM_OUT_OF_REGION: "page outside the declared regions",
     lib.GM_STREAM_TAGS_UNSUPPORTED: "tagged page, but the target has no tag storage",
+    lib.GM_STREAM_TAGS_FROM_UNTAGGED: "tagged page in a stream whose source had no tags",
 }
 
 
@@ -127,11 +130,21 @@ class StreamWriter:
 
 
 class StreamReader:
-    """Reads a stream into ``memory``: header, pages, rounds, end."""
+    """Reads a stream: header, pages, rounds, end — into ``memory``, or only checking it.
 
-    def __init__(self, memory: GuestMemory, source: Source) -> None:
+    With ``memory=None`` every record is checked against the header's own
+    regions and nothing is applied: the same checks as a restore (one
+    parser, in the core). On a socket, ``idle_timeout`` seconds without a
+    byte is a StreamError, not a hang.
+    """
+
+    def __init__(
+        self, memory: GuestMemory | None, source: Source, *, idle_timeout: float | None = None
+    ) -> None:
         """Prepare to read from a binary file or a socket."""
         self._memory = memory
+        self._source = source
+        self._idle_timeout = idle_timeout
         if isinstance(source, socket.socket):
             self._read_into = source.recv_into
         else:
@@ -140,20 +153,26 @@ class StreamReader:
         self._have = 0
         self.offset = 0  # of the first byte in the buffer
         self.totals = Totals()
+        self._header: StreamHeader | None = None
 
     def header(self) -> StreamHeader:
-        """Read and check the header against the target's regions."""
+        """Read and check the header (against the target's regions, if there is one)."""
         header = read_header(self._read_exactly)
-        target = tuple((r.gpa, r.size) for r in self._memory.regions)
-        if header.regions != target:
-            raise StreamError(
-                28, f"region table {header.regions} differs from the target's {target}"
-            )
+        if self._memory is not None:
+            target = tuple((r.gpa, r.size) for r in self._memory.regions)
+            if header.regions != target:
+                raise StreamError(
+                    28, f"region table {header.regions} differs from the target's {target}"
+                )
+        self._header = header
         return header
 
     def records(self, on_round: Any = None) -> Totals:
         """Apply page records until the end record; call ``on_round(totals)`` at each round."""
-        regions = native_regions(self._memory)
+        if self._header is None:
+            raise StreamError(0, "records() before header()")
+        regions, count = self._native_regions(self._header)
+        tagged = int(self._header.tag_mode is not TagMode.NONE)
         pages = ffi.new("uint64_t *")
         kind = ffi.new("int *")
         value = ffi.new("uint64_t *")
@@ -161,7 +180,8 @@ class StreamReader:
         while True:
             status = lib.gm_stream_decode(
                 regions,
-                len(self._memory.regions),
+                count,
+                tagged,
                 ffi.from_buffer(self._buffer),
                 self._have,
                 consumed,
@@ -186,19 +206,55 @@ class StreamReader:
                     self.offset - 16,
                     f"end record counts {value[0]} pages, the stream had {self.totals.pages}",
                 )
-            if self._have:
+            if self._have or self._more_after_end():
                 raise StreamError(self.offset, "data after the end record")
             self.totals.bytes = self.offset
             return self.totals
 
+    def _native_regions(self, header: StreamHeader) -> tuple[Any, int]:
+        if self._memory is not None:
+            return native_regions(self._memory), len(self._memory.regions)
+        table = ffi.new("struct gm_stream_region[]", len(header.regions))
+        for entry, (gpa, size) in zip(table, header.regions, strict=True):
+            entry.mode = header.tag_mode
+            entry.base = ffi.NULL  # check only
+            entry.gpa = gpa
+            entry.size = size
+            entry.vm_fd = -1
+        return table, len(header.regions)
+
+    def _more_after_end(self) -> bool:
+        """Whether anything follows the end record (on a socket: has arrived already)."""
+        if isinstance(self._source, socket.socket):
+            try:
+                return bool(self._source.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except (BlockingIOError, InterruptedError):
+                return False
+        return bool(self._source.read(1))
+
     def _fill(self) -> None:
         if self._have == len(self._buffer):  # pragma: no cover - a record always fits
             raise StreamError(self.offset, "record larger than any record can be")
-        n = self._read_into(memoryview(self._buffer)[self._have :])
+        n = self._receive(memoryview(self._buffer)[self._have :])
         if not n:
             where = "inside a record" if self._have else "before the end record"
             raise StreamError(self.offset + self._have, f"truncated {where}")
         self._have += n
+
+    def _receive(self, into: memoryview) -> int:
+        if not isinstance(self._source, socket.socket) or self._idle_timeout is None:
+            return int(self._read_into(into))
+        before = self._source.gettimeout()
+        self._source.settimeout(self._idle_timeout)
+        try:
+            return int(self._read_into(into))
+        except TimeoutError:
+            raise StreamError(
+                self.offset + self._have,
+                f"the sender sent nothing for {self._idle_timeout:g} s",
+            ) from None
+        finally:
+            self._source.settimeout(before)
 
     def _drop(self, n: int) -> None:
         if n:

@@ -114,12 +114,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``guestmem``; the exit status is 0 on success."""
-    args = parser().parse_args(argv)
-    try:
-        return int(args.run(args))
-    except gm.GuestMemoryError as error:
-        print(f"guestmem: {error}", file=sys.stderr)
-        return 1
+    return migration_cli.run_command(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import sys
 import threading
@@ -13,6 +14,7 @@ import numpy as np
 import guestmem as gm
 from guestmem.migration.live import Progress, receive, send_live
 from guestmem.migration.save import inspect, restore, save
+from guestmem.migration.stream import IDLE_TIMEOUT
 from guestmem.tools.demo import DEMO_GPA, demo_memory, digest
 from guestmem.units import STREAM_PAGE
 
@@ -42,22 +44,64 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-def _address(text: str) -> socket.socket:
+DEFAULT_MAX_MEMORY = "4G"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+TAG_MODES = ("auto", "hardware", "software", "none", "kvm")
+
+
+def memory_size(text: str) -> int:
+    """A size with an optional binary suffix (K, M, G, T), e.g. ``512M``."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)", text.strip().upper())
+    if match is None or int(match[1]) == 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4G, 512M, 65536)")
+    return int(match[1]) * _UNITS[match[2]]
+
+
+def positive_int(text: str) -> int:
+    """A positive whole number."""
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return int(text)
+
+
+def endpoint(text: str) -> tuple[str, str | tuple[str, int]]:
+    """``unix:PATH`` or ``[HOST]:PORT`` as (family, address)."""
     if text.startswith("unix:"):
+        if len(text) == 5:
+            raise argparse.ArgumentTypeError("unix: needs a path")
+        return "unix", text[5:]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT or unix:PATH: {text!r}")
+    return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
+
+
+def _connect(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
+    family, address = where
+    if family == "unix":
         sock = socket.socket(socket.AF_UNIX)
-        sock.connect(text[5:])
+        try:
+            sock.connect(address)
+        except OSError:
+            sock.close()
+            raise
         return sock
-    host, _, port = text.rpartition(":")
-    return socket.create_connection((host or "127.0.0.1", int(port)))
+    assert isinstance(address, tuple)
+    return socket.create_connection(address)
 
 
-def _listen(text: str) -> socket.socket:
-    if text.startswith("unix:"):
+def _listen(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
+    family, address = where
+    if family == "unix":
         server = socket.socket(socket.AF_UNIX)
-        server.bind(text[5:])
+        try:
+            server.bind(address)
+        except OSError:
+            server.close()
+            raise
     else:
-        host, _, port = text.rpartition(":")
-        server = socket.create_server((host or "127.0.0.1", int(port)))
+        assert isinstance(address, tuple)
+        server = socket.create_server(address)
     server.listen(1)
     return server
 
@@ -71,7 +115,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     with open(args.file, "rb") as f:
-        header, _ = inspect(f)
+        header, _ = inspect(f, max_memory=args.max_memory)  # every check before mapping
         f.seek(0)
         with gm.GuestMemory.from_layout(header.regions, tags=args.tags) as mem:
             totals = restore(f, mem)
@@ -81,7 +125,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     with open(args.file, "rb") as f:
-        header, totals = inspect(f)
+        header, totals = inspect(f, max_memory=args.max_memory)
     print(
         f"guestmem stream version {header.version}, page {header.page_size}, "
         f"granule {header.granule_size}, source tags {header.tag_mode.name}"
@@ -112,7 +156,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
         bar = progress_bar(mem.regions[0].size // STREAM_PAGE)
         try:
-            with _address(args.to) as sock:
+            with _connect(args.to) as sock:
                 send_live(mem, sock, pause=pause, max_rounds=args.max_rounds, progress=bar)
         finally:
             pause()
@@ -128,7 +172,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             gm.GuestMemory.anonymous(args.size_mib << 20, gpa=DEMO_GPA, tags=args.tags) as mem,
         ):
             bar = progress_bar(mem.regions[0].size // STREAM_PAGE)
-            receive(conn, mem, progress=bar)
+            receive(conn, mem, progress=bar, idle_timeout=args.idle_timeout)
             print(f"received; digest {digest(mem)}")
     return 0
 
@@ -137,37 +181,54 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Add ``migrate`` and ``inspect`` to a CLI's subcommands."""
     migrate = commands.add_parser("migrate", help="save, restore, send or receive guest memory")
     verbs = migrate.add_subparsers(dest="verb", required=True)
-    for name, run, help_text in (
-        ("save", _cmd_save, "save a demo guest's memory and tags to FILE"),
-        ("restore", _cmd_restore, "restore FILE into a new guest and print its digest"),
-    ):
-        p = verbs.add_parser(name, help=help_text)
-        p.add_argument("file")
-        p.add_argument("--tags", default="auto")
-        p.add_argument("--size-mib", type=int, default=16)
-        p.set_defaults(run=run)
+    save_p = verbs.add_parser("save", help="save a demo guest's memory and tags to FILE")
+    restore_p = verbs.add_parser("restore", help="restore FILE into a new guest, print its digest")
     send = verbs.add_parser("send", help="live-migrate a running demo guest to --to")
-    send.add_argument("--to", required=True, help="HOST:PORT or unix:PATH")
-    send.add_argument("--max-rounds", type=int, default=8)
+    send.add_argument("--to", required=True, type=endpoint, help="HOST:PORT or unix:PATH")
+    send.add_argument("--max-rounds", type=positive_int, default=8, help="pre-copy rounds at most")
     receive_p = verbs.add_parser("receive", help="receive a live migration on --listen")
-    receive_p.add_argument("--listen", required=True, help="HOST:PORT or unix:PATH")
-    for p in (send, receive_p):
-        p.add_argument("--tags", default="auto")
-        p.add_argument("--size-mib", type=int, default=16)
+    receive_p.add_argument("--listen", required=True, type=endpoint, help="HOST:PORT or unix:PATH")
+    receive_p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=IDLE_TIMEOUT,
+        help="seconds the sender may stay quiet before the receive fails (default %(default)s)",
+    )
+    show = commands.add_parser("inspect", help="check a stream whole; print its header and totals")
+    for p in (save_p, restore_p, show):
+        p.add_argument("file")
+    for p in (restore_p, show):
+        p.add_argument(
+            "--max-memory",
+            type=memory_size,
+            default=memory_size(DEFAULT_MAX_MEMORY),
+            help=f"refuse a stream claiming more guest memory (default {DEFAULT_MAX_MEMORY})",
+        )
+    for p in (save_p, restore_p, send, receive_p):
+        p.add_argument("--tags", default="auto", choices=TAG_MODES, help="tag mode of this side")
+    for p in (save_p, send, receive_p):
+        p.add_argument("--size-mib", type=positive_int, default=16, help="demo guest size")
+    save_p.set_defaults(run=_cmd_save)
+    restore_p.set_defaults(run=_cmd_restore)
     send.set_defaults(run=_cmd_send)
     receive_p.set_defaults(run=_cmd_receive)
-    show = commands.add_parser("inspect", help="print a stream's header and totals")
-    show.add_argument("file")
     show.set_defaults(run=_cmd_inspect)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command: an operator's error is one line on stderr and exit status 1."""
+    try:
+        return int(args.run(args))
+    except gm.GuestMemoryError as error:
+        print(f"guestmem: {error}", file=sys.stderr)
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"guestmem: {where}{error.strerror or error}", file=sys.stderr)
+    return 1
 
 
 def cli_main(argv: Sequence[str]) -> int:
     """Run ``migrate ...`` or ``inspect ...`` on their own (for tests and embedding)."""
     parser = argparse.ArgumentParser(prog="guestmem")
     add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    try:
-        return int(args.run(args))
-    except gm.GuestMemoryError as error:
-        print(f"guestmem: {error}", file=sys.stderr)
-        return 1
+    return run_command(parser.parse_args(list(argv)))
