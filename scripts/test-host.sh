@@ -3,7 +3,9 @@
 # type-check it, and run the whole suite on this machine (SOFTWARE and NONE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=${GUESTMEM_HOST_VENV:-/var/cache/guestmem/host-venv}
+cache=/var/cache/guestmem  # for root; any other user: the user's cache directory
+[ "$(id -u)" -eq 0 ] || cache=${XDG_CACHE_HOME:-$HOME/.cache}/guestmem
+venv=${GUESTMEM_HOST_VENV:-$cache/host-venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 rm -rf build  # stale modules in build/lib would ship in the wheel
 "$venv/bin/pip" install --quiet '.[dev]'
