@@ -16,3 +16,5 @@ mkdir -p lane-reports
 cd tests  # import the installed package, not ../src
 GUESTMEM_LANE=host GUESTMEM_LANE_REPORT=../lane-reports/host.json \
     "$venv/bin/python" -m pytest -p no:cacheprovider "$@"
+# 100,000 mutated streams and packets, with their outcomes counted.
+"$venv/bin/python" -m pytest -p no:cacheprovider -q -s -m soak test_soak.py
