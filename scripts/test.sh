@@ -2,6 +2,8 @@
 # The one test command: set up what is missing, then run every lane.
 #   host        the full suite on this machine (SOFTWARE, NONE)
 #   arm64-user  the arm64 wheel on QEMU's emulated MTE (HARDWARE, SOFTWARE, NONE)
+#   arm64-trixie  the same abi3 wheel installed by pip into Debian 13 (Python
+#               3.13, no compiler), on QEMU's emulated MTE (HARDWARE, SOFTWARE, NONE)
 #   arm64-kernel  the same wheel under Debian's arm64 kernel in qemu-system-aarch64
 #               with MTE and nested KVM: what only a kernel shows (HARDWARE, KVM)
 # With CI=true a lane that cannot start fails the run; elsewhere it is
@@ -30,7 +32,7 @@ if [ "$(id -u)" -eq 0 ]; then
     bash "$here/host-deps.sh" || echo "host packages could not be installed: the arm64 lanes may not start"
 fi
 lane host test-host.sh "$@"
-for name in arm64-user arm64-kernel; do
+for name in arm64-user arm64-trixie arm64-kernel; do
     if [ "$(id -u)" -eq 0 ]; then
         lane "$name" "test-$name.sh" "$@"
     elif [ "${CI:-}" = "true" ]; then
@@ -41,7 +43,7 @@ for name in arm64-user arm64-kernel; do
 done
 
 echo "===== lanes ====="
-for name in host arm64-user arm64-kernel; do
+for name in host arm64-user arm64-trixie arm64-kernel; do
     printf '  %-13s %s\n' "$name" "${result[$name]}"
 done
 exit $failed
