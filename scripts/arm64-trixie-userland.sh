@@ -4,8 +4,8 @@
 # installs the abi3 wheel built in the bookworm userland (Python 3.11) into it:
 # a machine with a newer Python and no gcc must get a working guestmem from
 # pip alone. Only Debian packages: Python, numpy and cffi (the wheel's own
-# dependencies), and what the test suite imports. Idempotent and resumable;
-# root. A recipe change must bump the version in the path.
+# dependencies), and what the test suite imports. Idempotent (an interrupted
+# build starts over); root. A recipe change must bump the version in the path.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=${GUESTMEM_TRIXIE_ROOT:-/var/cache/guestmem/arm64-trixie.v1}

@@ -23,6 +23,12 @@ case $wheel in
     guestmem-*-cp310-abi3-manylinux_*_aarch64.whl) ;;
     *) echo "arm64-trixie: $wheel is not the cp310-abi3 manylinux wheel" >&2; exit 1 ;;
 esac
+# The tag is a claim; abi3audit (host venv, from .[dev]) checks the symbols the
+# extension imports against the stable ABI of every version the tag names
+# (3.10 and later), including 3.10, which no lane here runs.
+host_venv=${GUESTMEM_HOST_VENV:-/var/cache/guestmem/host-venv}  # made by scripts/test-host.sh
+[ -x "$host_venv/bin/abi3audit" ] || bash "$top/scripts/test-host.sh" --co -q >/dev/null
+"$host_venv/bin/abi3audit" --strict --summary "$wheel_path"
 
 # The proof is only honest if nothing here could have built the core instead.
 found=$(in_trixie sh -c 'for t in gcc cc clang; do command -v $t; done
@@ -60,8 +66,6 @@ cp "$root/tmp/arm64-trixie.json" "$top/lane-reports/arm64-trixie.json" 2>/dev/nu
 # GDB is not in the trixie userland (and need not be): GDB on the host debugs
 # the stub running under trixie's Python, over loopback.
 echo "arm64-trixie: gdb-multiarch on the host against the stub under trixie's Python"
-host_venv=${GUESTMEM_HOST_VENV:-/var/cache/guestmem/host-venv}  # made by scripts/test-host.sh
-[ -x "$host_venv/bin/python" ] || bash "$top/scripts/test-host.sh" --co -q >/dev/null
 (cd "$top/tests" && GUESTMEM_LANE=arm64-trixie-gdb GUESTMEM_GDB_MODES=HARDWARE \
     GUESTMEM_LANE_REPORT="$top/lane-reports/arm64-trixie-gdb.json" \
     GUESTMEM_GDB_TARGET="env GUESTMEM_ARM64=$root bash $top/scripts/in-arm64.sh /opt/gm-test/bin/python /src/tests/gdb_target.py" \
