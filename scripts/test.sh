@@ -2,6 +2,8 @@
 # The one test command: set up what is missing, then run every lane.
 #   host        the full suite on this machine (SOFTWARE, NONE)
 #   arm64-user  the arm64 wheel on QEMU's emulated MTE (HARDWARE, SOFTWARE, NONE)
+#   arm64-trixie  the same abi3 wheel installed by pip into Debian 13 (Python
+#               3.13, no compiler), on QEMU's emulated MTE (HARDWARE, SOFTWARE, NONE)
 #   arm64-kernel-6.1, -6.12, -6.12-16k
 #               the same wheel under Debian's arm64 kernels (Linux 6.1 and 6.12
 #               with 4 KiB pages, 6.12 with 16 KiB pages) in qemu-system-aarch64
@@ -14,7 +16,7 @@ declare -A result
 failed=0
 
 KERNELS=(6.1 6.12 6.12-16k)
-LANES=(host arm64-user "${KERNELS[@]/#/arm64-kernel-}")
+LANES=(host arm64-user arm64-trixie "${KERNELS[@]/#/arm64-kernel-}")
 
 # lane NAME SCRIPT [pytest args]; GUESTMEM_KERNEL picks the kernel lane's kernel.
 lane() {

@@ -21,7 +21,11 @@ from hypothesis import HealthCheck, settings
 import guestmem as gm
 
 LANE = os.environ.get("GUESTMEM_LANE", "host")
-MTE_LANES = {"arm64-user", "arm64-kernel"}
+# Lanes under qemu-aarch64 user emulation (PLATFORM.md section 1): arm64-user
+# in Debian 12 (Python 3.11), arm64-trixie in Debian 13 (Python 3.13, no compiler).
+QEMU_USER_LANES = {"arm64-user", "arm64-trixie"}
+QEMU_USER = LANE in QEMU_USER_LANES
+MTE_LANES = QEMU_USER_LANES | {"arm64-kernel"}
 MODES = gm.available_tag_modes()
 if LANE == "arm64-kernel":  # Python runs ~40x slower there: only what the kernel adds
     MODES = [m for m in MODES if m in (gm.TagMode.HARDWARE, gm.TagMode.KVM)]

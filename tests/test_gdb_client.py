@@ -1,8 +1,9 @@
 """Real GDB (Debian's gdb-multiarch, GDB 13) against the stub, asserting on
 GDB's own output. The guest runs in its own process (tests/gdb_target.py):
 in host Python on the host lane, and under qemu-aarch64 with HARDWARE tags
-when scripts/test-arm64-user.sh runs this module from the host (lane
-arm64-user-gdb) with GUESTMEM_GDB_TARGET pointing into the arm64 userland."""
+when scripts/test-arm64-user.sh (lane arm64-user-gdb) or
+scripts/test-arm64-trixie.sh (lane arm64-trixie-gdb) runs this module from the
+host with GUESTMEM_GDB_TARGET pointing into that arm64 userland."""
 
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ TARGET = os.environ.get("GUESTMEM_GDB_TARGET")
 MODES = os.environ.get("GUESTMEM_GDB_MODES", "SOFTWARE,NONE").upper().split(",")
 BASE = 0x4000_0000
 
-GDB_LANES = ("host", "arm64-user-gdb")  # where this module runs: on the host, beside GDB
+# Where this module runs: on the host, beside GDB.
+GDB_LANES = ("host", "arm64-user-gdb", "arm64-trixie-gdb")
 if GDB is None and os.environ.get("CI") == "true" and LANE in GDB_LANES:
     raise RuntimeError("CI: gdb-multiarch is missing; scripts/host-deps.sh installs it")
 pytestmark = [
     pytest.mark.skipif(
         LANE not in GDB_LANES,
-        reason=f"no GDB in the {LANE} lane: scripts/test-arm64-user.sh runs these from the "
-        "host against a stub under emulation (lane arm64-user-gdb)",
+        reason=f"no GDB in the {LANE} lane: the arm64 lane scripts run these from the host "
+        "against a stub under emulation (lanes arm64-user-gdb, arm64-trixie-gdb)",
     ),
     pytest.mark.skipif(GDB is None, reason="gdb-multiarch is not installed (scripts/host-deps.sh)"),
 ]

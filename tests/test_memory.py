@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import gc
 import mmap
-import os
 
 import numpy as np
 import pytest
 
 import guestmem as gm
-from conftest import BASE, EMULATED, REGION
+from conftest import BASE, QEMU_USER, REGION
 
 
 def mapped(address: int) -> bool:
@@ -63,7 +62,7 @@ def test_memory_is_unmapped_only_after_the_last_view(mode: gm.TagMode) -> None:
 
 
 def test_memfd_region_is_shared_by_fd(mode: gm.TagMode) -> None:
-    if mode is gm.TagMode.HARDWARE and EMULATED and os.environ.get("GUESTMEM_LANE") == "arm64-user":
+    if mode is gm.TagMode.HARDWARE and QEMU_USER:
         with pytest.raises(gm.UnsupportedError, match="shared mappings"):
             gm.GuestMemory.memfd(0x10000, tags=mode)
         return

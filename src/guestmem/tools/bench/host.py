@@ -29,11 +29,11 @@ def _qemu_cpu() -> bool:
 def where_it_ran() -> str:
     """Native host, emulated arm64 (QEMU user or system mode), or a real arm64 machine.
 
-    GUESTMEM_LANE (``arm64-user``, ``arm64-kernel``) names the lane when set.
+    GUESTMEM_LANE (``arm64-user``, ``arm64-trixie``, ``arm64-kernel``) names the lane when set.
     """
     lane = os.environ.get("GUESTMEM_LANE", "")
     machine = platform.machine()
-    if lane == "arm64-user":
+    if lane in ("arm64-user", "arm64-trixie"):
         return f"emulated {machine} (qemu-user: figures describe the emulator, not silicon)"
     if lane == "arm64-kernel":
         return f"emulated {machine} (qemu-system: figures describe the emulator, not silicon)"
