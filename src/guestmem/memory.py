@@ -121,6 +121,8 @@ class GuestMemory(ClosesOnExit):
         )
         self._host_ranges = [(r.host_address, r.host_address + r.size) for r in ordered]
         self.tag_mode: TagMode = ordered[0].tag_mode
+        # Under HARDWARE a caller's buffer in guest memory is tagged: see _stage_flag.
+        self._buffers_may_be_tagged = self.tag_mode is TagMode.HARDWARE
         self.policy = Policy() if policy is None else policy
         size = require_length(bounce_buffer_size)
         count = require_length(bounce_buffers)
@@ -372,10 +374,9 @@ class GuestMemory(ClosesOnExit):
         costs nothing whatever its length.
         """
         chosen, logical = self._route(access, route, tag)
-        where = self._where(gpa, length)
-        n = as_int(length, "a length")
-        out = bytearray(n)
-        self._run(chosen, logical, _OP_READ, as_int(gpa, "a GPA"), n, where, ffi.from_buffer(out))
+        gpa, length, where = self._where(gpa, length)
+        out = bytearray(length)
+        self._run(chosen, logical, _OP_READ, gpa, length, where, ffi.from_buffer(out))
         return bytes(out)
 
     def readinto(
@@ -394,11 +395,10 @@ class GuestMemory(ClosesOnExit):
         """
         target = _writable(buffer)
         chosen, logical = self._route(access, route, tag)
-        n = target.nbytes
-        where = self._where(gpa, n)
+        gpa, n, where = self._where(gpa, target.nbytes)
         buf = ffi.from_buffer(target, require_writable=True)
-        op = _OP_READ | self._stage_flag(buf, n)
-        self._run(chosen, logical, op, as_int(gpa, "a GPA"), n, where, buf)
+        op = _OP_READ | (self._stage_flag(buf, n) if self._buffers_may_be_tagged else 0)
+        self._run(chosen, logical, op, gpa, n, where, buf)
         return n
 
     def write(
@@ -417,11 +417,10 @@ class GuestMemory(ClosesOnExit):
         """
         source = _readable(data)
         chosen, logical = self._route(access, route, tag)
-        n = source.nbytes
-        where = self._where(gpa, n)
+        gpa, n, where = self._where(gpa, source.nbytes)
         buf = ffi.from_buffer(source)
-        op = _OP_WRITE | self._stage_flag(buf, n)
-        self._run(chosen, logical, op, as_int(gpa, "a GPA"), n, where, buf)
+        op = _OP_WRITE | (self._stage_flag(buf, n) if self._buffers_may_be_tagged else 0)
+        self._run(chosen, logical, op, gpa, n, where, buf)
 
     def fill(
         self,
@@ -436,9 +435,8 @@ class GuestMemory(ClosesOnExit):
         """Set ``length`` bytes at ``gpa`` to ``byte``, all or nothing; tags stay."""
         value = check_byte(byte)
         chosen, logical = self._route(access, route, tag)
-        where = self._where(gpa, length)
-        n = as_int(length, "a length")
-        self._run(chosen, logical, _OP_FILL, as_int(gpa, "a GPA"), n, where, ffi.NULL, value)
+        gpa, n, where = self._where(gpa, length)
+        self._run(chosen, logical, _OP_FILL, gpa, n, where, ffi.NULL, value)
 
     def readv(
         self,
@@ -528,19 +526,20 @@ class GuestMemory(ClosesOnExit):
         except ValueError:
             raise UsageError(f"no such route: {route!r}") from None
 
-    def _where(self, gpa: int, length: int) -> _Hot | list[Piece]:
-        """Where ``[gpa, gpa + length)`` is, checked in full: the hot region or its pieces."""
+    def _where(self, gpa: int, length: int) -> tuple[int, int, _Hot | list[Piece]]:
+        """``gpa`` and ``length`` as ints, checked in full, and the hot region or the pieces."""
         hot = self._hot
         fits = type(gpa) is int and type(length) is int and length >= 0
         if fits and hot[0] <= gpa and gpa + length <= hot[1]:
-            return hot
+            return gpa, length, hot
+        gpa, length = require_gpa_range(gpa, length)
         pieces = self.translate(gpa, length)
         if len(pieces) != 1:
-            return pieces
+            return gpa, length, pieces
         hot = self._hot = _hot(pieces[0][0])
         if self._closed:  # close() ran meanwhile: do not bring the region back
             self._hot = _CLOSED
-        return hot
+        return gpa, length, hot
 
     def _stage_flag(self, buf: Any, nbytes: int) -> int:
         """_OP_STAGE when the caller's buffer lies in a tagged region of this memory.
@@ -549,7 +548,7 @@ class GuestMemory(ClosesOnExit):
         touching it with the route's own checks (it finds overlap with the
         range being accessed by itself, in every mode).
         """
-        if self.tag_mode is not TagMode.HARDWARE or nbytes == 0:
+        if not self._buffers_may_be_tagged or nbytes == 0:
             return 0
         at = int(ffi.cast("uintptr_t", buf)) & _ADDRESS_MASK
         for lo, hi in self._host_ranges:
@@ -573,7 +572,7 @@ class GuestMemory(ClosesOnExit):
             self._move(route, op, where, buf, fill, tag)
             return
         lo, _, base, table = where
-        if route is Route.CHECKED and self._kvm is not None:
+        if route is _CHECKED and self._kvm is not None:
             with self._kvm.in_use() as vm_fd:
                 status = lib.gm_move(
                     self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
@@ -646,6 +645,7 @@ def _hot(region: GuestRegion) -> _Hot:
 
 
 _CLOSED: _Hot = (1, 0, None, None)
+_CHECKED = Route.CHECKED
 
 
 def _fail(status: int, route: Route, span_gpas: list[int]) -> None:
