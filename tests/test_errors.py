@@ -108,6 +108,9 @@ ERRORS: dict[str, tuple[type[BaseException], Call]] = {
         lambda m: gm.GuestRegion(0, 0x1000, "none", gm.Backing.ANONYMOUS),  # type: ignore[arg-type]
     ),
     "view into the hole": (ValueError, lambda m: m.view(HOLE, 4)),
+    "layout of non-pairs": (TypeError, lambda m: gm.GuestMemory.from_layout([0x1000], tags="none")),  # type: ignore[list-item]
+    "regions that are not regions": (TypeError, lambda m: gm.GuestMemory([(0, 0x1000)])),  # type: ignore[list-item]
+    "attach a dict": (TypeError, lambda m: gm.GuestMemory.attach([{"fd": 3}], tags="none")),  # type: ignore[list-item]
 }
 
 

@@ -101,7 +101,10 @@ class GuestMemory(ClosesOnExit):
         Under TagMode.KVM the regions become memslots of ``kvm``, or of a new
         VM with MTE enabled.
         """
-        ordered = sorted(regions, key=lambda r: r.gpa)
+        listed = list(regions)
+        if not all(isinstance(r, GuestRegion) for r in listed):
+            raise ArgumentTypeError("a GuestMemory is made of GuestRegion objects")
+        ordered = sorted(listed, key=lambda r: r.gpa)
         if not ordered:
             raise LengthError("a GuestMemory needs at least one region")
         modes = {r.tag_mode for r in ordered}
@@ -173,7 +176,7 @@ class GuestMemory(ClosesOnExit):
     ) -> GuestMemory:
         """Regions from ``(gpa, size)`` pairs, all with the same backing and tag mode."""
         mode = resolve_tag_mode(tags)
-        regions = [GuestRegion(gpa, size, mode, backing) for gpa, size in layout]
+        regions = [GuestRegion(gpa, size, mode, backing) for gpa, size in _pairs(layout)]
         return cls(regions, policy=policy, kvm=kvm)
 
     @classmethod
@@ -675,13 +678,17 @@ def _tag_array(tags: TagsLike, count: int) -> npt.NDArray[np.uint8] | None:
     return np.ascontiguousarray(array, dtype=np.uint8)
 
 
-def _range_pairs(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``ranges`` as a list of ``(gpa, length)`` int pairs (ArgumentTypeError otherwise)."""
+def _pairs(items: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``items`` as a list of 2-tuples (ArgumentTypeError if they are not pairs)."""
     try:
-        pairs = [(gpa, length) for gpa, length in ranges]
+        return [(a, b) for a, b in items]
     except (TypeError, ValueError):
-        raise ArgumentTypeError("ranges must be (gpa, length) pairs") from None
-    return [require_gpa_range(gpa, length) for gpa, length in pairs]
+        raise ArgumentTypeError("expected (gpa, length) pairs") from None
+
+
+def _range_pairs(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` as a list of ``(gpa, length)`` int pairs inside the GPA space."""
+    return [require_gpa_range(gpa, length) for gpa, length in _pairs(ranges)]
 
 
 def _readable(data: Any) -> memoryview:

@@ -110,6 +110,8 @@ class GuestRegion:
     @classmethod
     def attach(cls, shared: SharedRegion, tag_mode: TagMode) -> GuestRegion:
         """Map a region another process shared (see :meth:`share`): same bytes, same tags."""
+        if not isinstance(shared, SharedRegion):
+            raise ArgumentTypeError(f"expected a SharedRegion, not {type(shared).__name__}")
         return cls(shared.gpa, shared.size, tag_mode, Backing.MEMFD, shared=shared)
 
     def share(self) -> SharedRegion:
