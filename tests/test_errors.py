@@ -52,6 +52,12 @@ def timed_out(memory: gm.GuestMemory) -> None:
         memory.dma.io.recv_into(a, BASE, 16)
 
 
+def str_flags(memory: gm.GuestMemory) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        memory.dma.io.recv_into(a, BASE, 4, "peek")  # type: ignore[arg-type]
+
+
 def mixed_modes(memory: gm.GuestMemory) -> None:
     gm.GuestMemory(
         [
@@ -110,6 +116,7 @@ ERRORS: dict[str, tuple[type[BaseException], Call]] = {
     "view into the hole": (ValueError, lambda m: m.view(HOLE, 4)),
     "layout of non-pairs": (TypeError, lambda m: gm.GuestMemory.from_layout([0x1000], tags="none")),  # type: ignore[list-item]
     "regions that are not regions": (TypeError, lambda m: gm.GuestMemory([(0, 0x1000)])),  # type: ignore[list-item]
+    "recv_into with str flags": (TypeError, str_flags),
     "attach a dict": (TypeError, lambda m: gm.GuestMemory.attach([{"fd": 3}], tags="none")),  # type: ignore[list-item]
 }
 

@@ -18,6 +18,12 @@ def thread_state() -> tuple[bool, gm.CheckMode]:
     return gm.thread_tco(), gm.thread_check_mode()
 
 
+@pytest.fixture(autouse=True)
+def checked_thread() -> None:
+    """Each test starts with TCO clear: a leak from an earlier one fails here, not silently."""
+    assert not gm.thread_tco(), "TCO was left set by an earlier test"
+
+
 @pytest.mark.parametrize("dirty", [False, True], ids=["clean", "dirty-log-on"])
 @pytest.mark.parametrize("direction", list(gm.Direction), ids=lambda d: d.name)
 @pytest.mark.parametrize("route", SCOPE_ROUTES, ids=lambda r: r.name)

@@ -128,7 +128,7 @@ class DmaIO:
         tag: int | None = None,
     ) -> int:
         """Receive up to ``length`` bytes from ``sock`` into guest memory at ``gpa``."""
-        _require_socket(sock)
+        _require_socket(sock, flags)
         return self._transfer(
             [(gpa, length)],
             Direction.FROM_DEVICE,
@@ -149,7 +149,7 @@ class DmaIO:
         tag: int | None = None,
     ) -> int:
         """Send up to ``length`` bytes of guest memory at ``gpa`` on ``sock``."""
-        _require_socket(sock)
+        _require_socket(sock, flags)
         return self._transfer(
             [(gpa, length)],
             Direction.TO_DEVICE,
@@ -225,9 +225,10 @@ class DmaIO:
         return count
 
 
-def _require_socket(sock: object) -> None:
+def _require_socket(sock: object, flags: object) -> None:
     if not isinstance(sock, socket.socket):
         raise ArgumentTypeError(f"expected a socket.socket, not {type(sock).__name__}")
+    as_int(flags, "flags")
 
 
 def _plain_socket_fd(sock: socket.socket, flags: int) -> int | None:
