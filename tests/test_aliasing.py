@@ -142,3 +142,27 @@ def test_hardware_aliasing_keeps_tags_and_thread_state(route: gm.Route) -> None:
         assert gm.thread_check_mode() is gm.CheckMode.SYNC
         for now, then in zip(snapshot(m)[1], tags, strict=True):
             np.testing.assert_array_equal(now, then)
+
+
+@needs_mte
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
+def test_a_tagged_dma_segment_as_the_buffer(route: gm.Route) -> None:
+    """The buffer is guest memory through a pointer carrying its tag (a MATCH_ALL
+    segment): overlap is found with the tag bits stripped, and nothing faults."""
+    layout = [(BASE, REGION), (BASE + REGION, REGION)]
+    with gm.GuestMemory.from_layout(layout, tags="hardware") as m:
+        before = prepare(m, route)
+        into_first = route_args(m, route)  # CHECKED: TAG, the first region's
+        into_second = {**into_first, "tag": OTHER_TAG} if "tag" in into_first else into_first
+        second = BASE + REGION  # OTHER_TAG everywhere: one segment
+        m.write(second, before[:1024], route=gm.Route.TCO)
+        direction = gm.Direction.BIDIRECTIONAL
+        with m.dma.map(second, 512, direction, route=gm.Route.MATCH_ALL) as segment:
+            m.write(second + 256, segment, **into_second)  # type: ignore[arg-type]
+            m.readinto(BASE, segment, **into_first)  # type: ignore[arg-type]
+        expected = before[:1024].copy()
+        expected[256:768] = before[:512]  # the overlapping write
+        expected[:512] = before[:512]  # the read from the first region into the segment
+        assert m.read(second, 1024, route=gm.Route.TCO) == expected.tobytes()
+        np.testing.assert_array_equal(first_region(m), before)
+        assert not gm.thread_tco()
