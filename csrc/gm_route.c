@@ -397,8 +397,65 @@ void gm_last_fault(struct gm_fault *out)
     *out = last_fault;
 }
 
+static int run_route(struct gm_access *a);
+
+/* Whether the caller's buffer shares a byte with any span (tags ignored). */
+static int buf_overlaps_spans(const struct gm_access *a)
+{
+    uintptr_t lo = (uintptr_t)a->buf & GM_ADDR_MASK;
+    size_t total = 0;
+    for (size_t i = 0; i < a->nspans; i++)
+        total += a->spans[i].len;
+    for (size_t i = 0; i < a->nspans; i++) {
+        uintptr_t s = (uintptr_t)a->spans[i].guest & GM_ADDR_MASK;
+        if (a->spans[i].len && lo < s + a->spans[i].len && s < lo + total)
+            return 1;
+    }
+    return 0;
+}
+
+/* Copy between the caller's buffer and a temporary with tag checks off:
+ * the buffer may be tagged guest memory reached through an untagged pointer. */
+static void copy_unchecked(int mode, uint8_t *dst, const uint8_t *src, size_t n)
+{
+    if (mode != GM_MODE_HARDWARE) {
+        memcpy(dst, src, n);
+        return;
+    }
+    int saved = gm_tco_get();
+    gm_tco_set(1);
+    memcpy(dst, src, n);
+    gm_tco_set(saved);
+}
+
+/* The route over a private snapshot of the caller's buffer: a write reads
+ * all of the source before the first guest byte changes, a read fills the
+ * destination only after the last guest byte was read. memmove results,
+ * whatever the overlap. */
+static int run_staged(struct gm_access *a)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < a->nspans; i++)
+        total += a->spans[i].len;
+    uint8_t *tmp = malloc(total ? total : 1);
+    if (tmp == NULL)
+        return GM_ERR_ERRNO;
+    uint8_t *user = a->buf;
+    if (a->op == GM_OP_WRITE)
+        copy_unchecked(a->mode, tmp, user, total);
+    a->buf = tmp;
+    int status = run_route(a);
+    a->buf = user;
+    if (status == GM_OK && a->op == GM_OP_READ)
+        copy_unchecked(a->mode, user, tmp, total);
+    free(tmp);
+    return status;
+}
+
 static int dispatch(struct gm_access *a)
 {
+    int stage = (a->op & GM_OP_STAGE) != 0;
+    a->op &= ~GM_OP_STAGE;
     if (a->op < GM_OP_READ || a->op > GM_OP_FILL || (a->op != GM_OP_FILL && a->buf == NULL)) {
         errno = EINVAL;
         return GM_ERR_ERRNO;
@@ -411,6 +468,13 @@ static int dispatch(struct gm_access *a)
         errno = EINVAL;
         return GM_ERR_ERRNO;
     }
+    if (a->op != GM_OP_FILL && (stage || buf_overlaps_spans(a)))
+        return run_staged(a);
+    return run_route(a);
+}
+
+static int run_route(struct gm_access *a)
+{
     switch (a->route) {
     case GM_ROUTE_TCO:
         return route_tco(a);

@@ -19,7 +19,10 @@ enum gm_route {
 enum gm_op {
     GM_OP_READ = 0,   /* guest -> buf */
     GM_OP_WRITE = 1,  /* buf -> guest */
-    GM_OP_FILL = 2    /* fill_byte -> guest */
+    GM_OP_FILL = 2,   /* fill_byte -> guest */
+    GM_OP_STAGE = 4   /* flag: buf is (tagged) guest memory: copy it through a
+                       * temporary under TCO. Overlap of buf with the spans is
+                       * found and staged without it. */
 };
 
 struct gm_span {

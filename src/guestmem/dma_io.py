@@ -21,13 +21,16 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
+
+from guestmem._args import as_int
 from guestmem._native import check, ffi, lib
 from guestmem.dma_mapping import DmaMapping
-from guestmem.errors import UnsupportedError
-from guestmem.kinds import Direction, Route
+from guestmem.errors import ArgumentTypeError, UnsupportedError, WouldBlockError, from_os_error
+from guestmem.kinds import Access, Direction, Route
 
 if TYPE_CHECKING:
-    from guestmem.memory import GuestMemory
+    from guestmem.memory import GuestMemory, Piece
 
 Ranges = Sequence[tuple[int, int]]
 Transfer = Callable[[list[memoryview]], int]
@@ -44,7 +47,15 @@ class HasFileno(Protocol):
 
 
 def _fd(target: int | HasFileno) -> int:
-    return target if isinstance(target, int) else target.fileno()
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        return as_int(target, "a file descriptor")
+    fileno = getattr(target, "fileno", None)
+    if fileno is None:
+        raise ArgumentTypeError(f"expected a file descriptor, not {type(target).__name__}")
+    try:
+        return as_int(fileno(), "a file descriptor")
+    except OSError as err:  # a closed socket or file
+        raise from_os_error(err, "fileno()") from err
 
 
 class DmaIO:
@@ -117,6 +128,7 @@ class DmaIO:
         tag: int | None = None,
     ) -> int:
         """Receive up to ``length`` bytes from ``sock`` into guest memory at ``gpa``."""
+        _require_socket(sock, flags)
         return self._transfer(
             [(gpa, length)],
             Direction.FROM_DEVICE,
@@ -137,6 +149,7 @@ class DmaIO:
         tag: int | None = None,
     ) -> int:
         """Send up to ``length`` bytes of guest memory at ``gpa`` on ``sock``."""
+        _require_socket(sock, flags)
         return self._transfer(
             [(gpa, length)],
             Direction.TO_DEVICE,
@@ -155,23 +168,31 @@ class DmaIO:
         call: Transfer,
         native_fd: int | None = None,
     ) -> int:
-        chosen = self._memory.policy.io if route is None else Route(route)
+        memory = self._memory
+        named = memory.policy.io if route is None else route
+        chosen, _ = memory._route(Access.DMA, named, tag)  # the route and tag, checked
         if chosen is Route.TCO:
             raise UnsupportedError(
                 "Route.TCO is not safe for system calls: the kernel checks user memory "
                 "with TCO=0; use MATCH_ALL, BOUNCE or UNCHECKED_THREAD"
             )
-        if chosen is Route.BOUNCE:
-            return self._bounce(ranges, direction, call)
-        if native_fd is not None and chosen in (Route.MATCH_ALL, Route.UNCHECKED_THREAD):
-            return self._native(native_fd, ranges, direction, chosen)
-        with DmaMapping(self._memory, ranges, direction, chosen, tag) as buffers:
-            return call(buffers[:IOV_MAX])
+        pieces = memory._pieces(ranges, None)  # every range valid before any system call
+        checked = [(region.gpa + offset, n) for region, offset, n in pieces]
+        try:
+            if chosen is Route.BOUNCE:
+                return self._bounce(checked, direction, call)
+            if native_fd is not None and chosen in (Route.MATCH_ALL, Route.UNCHECKED_THREAD):
+                return self._native(native_fd, pieces, checked, direction, chosen)
+            with DmaMapping(memory, checked, direction, chosen, tag) as buffers:
+                return call(buffers[:IOV_MAX])
+        except OSError as err:
+            raise from_os_error(err, f"{chosen.name} system-call I/O") from err
 
-    def _native(self, fd: int, ranges: Ranges, direction: Direction, route: Route) -> int:
+    def _native(
+        self, fd: int, pieces: list[Piece], ranges: Ranges, direction: Direction, route: Route
+    ) -> int:
         """One readv/writev whose iovec the core builds (tag runs under MATCH_ALL)."""
         memory = self._memory
-        pieces = [p for gpa, n in ranges for p in memory.translate(gpa, n)]
         spans = ffi.new("struct gm_span[]", len(pieces))
         for span, (region, offset, n) in zip(spans, pieces, strict=True):
             region.fill_span(span, offset, n)
@@ -185,7 +206,8 @@ class DmaIO:
             if count == lib.GM_ERR_ERRNO and code == errno.EINTR:
                 continue  # as os.readv does (PEP 475); signal handlers have run
             if count == lib.GM_ERR_ERRNO:
-                raise OSError(code, os.strerror(code))
+                error = WouldBlockError if code in (errno.EAGAIN, errno.EWOULDBLOCK) else OSError
+                raise error(code, os.strerror(code))
             check(count, f"{route.name} system-call I/O")
         if into_guest and memory.dirty.active:
             for gpa, n in _prefix(ranges, count):
@@ -201,6 +223,12 @@ class DmaIO:
         count = call([memoryview(staging)])
         memory.writev(_prefix(ranges, count), memoryview(staging)[:count], route=Route.TCO)
         return count
+
+
+def _require_socket(sock: object, flags: object) -> None:
+    if not isinstance(sock, socket.socket):
+        raise ArgumentTypeError(f"expected a socket.socket, not {type(sock).__name__}")
+    as_int(flags, "flags")
 
 
 def _plain_socket_fd(sock: socket.socket, flags: int) -> int | None:

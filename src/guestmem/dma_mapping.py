@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from types import TracebackType
@@ -11,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from guestmem._native import check, lib
-from guestmem.errors import GuestMemoryError, TagCheckError, UnsupportedError
+from guestmem.errors import ArgumentTypeError, TagCheckError, UnsupportedError, UsageError
 from guestmem.kinds import Access, Direction, Route, TagMode
 from guestmem.region import GuestRegion
 from guestmem.units import GRANULE
@@ -33,17 +34,21 @@ class DmaMapping:
     ) -> None:
         """Prepare the mapping of ``[(gpa, length), ...]``; nothing is touched yet."""
         self._memory = memory
-        self._direction = Direction(direction)
+        if not isinstance(direction, Direction):
+            raise ArgumentTypeError(f"direction must be a Direction, not {direction!r}")
+        self._direction = direction
         self.route, self._tag = memory._route(Access.DMA, route, tag)
-        self._pieces: list[Piece] = [p for gpa, n in ranges for p in memory.translate(gpa, n)]
+        self._pieces: list[Piece] = memory._pieces(ranges, None)
         self._segments: list[memoryview] = []
         self._staging: bytearray | None = None
         self._thread: int | None = None
+        self._entered = False
 
     def __enter__(self) -> list[memoryview]:
         """Open the scope and return its buffers."""
-        if self._thread is not None:
-            raise GuestMemoryError("a DmaMapping is entered once")
+        if self._entered:
+            raise UsageError("a DmaMapping is entered once")
+        self._entered = True
         route = self.route
         if route is Route.BOUNCE:
             self._segments = [self._stage_in()]
@@ -64,27 +69,36 @@ class DmaMapping:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Write back (BOUNCE, device-written), release the buffers, restore the thread."""
+        """Restore the thread, release the buffers, write back (BOUNCE, device-written).
+
+        The thread's TCO and check mode come back first, whatever happens
+        after (a closed memory, a failing write-back): no exit path leaves
+        the thread unchecked.
+        """
+        if self._thread is None:
+            raise UsageError("this DmaMapping was not entered")
         if self._thread != threading.get_ident():
-            raise GuestMemoryError("a DMA scope must end on the thread that opened it")
-        for segment in self._segments:
-            segment.release()
+            raise UsageError("a DMA scope must end on the thread that opened it")
+        self._thread = None
         try:
-            if self._direction.copies_out and self.route is not Route.BOUNCE:
-                self._mark_dirty()
-            if self.route is Route.BOUNCE and self._staging is not None:
-                if self._direction.copies_out and exc_type is None:
-                    self._memory.writev(self._ranges(), self._staging, route=Route.TCO)
-                self._staging = None
-            elif self.route in (Route.TCO, Route.UNCHECKED_THREAD):
-                leave = (
-                    lib.gm_unchecked_exit
-                    if self.route is Route.TCO
-                    else lib.gm_unchecked_thread_exit
-                )
-                check(leave(), f"{self.route.name} scope exit")
+            self._restore_thread()
         finally:
-            self._segments = []
+            segments, self._segments = self._segments, []
+            staging, self._staging = self._staging, None
+            for segment in segments:
+                with contextlib.suppress(BufferError):  # a derived view still exports it
+                    segment.release()
+        if self.route is Route.BOUNCE:
+            if staging is not None and self._direction.copies_out and exc_type is None:
+                self._memory.writev(self._ranges(), staging, route=Route.TCO)
+        elif self._direction.copies_out:
+            self._mark_dirty()
+
+    def _restore_thread(self) -> None:
+        if self.route is Route.TCO:
+            check(lib.gm_unchecked_exit(), "TCO scope exit")
+        elif self.route is Route.UNCHECKED_THREAD:
+            check(lib.gm_unchecked_thread_exit(), "UNCHECKED_THREAD scope exit")
 
     def _mark_dirty(self) -> None:
         if self._memory.dirty.active:

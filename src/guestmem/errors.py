@@ -6,6 +6,8 @@ carries its facts as attributes.
 
 from __future__ import annotations
 
+import errno
+
 
 class GuestMemoryError(Exception):
     """Base class of every error guestmem raises."""
@@ -41,6 +43,14 @@ class BufferTypeError(GuestMemoryError, TypeError):
     """An object that is not a contiguous (and, to receive data, writable) buffer."""
 
 
+class ArgumentTypeError(GuestMemoryError, TypeError):
+    """An argument of the wrong type (e.g. a float or a bool where an integer goes)."""
+
+
+class UsageError(GuestMemoryError, ValueError):
+    """A call that is not valid as made: a bad option, value or order of calls."""
+
+
 class TagCheckError(GuestMemoryError):
     """A checked access met a granule whose allocation tag differs from the logical tag.
 
@@ -72,8 +82,32 @@ class ClosedError(GuestMemoryError, ValueError):
     """An operation on a GuestMemory that was closed."""
 
 
+class SharedTableError(GuestMemoryError, ValueError):
+    """A shared region table that its fds cannot back (a memfd or tag table too small)."""
+
+
 class NativeOSError(GuestMemoryError, OSError):
     """A system call in the native core failed; ``errno`` and ``strerror`` say why."""
+
+
+class WouldBlockError(NativeOSError, BlockingIOError):
+    """System-call I/O on a non-blocking descriptor found nothing to do (EAGAIN)."""
+
+
+class IOTimeoutError(NativeOSError, TimeoutError):
+    """System-call I/O on a socket with a timeout timed out."""
+
+
+def from_os_error(err: OSError, what: str) -> NativeOSError:
+    """The NativeOSError (or its EAGAIN/timeout subclass) for ``err``, to raise from it."""
+    if isinstance(err, NativeOSError):
+        return err
+    reason = err.strerror or str(err) or type(err).__name__
+    if isinstance(err, TimeoutError):
+        return IOTimeoutError(err.errno or errno.ETIMEDOUT, f"{what}: {reason}")
+    if isinstance(err, BlockingIOError):
+        return WouldBlockError(err.errno or errno.EAGAIN, f"{what}: {reason}")
+    return NativeOSError(err.errno or errno.EIO, f"{what}: {reason}")
 
 
 class ProtocolError(GuestMemoryError, ValueError):

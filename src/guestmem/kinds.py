@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from guestmem.errors import ArgumentTypeError, UsageError
+
 
 class Access(enum.Enum):
     """The reason for an access, which decides its default route."""
@@ -70,10 +72,13 @@ class Policy:
 
     def __post_init__(self) -> None:
         for name in ("dma", "debug", "migration", "io"):
-            if getattr(self, name) is Route.CHECKED:
-                raise ValueError(f"{name}: CHECKED needs a tag per call and cannot be a default")
+            route = getattr(self, name)
+            if not isinstance(route, Route):
+                raise ArgumentTypeError(f"{name}: a Route, not {route!r}")
+            if route is Route.CHECKED:
+                raise UsageError(f"{name}: CHECKED needs a tag per call and cannot be a default")
         if self.io is Route.TCO:
-            raise ValueError("io: TCO is not safe for system calls (the kernel checks with TCO=0)")
+            raise UsageError("io: TCO is not safe for system calls (the kernel checks with TCO=0)")
 
     def route_for(self, access: Access) -> Route:
         """Return the route this policy gives ``access``."""

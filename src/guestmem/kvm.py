@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from guestmem._native import check, ffi, lib
-from guestmem.errors import AlignmentError, NativeOSError, UnsupportedError
+from guestmem.errors import AlignmentError, ClosedError, NativeOSError, UnsupportedError
 
 if TYPE_CHECKING:
     from guestmem.region import GuestRegion
@@ -54,6 +57,11 @@ class KvmVm:
         self.fd = vm_fd
         self._owned = owned
         self._next_slot = 0
+        # Calls using the fd now, and whether close() waits for them: the fd
+        # is never closed under an ioctl (its number could be reused at once).
+        self._lock = threading.Lock()
+        self._users = 0
+        self._closing = False
 
     @classmethod
     def create(cls) -> KvmVm:
@@ -84,9 +92,10 @@ class KvmVm:
     def add_region(self, region: GuestRegion) -> int:
         """Register ``region`` as the next memslot; return the slot number."""
         slot = self._next_slot
-        status = lib.gm_kvm_add_memslot(
-            self.fd, slot, region.gpa, region.size, ffi.cast("uint8_t *", region.host_address)
-        )
+        with self.in_use() as fd:
+            status = lib.gm_kvm_add_memslot(
+                fd, slot, region.gpa, region.size, ffi.cast("uint8_t *", region.host_address)
+            )
         try:
             check(int(status), f"KVM_SET_USER_MEMORY_REGION slot {slot} at {region.gpa:#x}")
         except NativeOSError as err:
@@ -109,7 +118,9 @@ class KvmVm:
     def get_tags_into(self, gpa: int, out: npt.NDArray[np.uint8]) -> None:
         """Fill ``out`` (one uint8 per granule) with the tags from ``gpa``."""
         dest = ffi.from_buffer("uint8_t[]", out, require_writable=True)
-        check(int(lib.gm_kvm_tags_get(self.fd, gpa, out.size, dest)), "KVM_ARM_MTE_COPY_TAGS")
+        with self.in_use() as fd:
+            status = lib.gm_kvm_tags_get(fd, gpa, out.size, dest)
+        check(int(status), "KVM_ARM_MTE_COPY_TAGS")
 
     def set_tags(self, gpa: int, granules: int, tags: npt.NDArray[np.uint8] | int) -> None:
         """Set ``granules`` tags from ``gpa``: one per granule, or one for all."""
@@ -120,14 +131,40 @@ class KvmVm:
             uniform = tags
         else:
             source = ffi.from_buffer("uint8_t[]", tags)
-        status = lib.gm_kvm_tags_set(self.fd, gpa, granules, source, uniform)
+        with self.in_use() as fd:
+            status = lib.gm_kvm_tags_set(fd, gpa, granules, source, uniform)
         check(int(status), "KVM_ARM_MTE_COPY_TAGS")
 
+    @contextmanager
+    def in_use(self) -> Iterator[int]:
+        """The VM fd, kept open for the scope; ClosedError once :meth:`close` was called."""
+        with self._lock:
+            if self._closing or self.fd < 0:
+                raise ClosedError("the KVM VM is closed")
+            self._users += 1
+            fd = self.fd
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._closing and self._users == 0
+            if last:
+                self._close_now()
+
     def close(self) -> None:
-        """Close the VM, if this object made it."""
-        if self._owned and self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
+        """Close the VM, if this object made it: now, or when the last call using it returns."""
+        with self._lock:
+            self._closing = True
+            if self._users:
+                return
+        self._close_now()
+
+    def _close_now(self) -> None:
+        with self._lock:
+            fd, self.fd = self.fd, -1
+        if self._owned and fd >= 0:
+            os.close(fd)
 
 
 def _require_granule(gpa: int) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from guestmem._args import as_int, check_byte, require_gpa_range, require_length
+from guestmem._args import check_tag as check_tag
 from guestmem._closing import ClosesOnExit
 from guestmem._native import check, ffi, lib
 from guestmem.dirty import DirtyLog
@@ -20,12 +22,14 @@ from guestmem.dma import Dma
 from guestmem.errors import (
     AddressError,
     AlignmentError,
+    ArgumentTypeError,
     BufferTypeError,
     ClosedError,
     LengthError,
     TagCheckError,
     TagError,
     UnsupportedError,
+    UsageError,
 )
 from guestmem.kinds import Access, Policy, Route, TagMode
 from guestmem.kvm import KvmVm, kvm_mte_available
@@ -37,8 +41,16 @@ TagsLike = int | Sequence[int] | npt.NDArray[np.integer[Any]]
 Piece = tuple[GuestRegion, int, int]
 
 _OP_READ, _OP_WRITE, _OP_FILL = 0, 1, 2
+_OP_CHANGES = _OP_WRITE | _OP_FILL  # an op that writes guest memory
+_OP_STAGE = 4  # GM_OP_STAGE: the caller's buffer is tagged guest memory
+_ADDRESS_MASK = (1 << 56) - 1  # a host address without its tag byte
 BOUNCE_BUFFER_SIZE = 64 << 10
 BOUNCE_BUFFERS = 8
+_MODE_NAMES = "'auto', 'hardware', 'software', 'kvm' or 'none'"
+# The fast path's view of the region used last: (first GPA, end GPA, base
+# pointer, tag table pointer, the region). One attribute, swapped whole, so a thread
+# never sees half of it; empty (first > end) once closed.
+_Hot = tuple[int, int, Any, Any, "GuestRegion | None"]
 
 
 def resolve_tag_mode(tags: str | TagMode) -> TagMode:
@@ -49,15 +61,17 @@ def resolve_tag_mode(tags: str | TagMode) -> TagMode:
     """
     if isinstance(tags, TagMode):
         mode = tags
+    elif not isinstance(tags, str):
+        raise ArgumentTypeError(
+            f"tags must be a TagMode or one of {_MODE_NAMES}, not {type(tags).__name__}"
+        )
     elif tags == "auto":
         mode = TagMode.HARDWARE if has_mte() else TagMode.SOFTWARE
     else:
         try:
-            mode = TagMode[str(tags).upper()]
+            mode = TagMode[tags.upper()]
         except KeyError:
-            raise ValueError(
-                f"tags must be 'auto', 'hardware', 'software' or 'none', not {tags!r}"
-            ) from None
+            raise UsageError(f"tags must be one of {_MODE_NAMES}, not {tags!r}") from None
     if mode is TagMode.KVM and not kvm_mte_available():
         raise UnsupportedError("tags='kvm' needs /dev/kvm with KVM_CAP_ARM_MTE")
     if mode is TagMode.HARDWARE:
@@ -88,12 +102,15 @@ class GuestMemory(ClosesOnExit):
         Under TagMode.KVM the regions become memslots of ``kvm``, or of a new
         VM with MTE enabled.
         """
-        ordered = sorted(regions, key=lambda r: r.gpa)
+        listed = list(regions)
+        if not all(isinstance(r, GuestRegion) for r in listed):
+            raise ArgumentTypeError("a GuestMemory is made of GuestRegion objects")
+        ordered = sorted(listed, key=lambda r: r.gpa)
         if not ordered:
             raise LengthError("a GuestMemory needs at least one region")
         modes = {r.tag_mode for r in ordered}
         if len(modes) != 1:
-            raise ValueError(f"all regions must share one tag mode, not {sorted(modes)}")
+            raise UsageError(f"all regions must share one tag mode, not {sorted(modes)}")
         for before, after in itertools.pairwise(ordered):
             if after.gpa < before.end:
                 raise AddressError(
@@ -101,13 +118,21 @@ class GuestMemory(ClosesOnExit):
                     gpa=after.gpa,
                     length=before.end - after.gpa,
                 )
-        self._regions: tuple[GuestRegion, ...] = tuple(ordered)
-        self._starts = [r.gpa for r in ordered]
+        # Regions and their starts: one attribute, swapped whole by close().
+        self._table: tuple[tuple[GuestRegion, ...], list[int]] = (
+            tuple(ordered),
+            [r.gpa for r in ordered],
+        )
+        self._host_ranges = [(r.host_address, r.host_address + r.size) for r in ordered]
         self.tag_mode: TagMode = ordered[0].tag_mode
-        self.policy = policy or Policy()
-        pool = lib.gm_pool_new(bounce_buffer_size, bounce_buffers)
-        if pool == ffi.NULL:
-            raise LengthError("bounce pool: buffer size and count must be positive")
+        # Under HARDWARE a caller's buffer in guest memory is tagged: see _stage_flag.
+        self._buffers_may_be_tagged = self.tag_mode is TagMode.HARDWARE
+        self.policy = Policy() if policy is None else policy
+        size = require_length(bounce_buffer_size)
+        count = require_length(bounce_buffers)
+        pool = lib.gm_pool_new(size, count) if 0 < size < 1 << 40 and 0 < count < 1 << 20 else None
+        if pool is None or pool == ffi.NULL:
+            raise LengthError("bounce pool: buffer size and count must be positive and sane")
         self._pool = ffi.gc(pool, lib.gm_pool_free)
         self._kvm: KvmVm | None = None
         if self.tag_mode is TagMode.KVM:
@@ -120,7 +145,7 @@ class GuestMemory(ClosesOnExit):
                     self._kvm.close()
                 raise
         self._vm_fd = self._kvm.fd if self._kvm is not None else -1
-        self._last_region = ordered[0]
+        self._hot: _Hot = _hot(ordered[0])
         self.dirty = DirtyLog(self)
         self._closed = False
 
@@ -152,7 +177,7 @@ class GuestMemory(ClosesOnExit):
     ) -> GuestMemory:
         """Regions from ``(gpa, size)`` pairs, all with the same backing and tag mode."""
         mode = resolve_tag_mode(tags)
-        regions = [GuestRegion(gpa, size, mode, backing) for gpa, size in layout]
+        regions = [GuestRegion(gpa, size, mode, backing) for gpa, size in _pairs(layout)]
         return cls(regions, policy=policy, kvm=kvm)
 
     @classmethod
@@ -178,8 +203,10 @@ class GuestMemory(ClosesOnExit):
     @property
     def regions(self) -> tuple[GuestRegion, ...]:
         """The regions, in GPA order."""
-        self._require_open()
-        return self._regions
+        regions = self._table[0]
+        if not regions:
+            raise ClosedError("this GuestMemory is closed")
+        return regions
 
     @property
     def policy(self) -> Policy:
@@ -188,6 +215,8 @@ class GuestMemory(ClosesOnExit):
 
     @policy.setter
     def policy(self, policy: Policy) -> None:
+        if not isinstance(policy, Policy):
+            raise ArgumentTypeError(f"policy must be a Policy, not {type(policy).__name__}")
         self._policy = policy
         self._defaults = {access: (policy.route_for(access), 0) for access in Access}
 
@@ -197,20 +226,29 @@ class GuestMemory(ClosesOnExit):
         return self._closed
 
     def close(self) -> None:
-        """Stop serving accesses; each mapping goes when its last view goes."""
+        """Stop serving accesses; each mapping goes when its last view goes.
+
+        Safe while other threads use the memory: a call that already found
+        its region finishes on it (the mapping lives while the call holds
+        it), later calls raise ClosedError. Under TagMode.KVM the VM fd is
+        closed when the last in-flight ioctl on it has returned.
+        """
         self._closed = True
-        self._regions = ()
-        self._starts = []
+        self._hot = _CLOSED
+        self._table = ((), [])
         if self._kvm is not None:
             self._kvm.close()
 
     def find_region(self, gpa: int) -> GuestRegion:
         """The region holding ``gpa``; AddressError if none does."""
         self._require_open()
-        i = bisect.bisect_right(self._starts, gpa) - 1
-        if i >= 0 and self._regions[i].contains(gpa):
-            return self._regions[i]
-        raise AddressError(f"GPA {gpa:#x} is not in guest memory", gpa=gpa, length=1)
+        at = as_int(gpa, "a GPA")
+        regions, starts = self._table
+        i = bisect.bisect_right(starts, at) - 1
+        if i >= 0 and regions[i].contains(at):
+            return regions[i]
+        self._require_open()
+        raise AddressError(f"GPA {at:#x} is not in guest memory", gpa=at, length=1)
 
     @property
     def dma(self) -> Dma:
@@ -225,21 +263,18 @@ class GuestMemory(ClosesOnExit):
         Raises AddressError if any byte of it is not mapped.
         """
         self._require_open()
-        if not isinstance(gpa, int) or not isinstance(length, int):
-            raise TypeError("gpa and length must be integers")
-        if length < 0:
-            raise LengthError(f"negative length {length}")
-        if gpa < 0:
-            raise AddressError(f"negative GPA {gpa:#x}", gpa=gpa, length=length)
+        gpa, length = require_gpa_range(gpa, length)
+        regions, starts = self._table  # one snapshot, whatever close() does meanwhile
         pieces: list[Piece] = []
         at, end = gpa, gpa + length
         while at < end:
-            try:
-                region = self.find_region(at)
-            except AddressError:
+            i = bisect.bisect_right(starts, at) - 1
+            if i < 0 or not regions[i].contains(at):
+                self._require_open()
                 raise AddressError(
                     f"[{gpa:#x}, {end:#x}) touches unmapped GPA {at:#x}", gpa=gpa, length=length
-                ) from None
+                )
+            region = regions[i]
             n = min(end, region.end) - at
             pieces.append((region, at - region.gpa, n))
             at += n
@@ -252,6 +287,7 @@ class GuestMemory(ClosesOnExit):
         the granules' tags unless the thread is in :func:`guestmem.unchecked`.
         """
         pieces = self.translate(gpa, length)
+        gpa, length = require_gpa_range(gpa, length)
         if len(pieces) > 1:
             raise AddressError(
                 f"[{gpa:#x}, {gpa + length:#x}) spans regions: no single view",
@@ -267,7 +303,7 @@ class GuestMemory(ClosesOnExit):
 
     def get_tags(self, gpa: int, length: int) -> npt.NDArray[np.uint8]:
         """The allocation tag of each 16-byte granule of ``[gpa, gpa + length)``."""
-        pieces = self._granule_pieces(gpa, length)
+        gpa, length, pieces = self._granule_pieces(gpa, length)
         out = np.empty(length // GRANULE, dtype=np.uint8)
         at = 0
         for region, offset, n in pieces:
@@ -289,7 +325,7 @@ class GuestMemory(ClosesOnExit):
         ``tags`` is one tag for every granule, or one per granule; data is
         left as it is.
         """
-        pieces = self._granule_pieces(gpa, length)
+        gpa, length, pieces = self._granule_pieces(gpa, length)
         if self.tag_mode is TagMode.NONE:
             raise UnsupportedError("TagMode.NONE has no tag storage")
         per_granule = _tag_array(tags, length // GRANULE)
@@ -312,15 +348,18 @@ class GuestMemory(ClosesOnExit):
             if self.dirty.active:
                 self.dirty.mark_region(region, offset, n)
 
-    def _granule_pieces(self, gpa: int, length: int) -> list[Piece]:
+    def _granule_pieces(self, gpa: int, length: int) -> tuple[int, int, list[Piece]]:
+        """``gpa`` and ``length`` as ints, granule-aligned, and their pieces."""
+        self._require_open()
+        gpa, length = require_gpa_range(gpa, length)
         for name, value in (("gpa", gpa), ("length", length)):
-            if isinstance(value, int) and value % GRANULE:
+            if value % GRANULE:
                 raise AlignmentError(
                     f"tag {name} {value:#x} is not a multiple of {GRANULE}",
                     value=value,
                     alignment=GRANULE,
                 )
-        return self.translate(gpa, length)
+        return gpa, length, self.translate(gpa, length)
 
     # ---- data ---------------------------------------------------------------------
 
@@ -333,9 +372,15 @@ class GuestMemory(ClosesOnExit):
         route: Route | None = None,
         tag: int | None = None,
     ) -> bytes:
-        """Read ``length`` bytes at ``gpa``, all or nothing."""
-        out = bytearray(_require_length(length))
-        self._move_range(access, route, tag, _OP_READ, gpa, length, ffi.from_buffer(out), 0)
+        """Read ``length`` bytes at ``gpa``, all or nothing.
+
+        The range is checked before anything is allocated: a bad request
+        costs nothing whatever its length.
+        """
+        chosen, logical = self._route(access, route, tag)
+        gpa, length, where = self._where(gpa, length)
+        out = bytearray(length)
+        self._run(chosen, logical, _OP_READ, gpa, length, where, ffi.from_buffer(out))
         return bytes(out)
 
     def readinto(
@@ -347,11 +392,18 @@ class GuestMemory(ClosesOnExit):
         route: Route | None = None,
         tag: int | None = None,
     ) -> int:
-        """Fill ``buffer`` (any writable contiguous buffer) from ``gpa``; return its size."""
+        """Fill ``buffer`` (any writable contiguous buffer) from ``gpa``; return its size.
+
+        ``buffer`` may overlap the range read (memmove semantics), and may be
+        guest memory itself.
+        """
         target = _writable(buffer)
+        chosen, logical = self._route(access, route, tag)
+        gpa, n, where = self._where(gpa, target.nbytes)
         buf = ffi.from_buffer(target, require_writable=True)
-        self._move_range(access, route, tag, _OP_READ, gpa, target.nbytes, buf, 0)
-        return target.nbytes
+        op = _OP_READ | (self._stage_flag(buf, n) if self._buffers_may_be_tagged else 0)
+        self._run(chosen, logical, op, gpa, n, where, buf)
+        return n
 
     def write(
         self,
@@ -362,10 +414,17 @@ class GuestMemory(ClosesOnExit):
         route: Route | None = None,
         tag: int | None = None,
     ) -> None:
-        """Write ``data`` (any contiguous buffer) at ``gpa``, all or nothing; tags stay."""
+        """Write ``data`` (any contiguous buffer) at ``gpa``, all or nothing; tags stay.
+
+        ``data`` may overlap the range written (memmove semantics), and may be
+        guest memory itself.
+        """
         source = _readable(data)
+        chosen, logical = self._route(access, route, tag)
+        gpa, n, where = self._where(gpa, source.nbytes)
         buf = ffi.from_buffer(source)
-        self._move_range(access, route, tag, _OP_WRITE, gpa, source.nbytes, buf, 0)
+        op = _OP_WRITE | (self._stage_flag(buf, n) if self._buffers_may_be_tagged else 0)
+        self._run(chosen, logical, op, gpa, n, where, buf)
 
     def fill(
         self,
@@ -378,10 +437,10 @@ class GuestMemory(ClosesOnExit):
         tag: int | None = None,
     ) -> None:
         """Set ``length`` bytes at ``gpa`` to ``byte``, all or nothing; tags stay."""
-        if not isinstance(byte, int) or not 0 <= byte <= 255:
-            raise ValueError(f"fill byte must be 0..255, not {byte!r}")
-        _require_length(length)
-        self._move_range(access, route, tag, _OP_FILL, gpa, length, ffi.NULL, byte)
+        value = check_byte(byte)
+        chosen, logical = self._route(access, route, tag)
+        gpa, n, where = self._where(gpa, length)
+        self._run(chosen, logical, _OP_FILL, gpa, n, where, ffi.NULL, value)
 
     def readv(
         self,
@@ -392,9 +451,10 @@ class GuestMemory(ClosesOnExit):
         tag: int | None = None,
     ) -> bytes:
         """Gather the guest ranges ``[(gpa, length), ...]`` into one bytes object."""
-        total = _total(ranges)
-        out = bytearray(total)
-        self.readv_into(ranges, out, access=access, route=route, tag=tag)
+        chosen, logical = self._route(access, route, tag)
+        pieces = self._pieces(ranges, None)
+        out = bytearray(sum(n for _, _, n in pieces))
+        self._move(chosen, _OP_READ, pieces, ffi.from_buffer(out), 0, logical)
         return bytes(out)
 
     def readv_into(
@@ -410,9 +470,9 @@ class GuestMemory(ClosesOnExit):
         target = _writable(buffer)
         chosen, logical = self._route(access, route, tag)
         pieces = self._pieces(ranges, target.nbytes)
-        self._move(
-            chosen, _OP_READ, pieces, ffi.from_buffer(target, require_writable=True), 0, logical
-        )
+        buf = ffi.from_buffer(target, require_writable=True)
+        op = _OP_READ | self._stage_flag(buf, target.nbytes)
+        self._move(chosen, op, pieces, buf, 0, logical)
         return target.nbytes
 
     def writev(
@@ -428,24 +488,28 @@ class GuestMemory(ClosesOnExit):
         source = _readable(data)
         chosen, logical = self._route(access, route, tag)
         pieces = self._pieces(ranges, source.nbytes)
-        self._move(chosen, _OP_WRITE, pieces, ffi.from_buffer(source), 0, logical)
+        buf = ffi.from_buffer(source)
+        self._move(
+            chosen, _OP_WRITE | self._stage_flag(buf, source.nbytes), pieces, buf, 0, logical
+        )
 
-    def _pieces(self, ranges: Sequence[tuple[int, int]], nbytes: int) -> list[Piece]:
-        total = _total(ranges)
-        if total != nbytes:
-            raise LengthError(f"the ranges hold {total} bytes but the buffer has {nbytes}")
+    def _pieces(self, ranges: Sequence[tuple[int, int]], nbytes: int | None) -> list[Piece]:
+        """Translate every range (all of them, before anything moves)."""
         pieces: list[Piece] = []
-        for gpa, length in ranges:
+        for gpa, length in _range_pairs(ranges):
             pieces.extend(self.translate(gpa, length))
+        total = sum(n for _, _, n in pieces)
+        if nbytes is not None and total != nbytes:
+            raise LengthError(f"the ranges hold {total} bytes but the buffer has {nbytes}")
         return pieces
 
     def _route(self, access: Access, route: Route | None, tag: int | None) -> tuple[Route, int]:
         if route is None and tag is None:
             try:
                 return self._defaults[access]
-            except KeyError:
-                raise ValueError(f"access must be an Access, not {access!r}") from None
-        chosen = self._defaults[Access(access)][0] if route is None else Route(route)
+            except (KeyError, TypeError):
+                raise ArgumentTypeError(f"access must be an Access, not {access!r}") from None
+        chosen = self._route_named(access, route)
         if chosen is Route.CHECKED:
             if tag is None:
                 raise TagError("Route.CHECKED needs the logical tag: tag=0..15")
@@ -454,16 +518,95 @@ class GuestMemory(ClosesOnExit):
             raise TagError(f"tag= is only for Route.CHECKED, not {chosen.name}")
         return chosen, 0
 
+    def _route_named(self, access: Access, route: Route | None) -> Route:
+        if route is None:
+            if not isinstance(access, Access):
+                raise ArgumentTypeError(f"access must be an Access, not {access!r}")
+            return self._defaults[access][0]
+        if isinstance(route, bool) or not isinstance(route, (Route, int)):
+            raise ArgumentTypeError(f"route must be a Route, not {route!r}")
+        try:
+            return Route(route)
+        except ValueError:
+            raise UsageError(f"no such route: {route!r}") from None
+
+    def _where(self, gpa: int, length: int) -> tuple[int, int, _Hot | list[Piece]]:
+        """``gpa`` and ``length`` as ints, checked in full, and the hot region or the pieces."""
+        hot = self._hot
+        fits = type(gpa) is int and type(length) is int and length >= 0
+        if fits and hot[0] <= gpa and gpa + length <= hot[1]:
+            return gpa, length, hot
+        gpa, length = require_gpa_range(gpa, length)
+        pieces = self.translate(gpa, length)
+        if len(pieces) != 1:
+            return gpa, length, pieces
+        hot = self._hot = _hot(pieces[0][0])
+        if self._closed:  # close() ran meanwhile: do not bring the region back
+            self._hot = _CLOSED
+        return gpa, length, hot
+
+    def _stage_flag(self, buf: Any, nbytes: int) -> int:
+        """_OP_STAGE when the caller's buffer lies in a tagged region of this memory.
+
+        The core then copies it through a temporary made under TCO instead of
+        touching it with the route's own checks (it finds overlap with the
+        range being accessed by itself, in every mode).
+        """
+        if not self._buffers_may_be_tagged or nbytes == 0:
+            return 0
+        at = int(ffi.cast("uintptr_t", buf)) & _ADDRESS_MASK
+        for lo, hi in self._host_ranges:
+            if at < hi and lo < at + nbytes:
+                return _OP_STAGE
+        return 0
+
+    def _run(
+        self,
+        route: Route,
+        tag: int,
+        op: int,
+        gpa: int,
+        length: int,
+        where: _Hot | list[Piece],
+        buf: Any,
+        fill: int = 0,
+    ) -> None:
+        """Move one checked range: one native call with scalar arguments when it is hot."""
+        if isinstance(where, list):
+            self._move(route, op, where, buf, fill, tag)
+            return
+        lo, _, base, table, region = where
+        if route is _CHECKED and self._kvm is not None:
+            with self._kvm.in_use() as vm_fd:
+                status = lib.gm_move(
+                    self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
+                    self._pool, vm_fd,
+                )  # fmt: skip
+        else:
+            status = lib.gm_move(
+                self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
+                self._pool, -1,
+            )  # fmt: skip
+        if status != lib.GM_OK:
+            _fail(status, route, [gpa])
+        if op & _OP_CHANGES and self.dirty.active and region is not None:
+            self.dirty.mark_region(region, gpa - lo, length)
+
     def _move(
         self, route: Route, op: int, pieces: list[Piece], buf: Any, fill: int, tag: int
     ) -> None:
         if not pieces:
             return
         request, _spans = self._request(route, op, pieces, buf, fill, tag)
-        status = lib.gm_access(request)
+        if route is Route.CHECKED and self._kvm is not None:
+            with self._kvm.in_use() as vm_fd:
+                request.vm_fd = vm_fd
+                status = lib.gm_access(request)
+        else:
+            status = lib.gm_access(request)
         if status != lib.GM_OK:
-            _fail(status, route, pieces)
-        if op != _OP_READ and self.dirty.active:
+            _fail(status, route, [region.gpa + offset for region, offset, _ in pieces])
+        if op & _OP_CHANGES and self.dirty.active:
             for region, offset, n in pieces:
                 self.dirty.mark_region(region, offset, n)
 
@@ -490,84 +633,38 @@ class GuestMemory(ClosesOnExit):
         request.vm_fd = self._vm_fd
         return request, spans
 
-    def _move_range(
-        self,
-        access: Access,
-        route: Route | None,
-        tag: int | None,
-        op: int,
-        gpa: int,
-        length: int,
-        buf: Any,
-        fill: int,
-    ) -> None:
-        """Move one range: one native call with scalar arguments when it lies in one region."""
-        chosen, logical = self._route(access, route, tag)
-        self._require_open()
-        region = self._last_region
-        if not (isinstance(gpa, int) and region.gpa <= gpa and gpa + length <= region.end):
-            pieces = self.translate(gpa, length)
-            if len(pieces) != 1:
-                self._move(chosen, op, pieces, buf, fill, logical)
-                return
-            region = self._last_region = pieces[0][0]
-        offset = gpa - region.gpa
-        status = lib.gm_move(
-            self.tag_mode,
-            chosen,
-            op,
-            region._base,
-            region._table_base,
-            region.gpa,
-            offset,
-            length,
-            buf,
-            fill,
-            logical,
-            self._pool,
-            self._vm_fd,
-        )
-        if status != lib.GM_OK:
-            _fail(status, chosen, [(region, offset, length)])
-        if op != _OP_READ and self.dirty.active:
-            self.dirty.mark_region(region, offset, length)
-
     def _require_open(self) -> None:
         if self._closed:
             raise ClosedError("this GuestMemory is closed")
 
     def __repr__(self) -> str:
         """Show the tag mode and the regions."""
-        state = "closed" if self._closed else ", ".join(map(repr, self._regions))
+        regions = self._table[0]
+        state = ", ".join(map(repr, regions)) if regions else "closed"
         return f"GuestMemory({self.tag_mode.name}: {state})"
 
 
-def _fail(status: int, route: Route, pieces: list[Piece]) -> None:
-    """Raise the exception for a native status other than GM_OK."""
+def _hot(region: GuestRegion) -> _Hot:
+    return (region.gpa, region.end, region._base, region._table_base, region)
+
+
+_CLOSED: _Hot = (1, 0, None, None, None)
+_CHECKED = Route.CHECKED
+
+
+def _fail(status: int, route: Route, span_gpas: list[int]) -> None:
+    """Raise the exception for a native status other than GM_OK.
+
+    ``span_gpas`` holds the first GPA of each span of the request.
+    """
     if status == lib.GM_ERR_TAG_CHECK:
         fault = ffi.new("struct gm_fault *")
         lib.gm_last_fault(fault)
         gpa = None
-        if fault.span < len(pieces):
-            region, offset, _ = pieces[fault.span]
-            gpa = region.gpa + offset + fault.offset
+        if fault.span < len(span_gpas):
+            gpa = span_gpas[fault.span] + fault.offset
         raise TagCheckError(gpa, fault.logical_tag, fault.allocation_tag)
     check(status, f"{route.name} access")
-
-
-def _require_length(length: object) -> int:
-    if isinstance(length, bool) or not isinstance(length, int):
-        raise TypeError(f"a length is an integer, not {type(length).__name__}")
-    if length < 0:
-        raise LengthError(f"negative length {length}")
-    return length
-
-
-def check_tag(tag: object) -> int:
-    """Return ``tag`` if it is an int in 0..15; raise TagError otherwise."""
-    if isinstance(tag, bool) or not isinstance(tag, (int, np.integer)) or not 0 <= tag <= 15:
-        raise TagError(f"a tag is an integer 0..15, not {tag!r}")
-    return int(tag)
 
 
 def _tag_array(tags: TagsLike, count: int) -> npt.NDArray[np.uint8] | None:
@@ -582,13 +679,17 @@ def _tag_array(tags: TagsLike, count: int) -> npt.NDArray[np.uint8] | None:
     return np.ascontiguousarray(array, dtype=np.uint8)
 
 
-def _total(ranges: Sequence[tuple[int, int]]) -> int:
-    total = 0
-    for _, length in ranges:
-        if not isinstance(length, int) or length < 0:
-            raise LengthError(f"a range length must be a non-negative integer, not {length!r}")
-        total += length
-    return total
+def _pairs(items: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``items`` as a list of 2-tuples (ArgumentTypeError if they are not pairs)."""
+    try:
+        return [(a, b) for a, b in items]
+    except (TypeError, ValueError):
+        raise ArgumentTypeError("expected (gpa, length) pairs") from None
+
+
+def _range_pairs(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` as a list of ``(gpa, length)`` int pairs inside the GPA space."""
+    return [require_gpa_range(gpa, length) for gpa, length in _pairs(ranges)]
 
 
 def _readable(data: Any) -> memoryview:

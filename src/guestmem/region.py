@@ -12,8 +12,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from guestmem._args import GPA_LIMIT, as_int
 from guestmem._native import ffi, lib, pointer_keeping
-from guestmem.errors import AlignmentError, LengthError, NativeOSError, UnsupportedError
+from guestmem.errors import (
+    AddressError,
+    AlignmentError,
+    ArgumentTypeError,
+    LengthError,
+    NativeOSError,
+    SharedTableError,
+    UnsupportedError,
+)
 from guestmem.kinds import TagMode
 from guestmem.units import GRANULE, HOST_PAGE
 
@@ -58,10 +67,21 @@ class GuestRegion:
         shared: SharedRegion | None = None,
     ) -> None:
         """Map a region; prefer :meth:`anonymous`, :meth:`memfd` and :meth:`attach`."""
+        gpa, size = as_int(gpa, "a region's gpa"), as_int(size, "a region's size")
+        if not isinstance(tag_mode, TagMode) or not isinstance(backing, Backing):
+            raise ArgumentTypeError("tag_mode must be a TagMode and backing a Backing")
         _require_page_multiple("gpa", gpa)
         _require_page_multiple("size", size)
         if size <= 0:
             raise LengthError(f"region size must be positive, not {size}")
+        if gpa < 0 or gpa + size > GPA_LIMIT:
+            raise AddressError(
+                f"region [{gpa:#x}, {gpa + size:#x}) is outside the GPA space [0, 2**64)",
+                gpa=gpa,
+                length=size,
+            )
+        if shared is not None:
+            _check_shared(shared, size, tag_mode)
         self.gpa = gpa
         self.size = size
         self.tag_mode = tag_mode
@@ -90,6 +110,8 @@ class GuestRegion:
     @classmethod
     def attach(cls, shared: SharedRegion, tag_mode: TagMode) -> GuestRegion:
         """Map a region another process shared (see :meth:`share`): same bytes, same tags."""
+        if not isinstance(shared, SharedRegion):
+            raise ArgumentTypeError(f"expected a SharedRegion, not {type(shared).__name__}")
         return cls(shared.gpa, shared.size, tag_mode, Backing.MEMFD, shared=shared)
 
     def share(self) -> SharedRegion:
@@ -105,12 +127,10 @@ class GuestRegion:
             return np.zeros(count, dtype=np.uint8)
         # A memfd region's tags must be shared with it: the table is a memfd too.
         if shared is not None:
-            if shared.table_fd is None:
-                raise UnsupportedError("the shared region carries no SOFTWARE tag table")
-            fd = os.dup(shared.table_fd)
+            assert shared.table_fd is not None  # _check_shared made sure
+            fd = _os_call("dup of the tag table fd", os.dup, shared.table_fd)
         else:
-            fd = os.memfd_create(f"guestmem-tags@{self.gpa:#x}", os.MFD_CLOEXEC)
-            os.ftruncate(fd, count)
+            fd = _new_table_fd(f"guestmem-tags@{self.gpa:#x}", count)
         self._table_fd = fd
         weakref.finalize(self, os.close, fd)
         self._table_map = mmap.mmap(fd, count)
@@ -160,6 +180,50 @@ class GuestRegion:
         return (
             f"GuestRegion(gpa={self.gpa:#x}, size={self.size:#x}, "
             f"{self.tag_mode.name}, {self.backing.value})"
+        )
+
+
+def _os_call(what: str, call: Any, *args: Any) -> Any:
+    """``call(*args)``, an OSError from it raised as NativeOSError."""
+    try:
+        return call(*args)
+    except OSError as err:
+        raise NativeOSError(err.errno, f"{what}: {err.strerror}") from err
+
+
+def _new_table_fd(name: str, count: int) -> int:
+    fd: int = _os_call("memfd_create for the tag table", os.memfd_create, name, os.MFD_CLOEXEC)
+    try:
+        _os_call("ftruncate of the tag table", os.ftruncate, fd, count)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _fd_size(fd: object, what: str) -> int:
+    if isinstance(fd, bool) or not isinstance(fd, (int, np.integer)):
+        raise ArgumentTypeError(f"{what} must be a file descriptor, not {type(fd).__name__}")
+    info = _os_call(f"fstat of {what}", os.fstat, int(fd))
+    return int(info.st_size)
+
+
+def _check_shared(shared: SharedRegion, size: int, tag_mode: TagMode) -> None:
+    """Refuse a shared table its fds cannot back: a smaller memfd would SIGBUS later."""
+    data = _fd_size(shared.fd, "the region's memfd")
+    if data < size:
+        raise SharedTableError(
+            f"region {shared.gpa:#x} claims {size:#x} bytes but its memfd holds {data:#x}"
+        )
+    if tag_mode is not TagMode.SOFTWARE:
+        return
+    if shared.table_fd is None:
+        raise SharedTableError("the shared region carries no SOFTWARE tag table")
+    table = _fd_size(shared.table_fd, "the tag table fd")
+    if table != size // GRANULE:
+        raise SharedTableError(
+            f"region {shared.gpa:#x}: its tag table holds {table} bytes, "
+            f"not one per granule ({size // GRANULE})"
         )
 
 
