@@ -21,7 +21,7 @@ def frames(*gpas: int) -> list[int]:
 def test_off_until_started(mem: gm.GuestMemory) -> None:
     mem.write(BASE, b"x")
     assert not mem.dirty.active
-    with pytest.raises(RuntimeError):
+    with pytest.raises(gm.UsageError):
         mem.dirty.take()
 
 

@@ -67,3 +67,30 @@ def test_a_child_forked_while_threads_hold_bounce_buffers(mode: gm.TagMode) -> N
         for t in threads:
             t.join(60)
         memory.close()
+
+
+def test_a_child_forked_while_a_thread_holds_the_dirty_log_can_write(mode: gm.TagMode) -> None:
+    with gm.GuestMemory([gm.GuestRegion.anonymous(BASE, 1 << 16, mode)]) as memory:
+        memory.dirty.start()
+        held, release = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with memory.dirty._lock:  # as a thread does mid-mark
+                held.set()
+                release.wait(60)
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        try:
+            held.wait(30)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    memory.write(BASE, b"child")  # marks the dirty log
+                    os._exit(0 if memory.dirty.take().numbers.size == 1 else 2)
+                finally:
+                    os._exit(1)
+            assert wait_child(pid, CHILD_TIMEOUT) == 0, "the child hung on the dirty log"
+        finally:
+            release.set()
+            thread.join(60)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from guestmem.errors import UsageError
 from guestmem.units import HOST_PAGE, Frames
 
 if TYPE_CHECKING:
@@ -33,6 +36,7 @@ class DirtyLog:
         self._memory = memory
         self._lock = threading.Lock()
         self._bits: dict[GuestRegion, npt.NDArray[np.bool_]] | None = None
+        _LOGS.add(self)
 
     @property
     def active(self) -> bool:
@@ -79,7 +83,7 @@ class DirtyLog:
         """The host pages dirty now, in GPA order; they become clean."""
         with self._lock:
             if self._bits is None:
-                raise RuntimeError("the dirty log is not started")
+                raise UsageError("the dirty log is not started")
             bits, self._bits = self._bits, self._clean()
         numbers = [
             np.flatnonzero(b).astype(np.uint64) + np.uint64(r.gpa // HOST_PAGE)
@@ -90,3 +94,15 @@ class DirtyLog:
 
     def _clean(self) -> dict[GuestRegion, npt.NDArray[np.bool_]]:
         return {r: np.zeros(r.size // HOST_PAGE, dtype=np.bool_) for r in self._memory.regions}
+
+
+# A child forked while another thread held a log's lock must not wait for it.
+_LOGS: weakref.WeakSet[DirtyLog] = weakref.WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    for log in _LOGS:
+        log._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_in_child)

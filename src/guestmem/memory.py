@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -632,6 +633,15 @@ class GuestMemory(ClosesOnExit):
         request.pool = self._pool
         request.vm_fd = self._vm_fd
         return request, spans
+
+    @contextmanager
+    def _vm_fd_in_use(self) -> Iterator[int]:
+        """The KVM VM's fd, kept open for the scope (-1 without KVM)."""
+        if self._kvm is None:
+            yield -1
+            return
+        with self._kvm.in_use() as fd:
+            yield fd
 
     def _require_open(self) -> None:
         if self._closed:

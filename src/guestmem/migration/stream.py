@@ -8,6 +8,8 @@ moves buffers. Layout: docs/stream-format.md.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -47,7 +49,11 @@ class Totals:
 
 
 def native_regions(memory: GuestMemory) -> Any:
-    """The native description of ``memory``'s regions for the stream codec."""
+    """The native description of ``memory``'s regions for the stream codec.
+
+    Its KVM fd is -1: set it inside ``memory._vm_fd_in_use()`` for each use,
+    so that close() never closes the VM under the codec.
+    """
     regions = memory.regions
     table = ffi.new("struct gm_stream_region[]", len(regions))
     for entry, region in zip(table, regions, strict=True):
@@ -56,8 +62,20 @@ def native_regions(memory: GuestMemory) -> Any:
         entry.table = region._table_base
         entry.gpa = region.gpa
         entry.size = region.size
-        entry.vm_fd = memory._vm_fd
+        entry.vm_fd = -1
     return table
+
+
+@contextmanager
+def _vm_fd_set(memory: GuestMemory | None, table: Any, count: int) -> Iterator[None]:
+    """Hold ``memory``'s KVM fd open for the scope and put it in the codec's regions."""
+    if memory is None:
+        yield
+        return
+    with memory._vm_fd_in_use() as fd:
+        for i in range(count):
+            table[i].vm_fd = fd
+        yield
 
 
 class StreamWriter:
@@ -93,23 +111,28 @@ class StreamWriter:
             mine = numbers[(numbers >= first) & (numbers < last)]
             mine = np.ascontiguousarray(mine, dtype=np.uint64)
             pointer = ffi.from_buffer("uint64_t[]", mine)
-            at = 0
-            while at < mine.size:
-                done = ffi.new("size_t *")
-                written = ffi.new("size_t *")
-                status = lib.gm_stream_encode(
-                    self._regions + index,
-                    pointer + at,
-                    mine.size - at,
-                    self._out_ptr,
-                    len(self._out),
-                    done,
-                    written,
-                )
-                check(status, "encoding pages")
-                self._emit(memoryview(self._out)[: written[0]])
-                self.totals.pages += done[0]
-                at += done[0]
+            with _vm_fd_set(self._memory, self._regions, len(self._memory.regions)):
+                self._encode(index, pointer, mine.size)
+
+    def _encode(self, index: int, pointer: Any, count: int) -> None:
+        """Encode and send ``count`` pages of region ``index``, a batch at a time."""
+        at = 0
+        while at < count:
+            done = ffi.new("size_t *")
+            written = ffi.new("size_t *")
+            status = lib.gm_stream_encode(
+                self._regions + index,
+                pointer + at,
+                count - at,
+                self._out_ptr,
+                len(self._out),
+                done,
+                written,
+            )
+            check(status, "encoding pages")
+            self._emit(memoryview(self._out)[: written[0]])
+            self.totals.pages += done[0]
+            at += done[0]
 
     def round(self) -> None:
         """Mark the end of a pre-copy round."""
@@ -172,6 +195,11 @@ class StreamReader:
         if self._header is None:
             raise StreamError(0, "records() before header()")
         regions, count = self._native_regions(self._header)
+        with _vm_fd_set(self._memory, regions, count):
+            return self._decode(regions, count, on_round)
+
+    def _decode(self, regions: Any, count: int, on_round: Any) -> Totals:
+        assert self._header is not None
         tagged = int(self._header.tag_mode is not TagMode.NONE)
         pages = ffi.new("uint64_t *")
         kind = ffi.new("int *")
