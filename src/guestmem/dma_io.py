@@ -26,8 +26,9 @@ import numpy as np
 from guestmem._args import as_int
 from guestmem._native import check, ffi, lib
 from guestmem.dma_mapping import DmaMapping
-from guestmem.errors import ArgumentTypeError, UnsupportedError, WouldBlockError, from_os_error
-from guestmem.kinds import Access, Direction, Route
+from guestmem.errors import ArgumentTypeError, WouldBlockError, from_os_error
+from guestmem.kinds import Access, Direction, Lending, Route
+from guestmem.plan import resolve
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory, Piece
@@ -169,19 +170,14 @@ class DmaIO:
         native_fd: int | None = None,
     ) -> int:
         memory = self._memory
-        named = memory.policy.io if route is None else route
-        chosen, _ = memory._route(Access.DMA, named, tag)  # the route and tag, checked
-        if chosen is Route.TCO:
-            raise UnsupportedError(
-                "Route.TCO is not safe for system calls: the kernel checks user memory "
-                "with TCO=0; use MATCH_ALL, BOUNCE or UNCHECKED_THREAD"
-            )
+        plan = resolve(memory.policy, Access.DMA, route, tag, io=True)
+        chosen = plan.route
         pieces = memory._pieces(ranges, None)  # every range valid before any system call
         checked = [(region.gpa + offset, n) for region, offset, n in pieces]
         try:
-            if chosen is Route.BOUNCE:
+            if chosen.lending is Lending.STAGING:
                 return self._bounce(checked, direction, call)
-            if native_fd is not None and chosen in (Route.MATCH_ALL, Route.UNCHECKED_THREAD):
+            if native_fd is not None and chosen.native_iovec:
                 return self._native(native_fd, pieces, checked, direction, chosen)
             with DmaMapping(memory, checked, direction, chosen, tag) as buffers:
                 return call(buffers[:IOV_MAX])

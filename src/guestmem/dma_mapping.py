@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from guestmem._native import check, lib
 from guestmem.errors import ArgumentTypeError, TagCheckError, UnsupportedError, UsageError
-from guestmem.kinds import Access, Direction, Route, TagMode
+from guestmem.kinds import Access, Direction, Lending, Route, TagMode
 from guestmem.region import GuestRegion
 from guestmem.units import GRANULE
 
@@ -37,7 +37,7 @@ class DmaMapping:
         if not isinstance(direction, Direction):
             raise ArgumentTypeError(f"direction must be a Direction, not {direction!r}")
         self._direction = direction
-        self.route, self._tag = memory._route(Access.DMA, route, tag)
+        self.plan = memory._plan(Access.DMA, route, tag)
         self._pieces: list[Piece] = memory._pieces(ranges, None)
         self._segments: list[memoryview] = []
         self._staging: bytearray | None = None
@@ -49,16 +49,20 @@ class DmaMapping:
         if self._entered:
             raise UsageError("a DmaMapping is entered once")
         self._entered = True
-        route = self.route
-        if route is Route.BOUNCE:
+        lending = self.plan.route.lending
+        if lending is Lending.STAGING:
             self._segments = [self._stage_in()]
-        elif route is Route.MATCH_ALL:
+        elif lending is Lending.TAG_RUNS:
             self._segments = self._tag_runs()
-        elif route is Route.CHECKED:
+        elif lending is Lending.TAGGED:
             self._segments = self._checked_segments()
         else:
-            enter = lib.gm_unchecked_enter if route is Route.TCO else lib.gm_unchecked_thread_enter
-            check(enter(), f"{route.name} scope")
+            enter = (
+                lib.gm_unchecked_enter
+                if lending is Lending.TCO_SCOPE
+                else lib.gm_unchecked_thread_enter
+            )
+            check(enter(), f"{self.plan.route.name} scope")
             self._segments = [region.bytes_at(offset, n) for region, offset, n in self._pieces]
         self._thread = threading.get_ident()
         return self._segments
@@ -88,17 +92,23 @@ class DmaMapping:
             for segment in segments:
                 with contextlib.suppress(BufferError):  # a derived view still exports it
                     segment.release()
-        if self.route is Route.BOUNCE:
+        if self.plan.route.lending is Lending.STAGING:
             if staging is not None and self._direction.copies_out and exc_type is None:
                 self._memory.writev(self._ranges(), staging, route=Route.TCO)
         elif self._direction.copies_out:
             self._mark_dirty()
 
     def _restore_thread(self) -> None:
-        if self.route is Route.TCO:
+        lending = self.plan.route.lending
+        if lending is Lending.TCO_SCOPE:
             check(lib.gm_unchecked_exit(), "TCO scope exit")
-        elif self.route is Route.UNCHECKED_THREAD:
+        elif lending is Lending.UNCHECKED_SCOPE:
             check(lib.gm_unchecked_thread_exit(), "UNCHECKED_THREAD scope exit")
+
+    @property
+    def route(self) -> Route:
+        """The route this scope lends memory under."""
+        return self.plan.route
 
     def _mark_dirty(self) -> None:
         if self._memory.dirty.active:
@@ -141,11 +151,11 @@ class DmaMapping:
             raise UnsupportedError("TagMode.NONE has no tags to check against")
         segments = []
         for region, offset, n, first, tags in self._piece_tags():
-            wrong = np.flatnonzero(tags != self._tag)
+            wrong = np.flatnonzero(tags != self.plan.tag)
             if wrong.size:
                 granule = first + int(wrong[0]) * GRANULE
                 raise TagCheckError(
-                    region.gpa + max(offset, granule), self._tag, int(tags[wrong[0]])
+                    region.gpa + max(offset, granule), self.plan.tag, int(tags[wrong[0]])
                 )
-            segments.append(region.tagged_bytes_at(offset, n, self._tag))
+            segments.append(region.tagged_bytes_at(offset, n, self.plan.tag))
         return segments

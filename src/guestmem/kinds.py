@@ -1,7 +1,9 @@
 """Access classes, routes, tag modes and the policy between them.
 
-Why an access happens (Access), how it is carried out (Route), and the
-Policy that maps the one to the other.
+Why an access happens (Access), how it is carried out (Route, and what
+each route means on the Python side: :class:`Lending`), and the Policy that
+maps the one to the other. Route and TagMode take their values from the
+native core's enums.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from guestmem._native import lib
 from guestmem.errors import ArgumentTypeError, UsageError
 
 
@@ -20,23 +23,64 @@ class Access(enum.Enum):
     DMA = "dma"
 
 
-class Route(enum.IntEnum):
-    """How the native core reaches tagged memory (values match ``enum gm_route``)."""
+class Lending(enum.Enum):
+    """How a DMA scope (``mem.dma.map``) lends guest memory to device code."""
 
-    TCO = 0
-    MATCH_ALL = 1
-    BOUNCE = 2
-    UNCHECKED_THREAD = 3
-    CHECKED = 4
+    TCO_SCOPE = "guest memory itself, PSTATE.TCO set for the thread"
+    TAG_RUNS = "guest memory, a buffer per run of equal tags, through pointers carrying them"
+    STAGING = "an untagged copy, filled at entry and written back at exit"
+    UNCHECKED_SCOPE = "guest memory itself, the thread's tag checks off"
+    TAGGED = "guest memory through pointers carrying the caller's logical tag"
+
+
+class Route(enum.IntEnum):
+    """How the native core reaches tagged memory (``enum gm_route``).
+
+    What a route means outside the native loops is here too, in one place:
+    :attr:`syscall_safe`, :attr:`lending`, :attr:`native_iovec`.
+    """
+
+    TCO = lib.GM_ROUTE_TCO
+    MATCH_ALL = lib.GM_ROUTE_MATCH_ALL
+    BOUNCE = lib.GM_ROUTE_BOUNCE
+    UNCHECKED_THREAD = lib.GM_ROUTE_UNCHECKED_THREAD
+    CHECKED = lib.GM_ROUTE_CHECKED
+
+    @property
+    def syscall_safe(self) -> bool:
+        """Whether memory reached this way survives the kernel's own tag checks.
+
+        TCO does not: the kernel checks user memory with an effective TCO of 0.
+        """
+        return self is not Route.TCO
+
+    @property
+    def lending(self) -> Lending:
+        """How a DMA scope lends memory under this route."""
+        return _LENDING[self]
+
+    @property
+    def native_iovec(self) -> bool:
+        """Whether the core builds a system call's iovec itself (gm_io.c) for this route."""
+        return self in (Route.MATCH_ALL, Route.UNCHECKED_THREAD)
+
+
+_LENDING = {
+    Route.TCO: Lending.TCO_SCOPE,
+    Route.MATCH_ALL: Lending.TAG_RUNS,
+    Route.BOUNCE: Lending.STAGING,
+    Route.UNCHECKED_THREAD: Lending.UNCHECKED_SCOPE,
+    Route.CHECKED: Lending.TAGGED,
+}
 
 
 class TagMode(enum.IntEnum):
-    """Where allocation tags live (values match ``enum gm_mode``)."""
+    """Where allocation tags live (``enum gm_mode``)."""
 
-    NONE = 0
-    SOFTWARE = 1
-    HARDWARE = 2
-    KVM = 3
+    NONE = lib.GM_MODE_NONE
+    SOFTWARE = lib.GM_MODE_SOFTWARE
+    HARDWARE = lib.GM_MODE_HARDWARE
+    KVM = lib.GM_MODE_KVM
 
 
 class Direction(enum.Enum):
@@ -77,8 +121,10 @@ class Policy:
                 raise ArgumentTypeError(f"{name}: a Route, not {route!r}")
             if route is Route.CHECKED:
                 raise UsageError(f"{name}: CHECKED needs a tag per call and cannot be a default")
-        if self.io is Route.TCO:
-            raise UsageError("io: TCO is not safe for system calls (the kernel checks with TCO=0)")
+        if not self.io.syscall_safe:
+            raise UsageError(
+                f"io: {self.io.name} is not safe for system calls (the kernel checks with TCO=0)"
+            )
 
     def route_for(self, access: Access) -> Route:
         """Return the route this policy gives ``access``."""

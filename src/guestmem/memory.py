@@ -34,6 +34,7 @@ from guestmem.errors import (
 )
 from guestmem.kinds import Access, Policy, Route, TagMode
 from guestmem.kvm import KvmVm, kvm_mte_available
+from guestmem.plan import Plan, defaults, resolve
 from guestmem.platform import has_mte
 from guestmem.region import Backing, GuestRegion, SharedRegion
 from guestmem.units import GRANULE
@@ -145,7 +146,6 @@ class GuestMemory(ClosesOnExit):
                 if kvm is None:
                     self._kvm.close()
                 raise
-        self._vm_fd = self._kvm.fd if self._kvm is not None else -1
         self._hot: _Hot = _hot(ordered[0])
         self.dirty = DirtyLog(self)
         self._closed = False
@@ -219,7 +219,7 @@ class GuestMemory(ClosesOnExit):
         if not isinstance(policy, Policy):
             raise ArgumentTypeError(f"policy must be a Policy, not {type(policy).__name__}")
         self._policy = policy
-        self._defaults = {access: (policy.route_for(access), 0) for access in Access}
+        self._defaults = defaults(policy)
 
     @property
     def closed(self) -> bool:
@@ -378,10 +378,10 @@ class GuestMemory(ClosesOnExit):
         The range is checked before anything is allocated: a bad request
         costs nothing whatever its length.
         """
-        chosen, logical = self._route(access, route, tag)
+        plan = self._plan(access, route, tag)
         gpa, length, where = self._where(gpa, length)
         out = bytearray(length)
-        self._run(chosen, logical, _OP_READ, gpa, length, where, ffi.from_buffer(out))
+        self._run(plan, _OP_READ, gpa, length, where, ffi.from_buffer(out))
         return bytes(out)
 
     def readinto(
@@ -399,11 +399,11 @@ class GuestMemory(ClosesOnExit):
         guest memory itself.
         """
         target = _writable(buffer)
-        chosen, logical = self._route(access, route, tag)
+        plan = self._plan(access, route, tag)
         gpa, n, where = self._where(gpa, target.nbytes)
         buf = ffi.from_buffer(target, require_writable=True)
         op = _OP_READ | (self._stage_flag(buf, n) if self._buffers_may_be_tagged else 0)
-        self._run(chosen, logical, op, gpa, n, where, buf)
+        self._run(plan, op, gpa, n, where, buf)
         return n
 
     def write(
@@ -421,11 +421,11 @@ class GuestMemory(ClosesOnExit):
         guest memory itself.
         """
         source = _readable(data)
-        chosen, logical = self._route(access, route, tag)
+        plan = self._plan(access, route, tag)
         gpa, n, where = self._where(gpa, source.nbytes)
         buf = ffi.from_buffer(source)
         op = _OP_WRITE | (self._stage_flag(buf, n) if self._buffers_may_be_tagged else 0)
-        self._run(chosen, logical, op, gpa, n, where, buf)
+        self._run(plan, op, gpa, n, where, buf)
 
     def fill(
         self,
@@ -439,9 +439,9 @@ class GuestMemory(ClosesOnExit):
     ) -> None:
         """Set ``length`` bytes at ``gpa`` to ``byte``, all or nothing; tags stay."""
         value = check_byte(byte)
-        chosen, logical = self._route(access, route, tag)
+        plan = self._plan(access, route, tag)
         gpa, n, where = self._where(gpa, length)
-        self._run(chosen, logical, _OP_FILL, gpa, n, where, ffi.NULL, value)
+        self._run(plan, _OP_FILL, gpa, n, where, ffi.NULL, value)
 
     def readv(
         self,
@@ -452,10 +452,10 @@ class GuestMemory(ClosesOnExit):
         tag: int | None = None,
     ) -> bytes:
         """Gather the guest ranges ``[(gpa, length), ...]`` into one bytes object."""
-        chosen, logical = self._route(access, route, tag)
+        plan = self._plan(access, route, tag)
         pieces = self._pieces(ranges, None)
         out = bytearray(sum(n for _, _, n in pieces))
-        self._move(chosen, _OP_READ, pieces, ffi.from_buffer(out), 0, logical)
+        self._move(plan, _OP_READ, pieces, ffi.from_buffer(out))
         return bytes(out)
 
     def readv_into(
@@ -469,11 +469,11 @@ class GuestMemory(ClosesOnExit):
     ) -> int:
         """Gather the guest ranges into ``buffer``, whose size must be their total."""
         target = _writable(buffer)
-        chosen, logical = self._route(access, route, tag)
+        plan = self._plan(access, route, tag)
         pieces = self._pieces(ranges, target.nbytes)
         buf = ffi.from_buffer(target, require_writable=True)
         op = _OP_READ | self._stage_flag(buf, target.nbytes)
-        self._move(chosen, op, pieces, buf, 0, logical)
+        self._move(plan, op, pieces, buf)
         return target.nbytes
 
     def writev(
@@ -487,12 +487,10 @@ class GuestMemory(ClosesOnExit):
     ) -> None:
         """Scatter ``data`` over the guest ranges, whose total must be its size."""
         source = _readable(data)
-        chosen, logical = self._route(access, route, tag)
+        plan = self._plan(access, route, tag)
         pieces = self._pieces(ranges, source.nbytes)
         buf = ffi.from_buffer(source)
-        self._move(
-            chosen, _OP_WRITE | self._stage_flag(buf, source.nbytes), pieces, buf, 0, logical
-        )
+        self._move(plan, _OP_WRITE | self._stage_flag(buf, source.nbytes), pieces, buf)
 
     def _pieces(self, ranges: Sequence[tuple[int, int]], nbytes: int | None) -> list[Piece]:
         """Translate every range (all of them, before anything moves)."""
@@ -504,32 +502,14 @@ class GuestMemory(ClosesOnExit):
             raise LengthError(f"the ranges hold {total} bytes but the buffer has {nbytes}")
         return pieces
 
-    def _route(self, access: Access, route: Route | None, tag: int | None) -> tuple[Route, int]:
+    def _plan(self, access: Access, route: Route | None, tag: int | None) -> Plan:
+        """The access resolved (see guestmem.plan); the policy's plans are kept ready."""
         if route is None and tag is None:
             try:
                 return self._defaults[access]
             except (KeyError, TypeError):
                 raise ArgumentTypeError(f"access must be an Access, not {access!r}") from None
-        chosen = self._route_named(access, route)
-        if chosen is Route.CHECKED:
-            if tag is None:
-                raise TagError("Route.CHECKED needs the logical tag: tag=0..15")
-            return chosen, check_tag(tag)
-        if tag is not None:
-            raise TagError(f"tag= is only for Route.CHECKED, not {chosen.name}")
-        return chosen, 0
-
-    def _route_named(self, access: Access, route: Route | None) -> Route:
-        if route is None:
-            if not isinstance(access, Access):
-                raise ArgumentTypeError(f"access must be an Access, not {access!r}")
-            return self._defaults[access][0]
-        if isinstance(route, bool) or not isinstance(route, (Route, int)):
-            raise ArgumentTypeError(f"route must be a Route, not {route!r}")
-        try:
-            return Route(route)
-        except ValueError:
-            raise UsageError(f"no such route: {route!r}") from None
+        return resolve(self._policy, access, route, tag)
 
     def _where(self, gpa: int, length: int) -> tuple[int, int, _Hot | list[Piece]]:
         """``gpa`` and ``length`` as ints, checked in full, and the hot region or the pieces."""
@@ -563,8 +543,7 @@ class GuestMemory(ClosesOnExit):
 
     def _run(
         self,
-        route: Route,
-        tag: int,
+        plan: Plan,
         op: int,
         gpa: int,
         length: int,
@@ -574,9 +553,10 @@ class GuestMemory(ClosesOnExit):
     ) -> None:
         """Move one checked range: one native call with scalar arguments when it is hot."""
         if isinstance(where, list):
-            self._move(route, op, where, buf, fill, tag)
+            self._move(plan, op, where, buf, fill)
             return
         lo, _, base, table, region = where
+        route, tag = plan.route, plan.tag
         if route is _CHECKED and self._kvm is not None:
             with self._kvm.in_use() as vm_fd:
                 status = lib.gm_move(
@@ -593,26 +573,24 @@ class GuestMemory(ClosesOnExit):
         if op & _OP_CHANGES and self.dirty.active and region is not None:
             self.dirty.mark_region(region, gpa - lo, length)
 
-    def _move(
-        self, route: Route, op: int, pieces: list[Piece], buf: Any, fill: int, tag: int
-    ) -> None:
+    def _move(self, plan: Plan, op: int, pieces: list[Piece], buf: Any, fill: int = 0) -> None:
         if not pieces:
             return
-        request, _spans = self._request(route, op, pieces, buf, fill, tag)
-        if route is Route.CHECKED and self._kvm is not None:
+        request, _spans = self._request(plan, op, pieces, buf, fill)
+        if plan.route is Route.CHECKED and self._kvm is not None:
             with self._kvm.in_use() as vm_fd:
                 request.vm_fd = vm_fd
                 status = lib.gm_access(request)
         else:
             status = lib.gm_access(request)
         if status != lib.GM_OK:
-            _fail(status, route, [region.gpa + offset for region, offset, _ in pieces])
+            _fail(status, plan.route, [region.gpa + offset for region, offset, _ in pieces])
         if op & _OP_CHANGES and self.dirty.active:
             for region, offset, n in pieces:
                 self.dirty.mark_region(region, offset, n)
 
     def _request(
-        self, route: Route, op: int, pieces: list[Piece], buf: Any, fill: int, tag: int
+        self, plan: Plan, op: int, pieces: list[Piece], buf: Any, fill: int = 0
     ) -> tuple[Any, Any]:
         """A native ``struct gm_access`` for ``pieces``, and the spans it points to.
 
@@ -623,15 +601,15 @@ class GuestMemory(ClosesOnExit):
             region.fill_span(span, offset, n)
         request = ffi.new("struct gm_access *")
         request.mode = self.tag_mode
-        request.route = route
+        request.route = plan.route
         request.op = op
         request.spans = spans
         request.nspans = len(pieces)
         request.buf = buf
         request.fill_byte = fill
-        request.logical_tag = tag
+        request.logical_tag = plan.tag
         request.pool = self._pool
-        request.vm_fd = self._vm_fd
+        request.vm_fd = -1  # set inside KvmVm.in_use() where CHECKED needs it
         return request, spans
 
     @contextmanager

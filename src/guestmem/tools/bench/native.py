@@ -13,6 +13,7 @@ import guestmem as gm
 from guestmem._native import check
 from guestmem._native import ffi as core_ffi
 from guestmem._native import lib as core_lib
+from guestmem.plan import resolve
 from guestmem.tools.bench import plan
 from guestmem.tools.bench._gmbench import ffi, lib
 from guestmem.tools.bench.model import BASELINE, CHECKS_OFF, Case
@@ -41,9 +42,10 @@ def _core() -> Any:
 
 def _request(subject: Subject, route: gm.Route, point: plan.Point, buf: Any) -> tuple[Any, Any]:
     """A ``struct gm_access`` for one read, and its span, which must outlive it."""
-    tag = CHECKED_TAG if route is gm.Route.CHECKED else 0
+    tag = CHECKED_TAG if route is gm.Route.CHECKED else None
+    plan = resolve(subject.memory.policy, gm.Access.DMA, route, tag)
     piece = (subject.region, point.offset, point.size)
-    return subject.memory._request(route, _OP_READ, [piece], buf, 0, tag)
+    return subject.memory._request(plan, _OP_READ, [piece], buf)
 
 
 def time_native(
