@@ -1,18 +1,80 @@
-"""The compiled core, and the glue every module uses to call it.
+"""The native boundary: the compiled core, and the one place that builds its requests.
 
-The only place that handles cffi objects untyped.
+The only module that imports the compiled core (guestmem._gm). It builds
+the native descriptions of guest ranges (spans) and access requests, and
+turns every native status into a typed exception; the enums' values reach
+Python through it (guestmem.kinds). The only place that handles cffi
+objects untyped.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from guestmem._gm import ffi, lib
-from guestmem.errors import NativeOSError, TagRaceError, UnsupportedError
+from guestmem.errors import NativeOSError, TagCheckError, TagRaceError, UnsupportedError
 
-__all__ = ["check", "ffi", "lib", "pointer_keeping"]
+__all__ = ["access_request", "check", "ffi", "lib", "pointer_keeping", "raise_for", "spans"]
+
+
+class SpanSource(Protocol):
+    """Anything that can describe a range of itself as a native span (a GuestRegion)."""
+
+    def fill_span(self, span: Any, offset: int, length: int) -> None:
+        """Describe ``length`` bytes at ``offset`` in ``span``."""
+        ...
+
+
+def spans(pieces: Sequence[tuple[SpanSource, int, int]]) -> Any:
+    """A native ``struct gm_span[]`` for ``(region, offset, length)`` pieces."""
+    out = ffi.new("struct gm_span[]", len(pieces))
+    for span, (region, offset, n) in zip(out, pieces, strict=True):
+        region.fill_span(span, offset, n)
+    return out
+
+
+def access_request(
+    mode: int,
+    route: int,
+    tag: int,
+    op: int,
+    span_array: Any,
+    count: int,
+    buf: Any,
+    fill: int,
+    pool: Any,
+) -> Any:
+    """A native ``struct gm_access``; keep ``span_array`` alive while it is used."""
+    request = ffi.new("struct gm_access *")
+    request.mode = mode
+    request.route = route
+    request.op = op
+    request.spans = span_array
+    request.nspans = count
+    request.buf = buf
+    request.fill_byte = fill
+    request.logical_tag = tag
+    request.pool = pool
+    request.vm_fd = -1  # set inside KvmVm.in_use() where CHECKED needs it
+    return request
+
+
+def raise_for(status: int, what: str, span_gpas: Sequence[int] = ()) -> None:
+    """Raise the exception for a native status other than GM_OK (none for GM_OK).
+
+    A tag-check failure becomes TagCheckError with the GPA of the first
+    mismatching granule: ``span_gpas`` holds the first GPA of each span of
+    the request that failed.
+    """
+    if status == lib.GM_ERR_TAG_CHECK:
+        fault = ffi.new("struct gm_fault *")
+        lib.gm_last_fault(fault)
+        gpa = span_gpas[fault.span] + fault.offset if fault.span < len(span_gpas) else None
+        raise TagCheckError(gpa, fault.logical_tag, fault.allocation_tag)
+    check(status, what)
 
 
 def check(status: int, what: str) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from guestmem._args import as_int
-from guestmem._native import check, ffi, lib
+from guestmem._native import check, ffi, lib, spans
 from guestmem.dma_mapping import DmaMapping
 from guestmem.errors import ArgumentTypeError, WouldBlockError, from_os_error
 from guestmem.kinds import Access, Direction, Lending, Route
@@ -189,13 +189,11 @@ class DmaIO:
     ) -> int:
         """One readv/writev whose iovec the core builds (tag runs under MATCH_ALL)."""
         memory = self._memory
-        spans = ffi.new("struct gm_span[]", len(pieces))
-        for span, (region, offset, n) in zip(spans, pieces, strict=True):
-            region.fill_span(span, offset, n)
+        span_array = spans(pieces)
         into_guest = direction is Direction.FROM_DEVICE
         way = lib.GM_IO_INTO_GUEST if into_guest else lib.GM_IO_FROM_GUEST
         while True:
-            count = int(lib.gm_io(fd, way, memory.tag_mode, route, spans, len(pieces)))
+            count = int(lib.gm_io(fd, way, memory.tag_mode, route, span_array, len(pieces)))
             if count >= 0:
                 break
             code = ffi.errno

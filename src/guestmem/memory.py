@@ -17,7 +17,7 @@ import numpy.typing as npt
 from guestmem._args import as_int, check_byte, require_gpa_range, require_length
 from guestmem._args import check_tag as check_tag
 from guestmem._closing import ClosesOnExit
-from guestmem._native import check, ffi, lib
+from guestmem._native import access_request, check, ffi, lib, raise_for, spans
 from guestmem.dirty import DirtyLog
 from guestmem.dma import Dma
 from guestmem.errors import (
@@ -27,7 +27,6 @@ from guestmem.errors import (
     BufferTypeError,
     ClosedError,
     LengthError,
-    TagCheckError,
     TagError,
     UnsupportedError,
     UsageError,
@@ -312,8 +311,8 @@ class GuestMemory(ClosesOnExit):
             if self._kvm is not None:
                 self._kvm.get_tags_into(region.gpa + offset, part)
             else:
-                span = ffi.new("struct gm_span *")
-                region.fill_span(span, offset, n)
+                owner = spans([(region, offset, n)])  # keeps the span alive
+                span = owner[0]
                 dest = ffi.from_buffer("uint8_t[]", part)
                 status = lib.gm_tags_get(self.tag_mode, span.guest, span.table, part.size, dest)
                 check(status, "get_tags")
@@ -337,8 +336,8 @@ class GuestMemory(ClosesOnExit):
             if self._kvm is not None:
                 self._kvm.set_tags(region.gpa + offset, count, part)
             else:
-                span = ffi.new("struct gm_span *")
-                region.fill_span(span, offset, n)
+                owner = spans([(region, offset, n)])  # keeps the span alive
+                span = owner[0]
                 uniform = part if isinstance(part, int) else 0
                 source = ffi.NULL if isinstance(part, int) else ffi.from_buffer("uint8_t[]", part)
                 status = lib.gm_tags_set(
@@ -569,7 +568,7 @@ class GuestMemory(ClosesOnExit):
                 self._pool, -1,
             )  # fmt: skip
         if status != lib.GM_OK:
-            _fail(status, route, [gpa])
+            raise_for(status, f"{route.name} access", [gpa])
         if op & _OP_CHANGES and self.dirty.active and region is not None:
             self.dirty.mark_region(region, gpa - lo, length)
 
@@ -584,7 +583,11 @@ class GuestMemory(ClosesOnExit):
         else:
             status = lib.gm_access(request)
         if status != lib.GM_OK:
-            _fail(status, plan.route, [region.gpa + offset for region, offset, _ in pieces])
+            raise_for(
+                status,
+                f"{plan.route.name} access",
+                [region.gpa + offset for region, offset, _ in pieces],
+            )
         if op & _OP_CHANGES and self.dirty.active:
             for region, offset, n in pieces:
                 self.dirty.mark_region(region, offset, n)
@@ -596,21 +599,11 @@ class GuestMemory(ClosesOnExit):
 
         Keep both alive while the request is in use (the benchmarks reuse it).
         """
-        spans = ffi.new("struct gm_span[]", len(pieces))
-        for span, (region, offset, n) in zip(spans, pieces, strict=True):
-            region.fill_span(span, offset, n)
-        request = ffi.new("struct gm_access *")
-        request.mode = self.tag_mode
-        request.route = plan.route
-        request.op = op
-        request.spans = spans
-        request.nspans = len(pieces)
-        request.buf = buf
-        request.fill_byte = fill
-        request.logical_tag = plan.tag
-        request.pool = self._pool
-        request.vm_fd = -1  # set inside KvmVm.in_use() where CHECKED needs it
-        return request, spans
+        span_array = spans(pieces)
+        request = access_request(
+            self.tag_mode, plan.route, plan.tag, op, span_array, len(pieces), buf, fill, self._pool
+        )
+        return request, span_array
 
     @contextmanager
     def _vm_fd_in_use(self) -> Iterator[int]:
@@ -638,21 +631,6 @@ def _hot(region: GuestRegion) -> _Hot:
 
 _CLOSED: _Hot = (1, 0, None, None, None)
 _CHECKED = Route.CHECKED
-
-
-def _fail(status: int, route: Route, span_gpas: list[int]) -> None:
-    """Raise the exception for a native status other than GM_OK.
-
-    ``span_gpas`` holds the first GPA of each span of the request.
-    """
-    if status == lib.GM_ERR_TAG_CHECK:
-        fault = ffi.new("struct gm_fault *")
-        lib.gm_last_fault(fault)
-        gpa = None
-        if fault.span < len(span_gpas):
-            gpa = span_gpas[fault.span] + fault.offset
-        raise TagCheckError(gpa, fault.logical_tag, fault.allocation_tag)
-    check(status, f"{route.name} access")
 
 
 def _tag_array(tags: TagsLike, count: int) -> npt.NDArray[np.uint8] | None:
