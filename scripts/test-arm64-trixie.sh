@@ -41,15 +41,18 @@ fi
 rm -rf "$root/src" "$root/opt/gm-test" "$root/wheels"
 mkdir -p "$root/src" "$root/wheels"
 if git -C "$top" rev-parse --git-dir >/dev/null 2>&1; then
-    git -C "$top" ls-files -z --cached --others --exclude-standard -- tests pyproject.toml \
+    git -C "$top" ls-files -z --cached --others --exclude-standard -- tests benchmarks pyproject.toml \
         | (cd "$top" && xargs -0 cp --parents -t "$root/src")
 else
-    (cd "$top" && cp -a --parents tests pyproject.toml "$root/src")
+    (cd "$top" && cp -a --parents tests benchmarks pyproject.toml "$root/src")
 fi
 cp "$wheel_path" "$root/wheels/"
 echo "arm64-trixie: testing $wheel on $(in_trixie python3 --version)"
 in_trixie python3 -m venv --system-site-packages /opt/gm-test
 in_trixie /opt/gm-test/bin/pip install --quiet --no-index --no-deps "/wheels/$wheel"
+# --no-deps skipped the resolver: the wheel's requirements (cffi, numpy) must
+# still be met, by Debian's packages alone.
+in_trixie /opt/gm-test/bin/pip check
 # The limited-API module, loaded by 3.13: not a version-specific build.
 in_trixie /opt/gm-test/bin/python -c '
 import sys, guestmem, guestmem._gm as core

@@ -33,7 +33,7 @@ cp "$root/tmp/arm64-user.json" "$top/lane-reports/arm64-user.json" 2>/dev/null |
 
 # Real GDB on the host against the stub under emulation (HARDWARE tags), over loopback.
 echo "arm64-user: gdb-multiarch on the host against the arm64 stub"
-host_python=/var/cache/guestmem/host-venv/bin/python  # made by scripts/test-host.sh
+host_python=${GUESTMEM_HOST_VENV:-/var/cache/guestmem/host-venv}/bin/python  # made by scripts/test-host.sh
 [ -x "$host_python" ] || bash "$top/scripts/test-host.sh" --co -q >/dev/null
 (cd "$top/tests" && GUESTMEM_LANE=arm64-user-gdb GUESTMEM_GDB_MODES=HARDWARE \
     GUESTMEM_LANE_REPORT="$top/lane-reports/arm64-user-gdb.json" \
