@@ -502,12 +502,15 @@ class GuestMemory(ClosesOnExit):
         return pieces
 
     def _plan(self, access: Access, route: Route | None, tag: int | None) -> Plan:
-        """The access resolved (see guestmem.plan); the policy's plans are kept ready."""
-        if route is None and tag is None:
+        """The access resolved (see guestmem.plan); the common plans are kept ready."""
+        if tag is None:
             try:
-                return self._defaults[access]
+                if route is None:
+                    return self._defaults[access]
+                if type(route) is Route and access in self._defaults:
+                    return _ROUTE_PLANS[route]
             except (KeyError, TypeError):
-                raise ArgumentTypeError(f"access must be an Access, not {access!r}") from None
+                pass  # resolve() says what is wrong
         return resolve(self._policy, access, route, tag)
 
     def _where(self, gpa: int, length: int) -> tuple[int, int, _Hot | list[Piece]]:
@@ -631,6 +634,11 @@ def _hot(region: GuestRegion) -> _Hot:
 
 _CLOSED: _Hot = (1, 0, None, None, None)
 _CHECKED = Route.CHECKED
+# A route named without a tag resolves to the same plan every time (CHECKED,
+# which needs a tag, is absent: resolve() refuses it).
+_ROUTE_PLANS: dict[Route, Plan] = {
+    route: Plan(route) for route in Route if route is not Route.CHECKED
+}
 
 
 def _tag_array(tags: TagsLike, count: int) -> npt.NDArray[np.uint8] | None:
