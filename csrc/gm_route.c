@@ -262,20 +262,26 @@ static int match_all_span_hardware(struct gm_access *a, const struct gm_span *s,
     return GM_OK;
 }
 
-static void match_all_span_table(struct gm_access *a, const struct gm_span *s, uint8_t *buf)
+/* The span's fields and the request's op live in locals: the copies may
+ * write anywhere, so the compiler would reload them on every tag run. */
+static void match_all_span_table(const struct gm_access *a, const struct gm_span *s, uint8_t *buf)
 {
+    const int op = a->op, fill_byte = a->fill_byte;
+    uint8_t *const guest = s->guest;
+    const uint8_t *const table = s->table;
+    const size_t len = s->len;
     size_t off = 0, g = 0;
-    while (off < s->len) {
-        uint8_t tag = s->table[g];
-        size_t end = off + granule_end(s->guest + off);
+    while (off < len) {
+        uint8_t tag = table[g];
+        size_t end = off + granule_end(guest + off);
         g++;
-        while (end < s->len && s->table[g] == tag) {
+        while (end < len && table[g] == tag) {
             end += GM_GRANULE;
             g++;
         }
-        if (end > s->len)
-            end = s->len;
-        move(a->op, s->guest + off, buf ? buf + off : NULL, end - off, a->fill_byte);
+        if (end > len)
+            end = len;
+        move(op, guest + off, buf ? buf + off : NULL, end - off, fill_byte);
         off = end;
     }
 }
