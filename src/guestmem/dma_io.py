@@ -27,8 +27,8 @@ from guestmem._args import as_int
 from guestmem._native import check, ffi, lib, spans
 from guestmem.dma_mapping import DmaMapping
 from guestmem.errors import ArgumentTypeError, WouldBlockError, from_os_error
-from guestmem.kinds import Access, Direction, Lending, Route
-from guestmem.plan import resolve
+from guestmem.kinds import Direction, Lending, Route
+from guestmem.plan import Plan
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory, Piece
@@ -170,23 +170,20 @@ class DmaIO:
         native_fd: int | None = None,
     ) -> int:
         memory = self._memory
-        plan = resolve(memory.policy, Access.DMA, route, tag, io=True)
-        chosen = plan.route
+        chosen = memory._io_plan(route, tag).route
         pieces = memory._pieces(ranges, None)  # every range valid before any system call
-        checked = [(region.gpa + offset, n) for region, offset, n in pieces]
         try:
             if chosen.lending is Lending.STAGING:
-                return self._bounce(checked, direction, call)
+                return self._bounce(pieces, direction, call)
             if native_fd is not None and chosen.native_iovec:
-                return self._native(native_fd, pieces, checked, direction, chosen)
+                return self._native(native_fd, pieces, direction, chosen)
+            checked = [(region.gpa + offset, n) for region, offset, n in pieces]
             with DmaMapping(memory, checked, direction, chosen, tag) as buffers:
                 return call(buffers[:IOV_MAX])
         except OSError as err:
             raise from_os_error(err, f"{chosen.name} system-call I/O") from err
 
-    def _native(
-        self, fd: int, pieces: list[Piece], ranges: Ranges, direction: Direction, route: Route
-    ) -> int:
+    def _native(self, fd: int, pieces: list[Piece], direction: Direction, route: Route) -> int:
         """One readv/writev whose iovec the core builds (tag runs under MATCH_ALL)."""
         memory = self._memory
         span_array = spans(pieces)
@@ -204,19 +201,24 @@ class DmaIO:
                 raise error(code, os.strerror(code))
             check(count, f"{route.name} system-call I/O")
         if into_guest and memory.dirty.active:
-            for gpa, n in _prefix(ranges, count):
-                memory.dirty.mark(gpa, n)
+            for region, offset, n in _prefix_pieces(pieces, count):
+                memory.dirty.mark_region(region, offset, n)
         return count
 
-    def _bounce(self, ranges: Ranges, direction: Direction, call: Transfer) -> int:
+    def _bounce(self, pieces: list[Piece], direction: Direction, call: Transfer) -> int:
+        """Stage through an untagged copy; the pieces are already checked and translated."""
         memory = self._memory
-        staging = bytearray(sum(n for _, n in ranges))
+        staging = bytearray(sum(n for _, _, n in pieces))
+        buf = ffi.from_buffer(staging)
         if direction.copies_in:
-            memory.readv_into(ranges, staging, route=Route.TCO)
+            memory._move(_STAGE_PLAN, lib.GM_OP_READ, pieces, buf)
             return call([memoryview(staging)])
         count = call([memoryview(staging)])
-        memory.writev(_prefix(ranges, count), memoryview(staging)[:count], route=Route.TCO)
+        memory._move(_STAGE_PLAN, lib.GM_OP_WRITE, _prefix_pieces(pieces, count), buf)
         return count
+
+
+_STAGE_PLAN = Plan(Route.TCO)  # guest <-> staging copy: the library's own, not a system call
 
 
 def _require_socket(sock: object, flags: object) -> None:
@@ -234,12 +236,12 @@ def _plain_socket_fd(sock: socket.socket, flags: int) -> int | None:
     return sock.fileno() if flags == 0 and sock.gettimeout() is None else None
 
 
-def _prefix(ranges: Ranges, count: int) -> list[tuple[int, int]]:
-    """The first ``count`` bytes of ``ranges``, as ranges."""
+def _prefix_pieces(pieces: list[Piece], count: int) -> list[Piece]:
+    """The first ``count`` bytes of ``pieces``, as pieces."""
     out = []
-    for gpa, length in ranges:
+    for region, offset, length in pieces:
         if count <= 0:
             break
-        out.append((gpa, min(length, count)))
+        out.append((region, offset, min(length, count)))
         count -= length
     return out

@@ -219,6 +219,7 @@ class GuestMemory(ClosesOnExit):
             raise ArgumentTypeError(f"policy must be a Policy, not {type(policy).__name__}")
         self._policy = policy
         self._defaults = defaults(policy)
+        self._io_default = Plan(policy.io)
 
     @property
     def closed(self) -> bool:
@@ -263,7 +264,10 @@ class GuestMemory(ClosesOnExit):
         Raises AddressError if any byte of it is not mapped.
         """
         self._require_open()
-        gpa, length = require_gpa_range(gpa, length)
+        return self._split(*require_gpa_range(gpa, length))
+
+    def _split(self, gpa: int, length: int) -> list[Piece]:
+        """:meth:`translate` of a range already checked to be ints inside the GPA space."""
         regions, starts = self._table  # one snapshot, whatever close() does meanwhile
         pieces: list[Piece] = []
         at, end = gpa, gpa + length
@@ -493,9 +497,10 @@ class GuestMemory(ClosesOnExit):
 
     def _pieces(self, ranges: Sequence[tuple[int, int]], nbytes: int | None) -> list[Piece]:
         """Translate every range (all of them, before anything moves)."""
+        self._require_open()
         pieces: list[Piece] = []
         for gpa, length in _range_pairs(ranges):
-            pieces.extend(self.translate(gpa, length))
+            pieces.extend(self._split(gpa, length))
         total = sum(n for _, _, n in pieces)
         if nbytes is not None and total != nbytes:
             raise LengthError(f"the ranges hold {total} bytes but the buffer has {nbytes}")
@@ -512,6 +517,15 @@ class GuestMemory(ClosesOnExit):
             except (KeyError, TypeError):
                 pass  # resolve() says what is wrong
         return resolve(self._policy, access, route, tag)
+
+    def _io_plan(self, route: Route | None, tag: int | None) -> Plan:
+        """A system call's access resolved (``resolve(..., io=True)``), common plans kept ready."""
+        if tag is None:
+            if route is None:
+                return self._io_default
+            if type(route) is Route and route.syscall_safe and route in _ROUTE_PLANS:
+                return _ROUTE_PLANS[route]
+        return resolve(self._policy, Access.DMA, route, tag, io=True)
 
     def _where(self, gpa: int, length: int) -> tuple[int, int, _Hot | list[Piece]]:
         """``gpa`` and ``length`` as ints, checked in full, and the hot region or the pieces."""
