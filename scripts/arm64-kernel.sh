@@ -1,37 +1,59 @@
 #!/usr/bin/env bash
-# Fetch (once, cached on this machine) Debian's arm64 kernel for the
-# arm64-kernel lane and print the path of its vmlinuz. The packages come from
-# Debian's archive through apt inside the arm64 userland: linux-image-arm64 and
-# the linux-image-6.1.0-*-arm64 it depends on. Only the kernel image is kept;
-# everything the lane needs (KVM, MTE, devtmpfs, tmpfs, memfd) is built in.
+# Fetch (once per kernel, cached on this machine) one of Debian's arm64
+# kernels for the arm64-kernel lane and print the path of its vmlinuz:
+#   6.1       Debian 12's linux-image-arm64                (4 KiB pages)
+#   6.12      bookworm-backports' linux-image-arm64        (4 KiB pages)
+#   6.12-16k  bookworm-backports' linux-image-arm64-16k    (16 KiB pages)
+# The packages come from Debian's archive through apt inside the arm64
+# userland: the meta package and the versioned linux-image it depends on. Only
+# the kernel image and its config are kept; everything the lane needs (KVM,
+# MTE, devtmpfs, tmpfs, memfd) is built in, which the config is checked for.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cache=${GUESTMEM_KERNEL_CACHE:-/var/cache/guestmem/kernel.v1}
+name=${1:?usage: arm64-kernel.sh 6.1|6.12|6.12-16k}
+case $name in
+    6.1) meta=linux-image-arm64 suite=bookworm page=4096 ;;
+    6.12) meta=linux-image-arm64 suite=bookworm-backports page=4096 ;;
+    6.12-16k) meta=linux-image-arm64-16k suite=bookworm-backports page=16384 ;;
+    *) echo "arm64-kernel.sh: no kernel named $name (6.1, 6.12, 6.12-16k)" >&2; exit 2 ;;
+esac
+cache=${GUESTMEM_KERNEL_CACHE:-/var/cache/guestmem/kernels.v2}/$name
 
 if [ ! -f "$cache/vmlinuz" ]; then
     root=$(bash "$here/arm64-userland.sh")
-    echo "fetching Debian's arm64 kernel into $cache" >&2
+    echo "fetching Debian's arm64 kernel $name ($meta from $suite) into $cache" >&2
     rm -rf "$root/tmp/kernel"
     mkdir -p "$root/tmp/kernel"
     GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" sh -c '
         set -e
+        meta=$1 suite=$2
+        # The userland knows bookworm only; backports are named for this fetch alone.
+        list=/etc/apt/sources.list.d/guestmem-kernel-backports.list
+        echo "deb http://deb.debian.org/debian bookworm-backports main" > "$list"
+        trap "rm -f $list" EXIT
         apt-get update -qq
         cd /tmp/kernel
-        image=$(apt-cache depends linux-image-arm64 | sed -n "s/.*Depends: \(linux-image-[0-9].*-arm64\)$/\1/p" | head -n 1)
-        [ -n "$image" ] || { echo "linux-image-arm64 names no kernel package" >&2; exit 1; }
-        apt-get -qq -o APT::Sandbox::User=root download linux-image-arm64 "$image"
+        image=$(apt-cache -t "$suite" depends "$meta" \
+            | sed -n "s/.*Depends: \(linux-image-[0-9].*-arm64[-0-9k]*\)$/\1/p" | head -n 1)
+        [ -n "$image" ] || { echo "$meta ($suite) names no kernel package" >&2; exit 1; }
+        apt-get -qq -t "$suite" -o APT::Sandbox::User=root download "$image"
         dpkg -x "$image"_*.deb tree
         echo "$image" > package
-    ' >&2
+    ' sh "$meta" "$suite" >&2
     rm -rf "$cache.tmp"
     mkdir -p "$cache.tmp"
     cp "$root"/tmp/kernel/tree/boot/vmlinuz-* "$cache.tmp/vmlinuz"
     cp "$root"/tmp/kernel/tree/boot/config-* "$cache.tmp/config"
     cp "$root/tmp/kernel/package" "$cache.tmp/package"
+    echo "$page" > "$cache.tmp/page-size"
     rm -rf "$root/tmp/kernel" "$cache"
     mv "$cache.tmp" "$cache"
 fi
 for option in CONFIG_ARM64_MTE=y CONFIG_KVM=y CONFIG_DEVTMPFS=y CONFIG_MEMFD_CREATE=y; do
-    grep -qx "$option" "$cache/config" || { echo "the cached kernel lacks $option" >&2; exit 1; }
+    grep -qx "$option" "$cache/config" || { echo "kernel $name lacks $option" >&2; exit 1; }
 done
+case $(cat "$cache/page-size") in
+    4096) grep -qx CONFIG_ARM64_4K_PAGES=y "$cache/config" ;;
+    16384) grep -qx CONFIG_ARM64_16K_PAGES=y "$cache/config" ;;
+esac || { echo "kernel $name does not have the page size it is named for" >&2; exit 1; }
 echo "$cache/vmlinuz"

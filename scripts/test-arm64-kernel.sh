@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The arm64-kernel lane: Debian's arm64 Linux kernel under qemu-system-aarch64
-# (QEMU 10 from bookworm-backports) with mte=on and virtualization=on, so the
-# tests meet a real kernel's MTE: uaccess tag checks in system calls, tags on
-# shared memfd mappings, signal handlers starting with TCO=0, and nested KVM
-# with KVM_CAP_ARM_MTE. The root is an initramfs: a cached, trimmed copy of the
-# arm64 userland, plus the arm64 wheel (unpacked), the tests and /init. /init
-# runs `pytest -m kernel` and powers the VM off; its result comes back on the
-# serial console. Extra arguments go to pytest.
+# The arm64-kernel lane: one of Debian's arm64 Linux kernels (GUESTMEM_KERNEL:
+# 6.1, 6.12 or 6.12-16k; see arm64-kernel.sh) under qemu-system-aarch64 (QEMU
+# 10 from bookworm-backports) with mte=on and virtualization=on, so the tests
+# meet a real kernel's MTE: uaccess tag checks in system calls, tags on shared
+# memfd mappings, signal handlers starting with TCO=0, nested KVM with
+# KVM_CAP_ARM_MTE, and host pages of 4 or 16 KiB. The root is an initramfs: a
+# cached, trimmed copy of the arm64 userland, plus the arm64 wheel (unpacked),
+# the tests and /init. /init runs `pytest -m kernel` and powers the VM off; its
+# result comes back on the serial console. Extra arguments go to pytest.
 # Exit 3 means the lane could not start (no userland, no kernel, no boot).
 set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,7 +16,8 @@ cache=/var/cache/guestmem
 cannot_start() { echo "arm64-kernel: $*" >&2; exit 3; }
 
 root=$(bash "$top/scripts/arm64-userland.sh") || cannot_start "the arm64 userland could not be built"
-vmlinuz=$(bash "$top/scripts/arm64-kernel.sh") || cannot_start "Debian's arm64 kernel could not be fetched"
+kernel=${GUESTMEM_KERNEL:-6.1}
+vmlinuz=$(bash "$top/scripts/arm64-kernel.sh" "$kernel") || cannot_start "Debian's arm64 kernel $kernel could not be fetched"
 command -v qemu-system-aarch64 >/dev/null || cannot_start "qemu-system-aarch64 is not installed"
 qemu_major=$(qemu-system-aarch64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p')
 [ "${qemu_major:-0}" -ge 10 ] || cannot_start "QEMU $qemu_major stores MTE tags wrongly in system emulation; need 10+"
@@ -54,7 +56,7 @@ chmod 755 "$overlay/init"
 (cd "$overlay" && find . | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) > "$work/overlay.cpio"
 cat "$base" "$work/overlay.cpio" > "$work/initrd"
 
-echo "arm64-kernel: booting $(cat "$(dirname "$vmlinuz")/package") with $(basename "$wheel") (timeout ${timeout_s}s)"
+echo "arm64-kernel: booting $kernel ($(cat "$(dirname "$vmlinuz")/package"), $(cat "$(dirname "$vmlinuz")/page-size")-byte pages) with $(basename "$wheel") (timeout ${timeout_s}s)"
 log=$work/console.log
 timeout --foreground -k 10 "$timeout_s" qemu-system-aarch64 \
     -machine virt,mte=on,virtualization=on,gic-version=3 -cpu max -smp 2 -m 2048 \
@@ -64,7 +66,7 @@ qemu_status=${PIPESTATUS[0]}
 
 mkdir -p "$top/lane-reports"
 sed -n '/^GUESTMEM-LANE-REPORT-BEGIN/,/^GUESTMEM-LANE-REPORT-END/{//!p}' "$log" | tr -d '\r' \
-    > "$top/lane-reports/arm64-kernel.json"
+    > "$top/lane-reports/arm64-kernel-$kernel.json"
 grep -q "GUESTMEM-KERNEL-LANE-START" "$log" \
     || cannot_start "the VM did not reach /init (qemu exit $qemu_status); see the console above"
 status=$(tr -d '\r' < "$log" | sed -n 's/^GUESTMEM-KERNEL-LANE-EXIT=\([0-9]*\)$/\1/p' | tail -n 1)

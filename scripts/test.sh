@@ -2,7 +2,9 @@
 # The one test command: set up what is missing, then run every lane.
 #   host        the full suite on this machine (SOFTWARE, NONE)
 #   arm64-user  the arm64 wheel on QEMU's emulated MTE (HARDWARE, SOFTWARE, NONE)
-#   arm64-kernel  the same wheel under Debian's arm64 kernel in qemu-system-aarch64
+#   arm64-kernel-6.1, -6.12, -6.12-16k
+#               the same wheel under Debian's arm64 kernels (Linux 6.1 and 6.12
+#               with 4 KiB pages, 6.12 with 16 KiB pages) in qemu-system-aarch64
 #               with MTE and nested KVM: what only a kernel shows (HARDWARE, KVM)
 # With CI=true a lane that cannot start fails the run; elsewhere it is
 # reported as not run, with the reason. Extra arguments go to pytest.
@@ -11,10 +13,14 @@ here=$(cd "$(dirname "$0")" && pwd)
 declare -A result
 failed=0
 
+KERNELS=(6.1 6.12 6.12-16k)
+LANES=(host arm64-user "${KERNELS[@]/#/arm64-kernel-}")
+
+# lane NAME SCRIPT [pytest args]; GUESTMEM_KERNEL picks the kernel lane's kernel.
 lane() {
     local name=$1 script=$2; shift 2
     echo "===== lane $name ====="
-    bash "$here/$script" "$@"
+    GUESTMEM_KERNEL=${name#arm64-kernel-} bash "$here/$script" "$@"
     local rc=$?
     if [ $rc -eq 0 ]; then
         result[$name]="passed"
@@ -30,9 +36,10 @@ if [ "$(id -u)" -eq 0 ]; then
     bash "$here/host-deps.sh" || echo "host packages could not be installed: the arm64 lanes may not start"
 fi
 lane host test-host.sh "$@"
-for name in arm64-user arm64-kernel; do
+for name in "${LANES[@]:1}"; do
+    script=test-${name%%-[0-9]*}.sh  # arm64-kernel-6.12-16k -> test-arm64-kernel.sh
     if [ "$(id -u)" -eq 0 ]; then
-        lane "$name" "test-$name.sh" "$@"
+        lane "$name" "$script" "$@"
     elif [ "${CI:-}" = "true" ]; then
         result[$name]="FAILED (needs root for chroot and binfmt_misc)"; failed=1
     else
@@ -41,7 +48,7 @@ for name in arm64-user arm64-kernel; do
 done
 
 echo "===== lanes ====="
-for name in host arm64-user arm64-kernel; do
-    printf '  %-13s %s\n' "$name" "${result[$name]}"
+for name in "${LANES[@]}"; do
+    printf '  %-22s %s\n' "$name" "${result[$name]}"
 done
 exit $failed
