@@ -18,7 +18,7 @@ import guestmem as gm
 from conftest import BASE, HOLE, LAYOUT, assert_unchanged, snapshot
 from guestmem.gdbstub import GdbStub
 from guestmem.gdbstub.packets import Ack, Nak, Packet, PacketReader, escape, frame, unescape
-from guestmem.gdbstub.session import Session
+from guestmem.gdbstub.session import MAX_OPEN_FILES, Session
 from guestmem.gdbstub.smaps import smaps_text
 from guestmem.gdbstub.target import TARGET_XML
 
@@ -140,7 +140,15 @@ BAD_PACKETS = [
     (b"vFile:open:2f6574632f706173737764,0,0", b"F-1,2"),  # /etc/passwd
     (b"vFile:pread:63,10,0", b"F-1,9"),
     (b"qNotAThing", b""),
-    (b"Z0,1000,4", b""),
+    (b"Z0,%x,4" % BASE, b"E26"),  # no run control: GDB must not write BRKs itself
+    (b"z0,%x,4" % BASE, b"E26"),
+    (b"Z2,%x,4" % BASE, b"E26"),
+    (b"QMemTags:A,10:1:", b"E16"),  # an empty tag list (QEMU's stub crashes on it)
+    (b"QMemTags:%x,10:1:" % BASE, b"E16"),
+    (b"qAttached:zz", b"E01"),
+    (b"qAttached:1", b"E16"),  # not our pid
+    (b"qMemoryRegionInfo:", b"E01"),
+    (b"qXfer:memory-map:read:other:0,10", b"E16"),
 ]
 
 
@@ -201,6 +209,53 @@ def test_target_description_and_smaps(client: Client, mem: gm.GuestMemory) -> No
     assert client.ask(b"vFile:close:%s" % fd[1:]) == b"F0"
     tagged = mem.tag_mode is not gm.TagMode.NONE
     assert (b"VmFlags: rd wr mr mw me ac mt" in smaps_text(mem)) is tagged
+
+
+def test_qattached_names_the_stubs_own_process_attached(client: Client) -> None:
+    pid = client.ask(b"qC")[3:].split(b".")[0]
+    assert client.ask(b"qAttached") == b"1"
+    assert client.ask(b"qAttached:" + pid) == b"1"  # GDB with multiprocess+ names the pid
+
+
+@pytest.mark.parametrize("ending", [b"k", b"vKill;%x" % 42, b"D", b"D;%x" % 42])
+def test_kill_and_detach_end_the_session_and_leave_the_guest_as_it_was(
+    mem: gm.GuestMemory, ending: bytes
+) -> None:
+    session = Session(mem, dict, 42)
+    before = snapshot(mem)
+    assert session.handle(b"Z0,%x,4" % BASE) == b"E26"
+    reply = session.handle(ending)
+    assert session.ended
+    assert reply == (None if ending == b"k" else b"OK")
+    assert_unchanged(mem, before)
+
+
+def test_read_only_refuses_every_write_and_still_reads(mem: gm.GuestMemory) -> None:
+    session = Session(mem, dict, 42, read_only=True)
+    before = snapshot(mem)
+    writes = [
+        b"M%x,2:0102" % BASE,
+        b"X%x,2:" % BASE + escape(b"\x01\x02"),
+        b"QMemTags:%x,20:1:0102" % BASE,
+    ]
+    for packet in writes:
+        assert session.handle(packet) == b"E0d", packet
+    write_open = b"vFile:open:%s,1,1c0" % b"/proc/self/smaps".hex().encode()
+    assert session.handle(write_open) == b"F-1,d"
+    assert_unchanged(mem, before)
+    assert session.handle(b"m%x,2" % BASE) == mem.read(BASE, 2).hex().encode()
+    assert session.handle(b"qMemTags:%x,10:1" % BASE) == b"m%02x" % mem.get_tags(BASE, 16)[0]
+
+
+def test_vfile_handles_are_bounded_per_session(mem: gm.GuestMemory) -> None:
+    session = Session(mem, dict, 42)
+    open_maps = b"vFile:open:%s,0,0" % b"/proc/42/maps".hex().encode()
+    handles = [session.handle(open_maps) for _ in range(MAX_OPEN_FILES)]
+    assert all(h is not None and h.startswith(b"F") and b"-" not in h for h in handles)
+    assert session.handle(open_maps) == b"F-1,18"  # EMFILE
+    assert handles[3] is not None
+    assert session.handle(b"vFile:close:" + handles[3][1:]) == b"F0"
+    assert session.handle(open_maps) == handles[3]  # the freed handle is reused
 
 
 def test_sessions_end_on_k_d_or_a_closed_socket_and_the_next_one_is_served(
