@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,12 @@ import guestmem as gm
 from conftest import BASE, HOLE, LAYOUT, assert_unchanged, snapshot
 from guestmem.gdbstub import GdbStub
 from guestmem.gdbstub.packets import Ack, Nak, Packet, PacketReader, escape, frame, unescape
+from guestmem.gdbstub.server import (
+    BUSY_REPLY,
+    REFUSAL_WAIT,
+    RemoteAddressError,
+    is_loopback,
+)
 from guestmem.gdbstub.session import MAX_OPEN_FILES, Session
 from guestmem.gdbstub.smaps import smaps_text
 from guestmem.gdbstub.target import TARGET_XML
@@ -333,3 +340,112 @@ def test_a_register_provider_that_raises_gets_an_error_reply(mem: gm.GuestMemory
         c.raw(frame(b"k"))
         c.close()
         thread.join(timeout=30)
+
+
+def serving(server: GdbStub, sessions: int | None = None) -> threading.Thread:
+    thread = threading.Thread(target=server.serve, args=(sessions,), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_second_client_is_refused_at_once_and_the_first_goes_on(stub: GdbStub) -> None:
+    first = Client(stub.address)
+    assert first.ask(b"m%x,1" % BASE) == b"00"
+    second = Client(stub.address)
+    assert second.ask(b"qSupported:multiprocess+") == BUSY_REPLY
+    assert second.sock.recv(100) == b""  # then disconnected
+    second.close()
+    assert first.ask(b"m%x,2" % BASE) == b"0001"
+    first.raw(frame(b"D"))
+    first.close()
+    third = Client(stub.address)  # served once the first has gone
+    assert third.ask(b"m%x,1" % BASE) == b"00"
+    third.close()
+
+
+def test_a_refused_client_that_sends_nothing_is_dropped(mem: gm.GuestMemory) -> None:
+    with GdbStub(mem) as server:
+        serving(server)
+        first = Client(server.address)
+        assert first.ask(b"qAttached") == b"1"
+        silent = Client(server.address)
+        silent.sock.settimeout(REFUSAL_WAIT + 10)
+        assert silent.sock.recv(100) == b""
+        assert first.ask(b"qAttached") == b"1"
+        silent.close()
+        first.close()
+
+
+@pytest.mark.parametrize("leftover", [b"", b"$m4000"], ids=["silent", "half-a-packet"])
+def test_an_idle_session_ends_and_the_next_client_is_served(
+    mem: gm.GuestMemory, leftover: bytes
+) -> None:
+    with GdbStub(mem, idle_timeout=0.5) as server:
+        serving(server)
+        idle = Client(server.address)
+        assert idle.ask(b"qAttached") == b"1"
+        idle.raw(leftover)
+        started = time.monotonic()
+        assert idle.sock.recv(100) == b""
+        assert 0.4 < time.monotonic() - started < 10
+        idle.close()
+        after = Client(server.address)
+        assert after.ask(b"qAttached") == b"1"
+        after.close()
+
+
+def test_close_ends_the_active_session_and_serve_returns(mem: gm.GuestMemory) -> None:
+    server = GdbStub(mem, idle_timeout=None)
+    thread = serving(server)
+    c = Client(server.address)
+    assert c.ask(b"qAttached") == b"1"
+    c.raw(b"$m40")  # in the middle of a packet
+    server.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert c.sock.recv(100) == b""
+    c.close()
+
+
+def test_close_before_serve_makes_serve_return_at_once(mem: gm.GuestMemory) -> None:
+    server = GdbStub(mem)
+    server.close()
+    thread = serving(server)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", ""])
+def test_binding_a_non_loopback_address_needs_allow_remote(mem: gm.GuestMemory, host: str) -> None:
+    with pytest.raises(RemoteAddressError, match="no authentication"):
+        GdbStub(mem, host=host)
+    with GdbStub(mem, host=host, allow_remote=True) as server:
+        assert server.address.split(":")[0] in ("0.0.0.0", "[::]")
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("", False),
+        ("192.0.2.1", False),
+        ("no.such.host.invalid", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_a_read_only_stub_refuses_writes(mem: gm.GuestMemory) -> None:
+    before = snapshot(mem)
+    with GdbStub(mem, read_only=True) as server:
+        serving(server)
+        c = Client(server.address)
+        assert c.ask(b"M%x,1:ff" % BASE) == b"E0d"
+        assert c.ask(b"m%x,1" % BASE) == mem.read(BASE, 1).hex().encode()
+        c.close()
+    assert_unchanged(mem, before)
