@@ -18,7 +18,9 @@ from guestmem.kinds import TagMode
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory
 
-ADDRESS_SPACE_END = 1 << 64  # the last gap ends at 2**64-1, never wrapping to 0
+# The last gap ends at 2**64-1: start + size must fit in 64 bits, or LLDB's
+# region walk wraps to 0 and never ends.
+ADDRESS_SPACE_END = (1 << 64) - 1
 
 
 def _tagged(memory: GuestMemory) -> bool:
@@ -74,7 +76,7 @@ def region_info(memory: GuestMemory, address: int) -> bytes:
     """LLDB's ``qMemoryRegionInfo`` reply for ``address``: its region, or the gap around it.
 
     A gap has no permissions; it ends where the next region starts, the last
-    one at 2**64-1 (``size`` counts up to 2**64, so nothing wraps to 0).
+    one at 2**64-1 (so ``start + size`` never wraps to 0).
     """
     start = 0
     for region in sorted(memory.regions, key=lambda r: r.gpa):
