@@ -136,7 +136,8 @@ BAD_PACKETS = [
     (b"X%x,2:}" % BASE, b"E01"),
     (b"m1234567890abcdef01,1", b"E01"),
     (b"QMemTags:%x,20:1:10" % BASE, b"E16"),  # tag 16
-    (b"QMemTags:%x,20:1:ff" % BASE, b"E16"),
+    (b"QMemTags:%x,20:1:ff" % BASE, b"E16"),  # refused, not cut to its low 4 bits
+    (b"QMemTags:%x,20:1:0f10" % BASE, b"E16"),  # one bad tag: no granule changes
     (b"QMemTags:%x,20:1:" % BASE, b"E16"),
     (b"QMemTags:%x,20:1:0g" % BASE, b"E01"),
     (b"QMemTags:%x,20:2:01" % BASE, b"E16"),  # not allocation tags
