@@ -21,6 +21,7 @@ from guestmem.gdbstub import GdbStub
 from guestmem.gdbstub.packets import Ack, Nak, Packet, PacketReader, escape, frame, unescape
 from guestmem.gdbstub.server import (
     BUSY_REPLY,
+    MAX_REFUSING,
     REFUSAL_WAIT,
     RemoteAddressError,
     is_loopback,
@@ -375,6 +376,23 @@ def test_a_refused_client_that_sends_nothing_is_dropped(mem: gm.GuestMemory) -> 
         assert first.ask(b"qAttached") == b"1"
         silent.close()
         first.close()
+
+
+def test_refused_clients_waiting_at_once_are_bounded(mem: gm.GuestMemory) -> None:
+    with GdbStub(mem) as server:
+        serving(server)
+        first = Client(server.address)
+        assert first.ask(b"qAttached") == b"1"
+        waiting = []
+        for _ in range(MAX_REFUSING):
+            waiting.append(Client(server.address))
+            assert first.ask(b"qAttached") == b"1"  # each is admitted before the next comes
+        extra = Client(server.address)
+        extra.sock.settimeout(REFUSAL_WAIT / 2)
+        assert extra.sock.recv(100) == b""  # closed at once, not after REFUSAL_WAIT
+        assert waiting[0].ask(b"qAttached") == BUSY_REPLY  # the others still get their reason
+        for c in [*waiting, extra, first]:
+            c.close()
 
 
 @pytest.mark.parametrize("leftover", [b"", b"$m4000"], ids=["silent", "half-a-packet"])

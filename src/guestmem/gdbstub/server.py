@@ -58,6 +58,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def accept(listener: socket.socket) -> socket.socket | None:
+    """A waiting client, or None: none waits, it left already, or accept failed (logged)."""
+    try:
+        return listener.accept()[0]
+    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+        return None
+    except OSError as error:  # e.g. out of file descriptors: wait, then try again
+        log.warning("cannot accept a client: %s", error)
+        time.sleep(0.1)
+        return None
+
+
 class _Refusal:
     """A client that came while a session runs: it gets ``E.busy`` for its first packet."""
 
@@ -84,9 +96,47 @@ class _Refusal:
             return True
         return False
 
+
+class _Refusals:
+    """The clients being refused during one session, watched by its selector."""
+
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        self._selector = selector
+        self._waiting: list[_Refusal] = []
+
+    def admit(self, conn: socket.socket) -> None:
+        """Refuse ``conn`` once it sends a packet (at once if too many wait)."""
+        if len(self._waiting) >= MAX_REFUSING:
+            conn.close()
+            return
+        refusal = _Refusal(conn)
+        self._waiting.append(refusal)
+        self._selector.register(conn, selectors.EVENT_READ, refusal)
+
+    def on_readable(self, refusal: _Refusal) -> None:
+        """Answer or drop ``refusal`` if it has sent enough."""
+        if refusal.on_readable():
+            self._drop(refusal)
+
+    def expire(self) -> None:
+        """Drop the clients that sent no packet in time."""
+        now = time.monotonic()
+        for refusal in [r for r in self._waiting if r.deadline <= now]:
+            self._drop(refusal)
+
+    def next_deadline(self) -> float | None:
+        """When the first waiting client expires, if any waits."""
+        return min((r.deadline for r in self._waiting), default=None)
+
     def close(self) -> None:
-        """Disconnect the client."""
-        self.conn.close()
+        """Disconnect every waiting client."""
+        for refusal in list(self._waiting):
+            self._drop(refusal)
+
+    def _drop(self, refusal: _Refusal) -> None:
+        self._selector.unregister(refusal.conn)
+        self._waiting.remove(refusal)
+        refusal.conn.close()
 
 
 class GdbStub(ClosesOnExit):
@@ -123,9 +173,9 @@ class GdbStub(ClosesOnExit):
         self._closed = threading.Event()
         self._serving = threading.RLock()
         self._active: socket.socket | None = None
-        self._wake_reader, self._wake_writer = socket.socketpair()
         self._unix_path = unix_path
         self._listener = self._listen(host, port, unix_path)
+        self._wake_reader, self._wake_writer = socket.socketpair()
 
     @staticmethod
     def _listen(host: str, port: int, unix_path: str | None) -> socket.socket:
@@ -165,8 +215,8 @@ class GdbStub(ClosesOnExit):
             selector.register(self._wake_reader, selectors.EVENT_READ)
             while not self._closed.is_set():
                 selector.select()
-                with contextlib.suppress(BlockingIOError, InterruptedError):
-                    conn, _ = self._listener.accept()
+                conn = None if self._closed.is_set() else accept(self._listener)
+                if conn is not None:
                     return conn
         return None
 
@@ -188,74 +238,41 @@ class GdbStub(ClosesOnExit):
             conn.close()
 
     def _run(self, session: Session, conn: socket.socket) -> None:
-        refusals: dict[socket.socket, _Refusal] = {}
         with selectors.DefaultSelector() as selector:
             selector.register(conn, selectors.EVENT_READ, "client")
             selector.register(self._listener, selectors.EVENT_READ, "newcomer")
             selector.register(self._wake_reader, selectors.EVENT_READ, "wake")
+            refusals = _Refusals(selector)
             try:
-                self._loop(session, conn, selector, refusals)
+                self._loop(_Exchange(session, conn, self._reply), selector, refusals)
             finally:
-                for refusal in refusals.values():
-                    refusal.close()
+                refusals.close()
 
     def _loop(
-        self,
-        session: Session,
-        conn: socket.socket,
-        selector: selectors.BaseSelector,
-        refusals: dict[socket.socket, _Refusal],
+        self, exchange: _Exchange, selector: selectors.BaseSelector, refusals: _Refusals
     ) -> None:
-        exchange = _Exchange(session, conn, self._reply)
         last_packet = time.monotonic()
-        while not session.ended and not self._closed.is_set():
-            now = time.monotonic()
-            if self.idle_timeout is not None and now - last_packet >= self.idle_timeout:
+        while not exchange.session.ended and not self._closed.is_set():
+            idle_deadline = None if self.idle_timeout is None else last_packet + self.idle_timeout
+            if idle_deadline is not None and time.monotonic() >= idle_deadline:
                 log.info("session idle for %.0f s: ended", self.idle_timeout)
                 return
-            ready = selector.select(self._wait(now, last_packet, refusals))
+            deadlines = [d for d in (idle_deadline, refusals.next_deadline()) if d is not None]
+            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            ready = selector.select(wait)
             # The client first: one that left just before a newcomer came makes way for it.
             for key, _ in sorted(ready, key=lambda event: event[0].data != "client"):
                 if key.data == "client":
-                    if not exchange.receive() or session.ended:
+                    if not exchange.receive() or exchange.session.ended:
                         return
                     last_packet = time.monotonic() if exchange.progressed else last_packet
                 elif key.data == "newcomer":
-                    self._refuse_newcomer(selector, refusals)
-                elif isinstance(key.data, _Refusal) and key.data.on_readable():
-                    self._drop(selector, refusals, key.data)
-            for refusal in [r for r in refusals.values() if r.deadline <= time.monotonic()]:
-                self._drop(selector, refusals, refusal)
-
-    def _wait(
-        self, now: float, last_packet: float, refusals: dict[socket.socket, _Refusal]
-    ) -> float | None:
-        deadlines = [r.deadline for r in refusals.values()]
-        if self.idle_timeout is not None:
-            deadlines.append(last_packet + self.idle_timeout)
-        return max(0.0, min(deadlines) - now) if deadlines else None
-
-    def _refuse_newcomer(
-        self, selector: selectors.BaseSelector, refusals: dict[socket.socket, _Refusal]
-    ) -> None:
-        try:
-            conn, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        if len(refusals) >= MAX_REFUSING:
-            conn.close()
-            return
-        refusal = _Refusal(conn)
-        refusals[conn] = refusal
-        selector.register(conn, selectors.EVENT_READ, refusal)
-
-    @staticmethod
-    def _drop(
-        selector: selectors.BaseSelector, refusals: dict[socket.socket, _Refusal], refusal: _Refusal
-    ) -> None:
-        selector.unregister(refusal.conn)
-        del refusals[refusal.conn]
-        refusal.close()
+                    newcomer = accept(self._listener)
+                    if newcomer is not None:
+                        refusals.admit(newcomer)
+                elif isinstance(key.data, _Refusal):
+                    refusals.on_readable(key.data)
+            refusals.expire()
 
     @staticmethod
     def _reply(session: Session, payload: bytes) -> bytes | None:
