@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from conftest import LANE
-from test_gdb_client import BASE, SIZE, Guest, guest
+from test_gdb_client import BASE, GDB, SIZE, Guest, gdb_args, guest
 
 LLDB = shutil.which("lldb")
 LLDB_LANES = ("host",)  # LLDB runs beside the host's gdb-multiarch
@@ -34,7 +34,10 @@ def lldb(address: str, *commands: str) -> str:
     args = [LLDB or "lldb", "--no-lldbinit", "--batch", "-o", f"gdb-remote {address}"]
     for command in commands:
         args += ["-o", command]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    # stdin closed: after a failed connect LLDB's batch mode falls back to its prompt
+    result = subprocess.run(
+        args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
     return result.stdout + result.stderr
 
 
@@ -115,3 +118,22 @@ def test_an_lldb_session_leaves_guest_memory_byte_identical(guest: Guest) -> Non
     assert guest.image() == before
     again = lldb(guest.address, f"memory read -c 4 {BASE:#x}")  # the guest lives on
     assert f"{BASE:#x}: 00 01 02 03" in again, again
+
+
+@pytest.mark.skipif(GDB is None, reason="gdb-multiarch holds the first session")
+def test_lldb_is_refused_while_gdb_holds_the_session(guest: Guest) -> None:
+    first = subprocess.Popen(
+        gdb_args(guest.address, f"x/1xb {BASE + 1:#x}", "shell sleep 4", f"x/1xb {BASE + 2:#x}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert first.stdout is not None
+    while f"{BASE + 1:#x}:" not in first.stdout.readline():  # the first session is up
+        assert first.poll() is None, "GDB ended early"
+    out = lldb(guest.address, f"memory read -c 4 {BASE:#x}")
+    # LLDB 14 does not print the E.busy text; it stops at the handshake.
+    assert "but no stop reply packet was received" in out, out
+    assert f"{BASE:#x}: 00 01 02 03" not in out, out
+    rest = first.communicate(timeout=120)[0]
+    assert f"{BASE + 2:#x}:\t0x02" in rest, rest
