@@ -3,10 +3,10 @@
 #   qemu-user-static, mmdebstrap    -> arm64-user lane (emulated MTE)
 #   qemu-system-arm (bookworm-backports: 10.0; 7.2 stores tags wrongly)
 #                                   -> arm64-kernel lane
-#   gdb-multiarch                   -> the GDB-driven debug tests
+#   gdb-multiarch, lldb             -> the GDB- and LLDB-driven debug tests
 set -euo pipefail
 
-stamp=/var/cache/guestmem/host-deps.v2
+stamp=/var/cache/guestmem/host-deps.v3
 [ -f "$stamp" ] && exit 0
 mkdir -p /var/cache/guestmem
 
@@ -25,7 +25,7 @@ export DEBIAN_FRONTEND=noninteractive
 # Other vendors' lists on the machine may be unreachable; Debian's must not be.
 apt-get update -o APT::Update::Error-Mode=any \
     -o Dir::Etc::sourcelist=/dev/null 2>&1 | tail -n 3 || apt-get update || true
-apt-get install -y --no-install-recommends mmdebstrap arch-test binfmt-support gdb-multiarch cpio
+apt-get install -y --no-install-recommends mmdebstrap arch-test binfmt-support gdb-multiarch lldb cpio
 apt-get install -y --no-install-recommends -t bookworm-backports qemu-user-static qemu-system-arm
 qemu-system-aarch64 --version | head -n 1
 touch "$stamp"

@@ -25,6 +25,7 @@ GDB = shutil.which("gdb-multiarch")
 TARGET = os.environ.get("GUESTMEM_GDB_TARGET")
 MODES = os.environ.get("GUESTMEM_GDB_MODES", "SOFTWARE,NONE").upper().split(",")
 BASE = 0x4000_0000
+SIZE = 0x10000  # the guest's one region (tests/gdb_target.py)
 
 # Where this module runs: on the host, beside GDB.
 GDB_LANES = ("host", "arm64-user-gdb", "arm64-trixie-gdb")
@@ -64,6 +65,10 @@ class Guest:
         self.process.stdin.flush()
         return bytes.fromhex(self.process.stdout.readline().strip())
 
+    def image(self) -> tuple[bytes, bytes]:
+        """Every byte and every tag of guest memory."""
+        return self.ask("read", BASE, SIZE), self.ask("tags", BASE, SIZE)
+
     def close(self) -> None:
         assert self.process.stdin is not None
         self.process.stdin.close()
@@ -77,13 +82,20 @@ def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
     g.close()
 
 
-def gdb(address: str, *commands: str) -> str:
-    """GDB's output for ``commands`` run in batch mode against the stub at ``address``."""
+def gdb_args(address: str, *commands: str) -> list[str]:
+    """GDB in batch mode, connected to the stub at ``address``, running ``commands``."""
     args = [GDB or "gdb-multiarch", "-nx", "-batch", "-ex", "set architecture aarch64"]
     args += ["-ex", f"target remote {address}"]
     for command in commands:
         args += ["-ex", command]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    return args
+
+
+def gdb(address: str, *commands: str) -> str:
+    """GDB's output for ``commands`` run in batch mode against the stub at ``address``."""
+    result = subprocess.run(
+        gdb_args(address, *commands), capture_output=True, text=True, timeout=300
+    )
     return result.stdout + result.stderr
 
 
@@ -139,6 +151,57 @@ def test_gdb_sessions_follow_one_another(guest: Guest) -> None:
         out = gdb(guest.address, f"set {{unsigned char}} {BASE + 0x40:#x} = {value:#x}")
         assert "Remote connection closed" not in out, out
         assert guest.ask("read", BASE + 0x40, 1) == bytes([value])
+
+
+BREAKPOINTS = [
+    f"break *{BASE + 0x100:#x}",
+    "set breakpoint always-inserted on",
+    f"break *{BASE + 0x204:#x}",
+]
+
+
+@pytest.mark.parametrize(
+    ("ending", "expected"),
+    [
+        (["kill"], "killed]"),  # GDB's words after vKill: the stub merely detached
+        (["quit"], "detached]"),  # qAttached:<pid> says 1: GDB detaches, never kills
+        (["continue"], "Command aborted."),  # the continue GDB aborts for want of breakpoints
+    ],
+    ids=["kill", "quit", "aborted-continue"],
+)
+def test_gdb_breakpoints_never_change_guest_memory(
+    guest: Guest, ending: list[str], expected: str
+) -> None:
+    before = guest.image()
+    out = gdb(guest.address, *BREAKPOINTS, *ending)
+    assert guest.image() == before, out  # byte-identical, tags included
+    assert "Cannot insert breakpoint 1." in out, out  # Z0 refused: no BRK #0 written
+    assert expected in out, out
+
+
+def test_gdb_info_proc_mappings_lists_guest_memory(guest: Guest) -> None:
+    out = gdb(guest.address, "info proc mappings", "info mem")
+    assert f"{BASE:#x}         {BASE + SIZE:#x}    {SIZE:#x}        0x0  rw-p" in out, out
+    assert f"0   y  \t{BASE:#018x} {BASE + SIZE:#018x} rw nocache" in out, out
+
+
+def test_a_second_gdb_is_refused_while_the_first_goes_on(guest: Guest) -> None:
+    first = subprocess.Popen(
+        gdb_args(guest.address, f"x/1xb {BASE + 1:#x}", "shell sleep 4", f"x/1xb {BASE + 2:#x}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert first.stdout is not None
+    while f"{BASE + 1:#x}:" not in first.stdout.readline():  # the first session is up
+        assert first.poll() is None, "the first GDB ended early"
+    second = gdb(guest.address, f"x/1xb {BASE + 3:#x}")
+    assert "Remote failure reply: E.busy: another debugger session is active" in second, second
+    assert f"{BASE + 3:#x}:\t0x03" not in second, second
+    rest = first.communicate(timeout=120)[0]
+    assert f"{BASE + 2:#x}:\t0x02" in rest, rest
+    third = gdb(guest.address, f"x/1xb {BASE + 3:#x}")  # served once the first has gone
+    assert f"{BASE + 3:#x}:\t0x03" in third, third
 
 
 @pytest.mark.skipif(TARGET is not None, reason="the CLI runs in host Python: the host lane runs it")

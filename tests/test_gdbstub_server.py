@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,14 @@ import guestmem as gm
 from conftest import BASE, HOLE, LAYOUT, assert_unchanged, snapshot
 from guestmem.gdbstub import GdbStub
 from guestmem.gdbstub.packets import Ack, Nak, Packet, PacketReader, escape, frame, unescape
-from guestmem.gdbstub.session import Session
+from guestmem.gdbstub.server import (
+    BUSY_REPLY,
+    MAX_REFUSING,
+    REFUSAL_WAIT,
+    RemoteAddressError,
+    is_loopback,
+)
+from guestmem.gdbstub.session import MAX_OPEN_FILES, Session
 from guestmem.gdbstub.smaps import smaps_text
 from guestmem.gdbstub.target import TARGET_XML
 
@@ -129,7 +137,8 @@ BAD_PACKETS = [
     (b"X%x,2:}" % BASE, b"E01"),
     (b"m1234567890abcdef01,1", b"E01"),
     (b"QMemTags:%x,20:1:10" % BASE, b"E16"),  # tag 16
-    (b"QMemTags:%x,20:1:ff" % BASE, b"E16"),
+    (b"QMemTags:%x,20:1:ff" % BASE, b"E16"),  # refused, not cut to its low 4 bits
+    (b"QMemTags:%x,20:1:0f10" % BASE, b"E16"),  # one bad tag: no granule changes
     (b"QMemTags:%x,20:1:" % BASE, b"E16"),
     (b"QMemTags:%x,20:1:0g" % BASE, b"E01"),
     (b"QMemTags:%x,20:2:01" % BASE, b"E16"),  # not allocation tags
@@ -140,7 +149,15 @@ BAD_PACKETS = [
     (b"vFile:open:2f6574632f706173737764,0,0", b"F-1,2"),  # /etc/passwd
     (b"vFile:pread:63,10,0", b"F-1,9"),
     (b"qNotAThing", b""),
-    (b"Z0,1000,4", b""),
+    (b"Z0,%x,4" % BASE, b"E26"),  # no run control: GDB must not write BRKs itself
+    (b"z0,%x,4" % BASE, b"E26"),
+    (b"Z2,%x,4" % BASE, b"E26"),
+    (b"QMemTags:A,10:1:", b"E16"),  # an empty tag list (QEMU's stub crashes on it)
+    (b"QMemTags:%x,10:1:" % BASE, b"E16"),
+    (b"qAttached:zz", b"E01"),
+    (b"qAttached:1", b"E16"),  # not our pid
+    (b"qMemoryRegionInfo:", b"E01"),
+    (b"qXfer:memory-map:read:other:0,10", b"E16"),
 ]
 
 
@@ -201,6 +218,53 @@ def test_target_description_and_smaps(client: Client, mem: gm.GuestMemory) -> No
     assert client.ask(b"vFile:close:%s" % fd[1:]) == b"F0"
     tagged = mem.tag_mode is not gm.TagMode.NONE
     assert (b"VmFlags: rd wr mr mw me ac mt" in smaps_text(mem)) is tagged
+
+
+def test_qattached_names_the_stubs_own_process_attached(client: Client) -> None:
+    pid = client.ask(b"qC")[3:].split(b".")[0]
+    assert client.ask(b"qAttached") == b"1"
+    assert client.ask(b"qAttached:" + pid) == b"1"  # GDB with multiprocess+ names the pid
+
+
+@pytest.mark.parametrize("ending", [b"k", b"vKill;%x" % 42, b"D", b"D;%x" % 42])
+def test_kill_and_detach_end_the_session_and_leave_the_guest_as_it_was(
+    mem: gm.GuestMemory, ending: bytes
+) -> None:
+    session = Session(mem, dict, 42)
+    before = snapshot(mem)
+    assert session.handle(b"Z0,%x,4" % BASE) == b"E26"
+    reply = session.handle(ending)
+    assert session.ended
+    assert reply == (None if ending == b"k" else b"OK")
+    assert_unchanged(mem, before)
+
+
+def test_read_only_refuses_every_write_and_still_reads(mem: gm.GuestMemory) -> None:
+    session = Session(mem, dict, 42, read_only=True)
+    before = snapshot(mem)
+    writes = [
+        b"M%x,2:0102" % BASE,
+        b"X%x,2:" % BASE + escape(b"\x01\x02"),
+        b"QMemTags:%x,20:1:0102" % BASE,
+    ]
+    for packet in writes:
+        assert session.handle(packet) == b"E0d", packet
+    write_open = b"vFile:open:%s,1,1c0" % b"/proc/self/smaps".hex().encode()
+    assert session.handle(write_open) == b"F-1,d"
+    assert_unchanged(mem, before)
+    assert session.handle(b"m%x,2" % BASE) == mem.read(BASE, 2).hex().encode()
+    assert session.handle(b"qMemTags:%x,10:1" % BASE) == b"m%02x" % mem.get_tags(BASE, 16)[0]
+
+
+def test_vfile_handles_are_bounded_per_session(mem: gm.GuestMemory) -> None:
+    session = Session(mem, dict, 42)
+    open_maps = b"vFile:open:%s,0,0" % b"/proc/42/maps".hex().encode()
+    handles = [session.handle(open_maps) for _ in range(MAX_OPEN_FILES)]
+    assert all(h is not None and h.startswith(b"F") and b"-" not in h for h in handles)
+    assert session.handle(open_maps) == b"F-1,18"  # EMFILE
+    assert handles[3] is not None
+    assert session.handle(b"vFile:close:" + handles[3][1:]) == b"F0"
+    assert session.handle(open_maps) == handles[3]  # the freed handle is reused
 
 
 def test_sessions_end_on_k_d_or_a_closed_socket_and_the_next_one_is_served(
@@ -278,3 +342,129 @@ def test_a_register_provider_that_raises_gets_an_error_reply(mem: gm.GuestMemory
         c.raw(frame(b"k"))
         c.close()
         thread.join(timeout=30)
+
+
+def serving(server: GdbStub, sessions: int | None = None) -> threading.Thread:
+    thread = threading.Thread(target=server.serve, args=(sessions,), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_second_client_is_refused_at_once_and_the_first_goes_on(stub: GdbStub) -> None:
+    first = Client(stub.address)
+    assert first.ask(b"m%x,1" % BASE) == b"00"
+    second = Client(stub.address)
+    assert second.ask(b"qSupported:multiprocess+") == BUSY_REPLY
+    assert second.sock.recv(100) == b""  # then disconnected
+    second.close()
+    assert first.ask(b"m%x,2" % BASE) == b"0001"
+    first.raw(frame(b"D"))
+    first.close()
+    third = Client(stub.address)  # served once the first has gone
+    assert third.ask(b"m%x,1" % BASE) == b"00"
+    third.close()
+
+
+def test_a_refused_client_that_sends_nothing_is_dropped(mem: gm.GuestMemory) -> None:
+    with GdbStub(mem) as server:
+        serving(server)
+        first = Client(server.address)
+        assert first.ask(b"qAttached") == b"1"
+        silent = Client(server.address)
+        silent.sock.settimeout(REFUSAL_WAIT + 10)
+        assert silent.sock.recv(100) == b""
+        assert first.ask(b"qAttached") == b"1"
+        silent.close()
+        first.close()
+
+
+def test_refused_clients_waiting_at_once_are_bounded(mem: gm.GuestMemory) -> None:
+    with GdbStub(mem) as server:
+        serving(server)
+        first = Client(server.address)
+        assert first.ask(b"qAttached") == b"1"
+        waiting = []
+        for _ in range(MAX_REFUSING):
+            waiting.append(Client(server.address))
+            assert first.ask(b"qAttached") == b"1"  # each is admitted before the next comes
+        extra = Client(server.address)
+        extra.sock.settimeout(REFUSAL_WAIT / 2)
+        assert extra.sock.recv(100) == b""  # closed at once, not after REFUSAL_WAIT
+        assert waiting[0].ask(b"qAttached") == BUSY_REPLY  # the others still get their reason
+        for c in [*waiting, extra, first]:
+            c.close()
+
+
+@pytest.mark.parametrize("leftover", [b"", b"$m4000"], ids=["silent", "half-a-packet"])
+def test_an_idle_session_ends_and_the_next_client_is_served(
+    mem: gm.GuestMemory, leftover: bytes
+) -> None:
+    with GdbStub(mem, idle_timeout=0.5) as server:
+        serving(server)
+        idle = Client(server.address)
+        assert idle.ask(b"qAttached") == b"1"
+        idle.raw(leftover)
+        started = time.monotonic()
+        assert idle.sock.recv(100) == b""
+        assert 0.4 < time.monotonic() - started < 10
+        idle.close()
+        after = Client(server.address)
+        assert after.ask(b"qAttached") == b"1"
+        after.close()
+
+
+def test_close_ends_the_active_session_and_serve_returns(mem: gm.GuestMemory) -> None:
+    server = GdbStub(mem, idle_timeout=None)
+    thread = serving(server)
+    c = Client(server.address)
+    assert c.ask(b"qAttached") == b"1"
+    c.raw(b"$m40")  # in the middle of a packet
+    server.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert c.sock.recv(100) == b""
+    c.close()
+
+
+def test_close_before_serve_makes_serve_return_at_once(mem: gm.GuestMemory) -> None:
+    server = GdbStub(mem)
+    server.close()
+    thread = serving(server)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", ""])
+def test_binding_a_non_loopback_address_needs_allow_remote(mem: gm.GuestMemory, host: str) -> None:
+    with pytest.raises(RemoteAddressError, match="no authentication"):
+        GdbStub(mem, host=host)
+    with GdbStub(mem, host=host, allow_remote=True) as server:
+        assert server.address.split(":")[0] in ("0.0.0.0", "[::]")
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("", False),
+        ("192.0.2.1", False),
+        ("no.such.host.invalid", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_a_read_only_stub_refuses_writes(mem: gm.GuestMemory) -> None:
+    before = snapshot(mem)
+    with GdbStub(mem, read_only=True) as server:
+        serving(server)
+        c = Client(server.address)
+        assert c.ask(b"M%x,1:ff" % BASE) == b"E0d"
+        assert c.ask(b"m%x,1" % BASE) == mem.read(BASE, 1).hex().encode()
+        c.close()
+    assert_unchanged(mem, before)

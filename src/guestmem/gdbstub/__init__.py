@@ -8,7 +8,7 @@ docs/gdbstub.md lists the packets.
 
 from __future__ import annotations
 
-from guestmem.gdbstub.server import GdbStub
+from guestmem.gdbstub.server import GdbStub, RemoteAddressError
 from guestmem.gdbstub.target import RegisterProvider
 
-__all__ = ["GdbStub", "RegisterProvider"]
+__all__ = ["GdbStub", "RegisterProvider", "RemoteAddressError"]

@@ -4,12 +4,18 @@ Memory goes through the DEBUG access class (never faults, tags kept);
 allocation tags through ``get_tags``/``set_tags``. GDB sends tagged pointers,
 so the top byte of every address is dropped. Replies follow gdbserver:
 ``E01`` for a malformed packet, ``E0e`` (EFAULT) for addresses outside guest
-memory, ``E16`` (EINVAL) for bad tags, tag types and lengths, and the empty
-reply for anything not supported. Nothing is changed by a packet that fails.
+memory, ``E16`` (EINVAL) for bad tags, tag types and lengths, ``E0d``
+(EACCES) for a write in read-only mode, ``E26`` (ENOSYS) for breakpoints and
+watchpoints (there is no run control), and the empty reply for anything not
+supported. Nothing is changed by a packet that fails.
+
+Nothing runs and nothing dies: ``k``, ``vKill`` and ``D`` all detach and
+leave the guest exactly as it is.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -19,7 +25,7 @@ import numpy as np
 from guestmem.errors import AddressError, GuestMemoryError, ProtocolError
 from guestmem.gdbstub import target
 from guestmem.gdbstub.packets import PACKET_SIZE, escape, unescape
-from guestmem.gdbstub.smaps import smaps_text
+from guestmem.gdbstub.smaps import maps_text, memory_map_xml, region_info, smaps_text
 from guestmem.gdbstub.target import RegisterProvider
 from guestmem.kinds import Access, TagMode
 from guestmem.memory import GuestMemory
@@ -31,12 +37,17 @@ ADDRESS_MASK = (1 << 56) - 1  # bits 63:56 carry the logical tag, not the addres
 MAX_READ = (PACKET_SIZE - 8) // 2  # bytes in one m reply; GDB asks again for the rest
 MAX_TAGS = 1 << 20  # granules in one qMemTags reply (16 MiB of memory)
 ALLOCATION_TAG = 1
+FIRST_FD = 100
+MAX_OPEN_FILES = 16  # vFile handles one session may hold; more get EMFILE
 E_MALFORMED, E_FAULT, E_INVALID = b"E01", b"E0e", b"E16"
-ENOENT, EBADF, EACCES = 2, 9, 13
+E_READ_ONLY, E_NO_RUN_CONTROL = b"E0d", b"E26"  # EACCES, ENOSYS
+ENOENT, EBADF, EACCES, EMFILE = 2, 9, 13, 24
 SUPPORTED = (
     f"PacketSize={PACKET_SIZE:x};QStartNoAckMode+;qXfer:features:read+;"
-    "multiprocess+;memory-tagging+;vContSupported-"
+    "qXfer:memory-map:read+;multiprocess+;memory-tagging+;vContSupported-"
 ).encode()
+_WRITES = (b"M", b"X", b"QMemTags:")
+_BREAKPOINTS = (b"Z", b"z")
 
 
 class InvalidRequest(GuestMemoryError, ValueError):
@@ -61,11 +72,22 @@ def split_fields(text: bytes, separator: bytes, count: int, what: str) -> list[b
 class Session:
     """The state of one connection: ack mode, open files, whether it has ended."""
 
-    def __init__(self, memory: GuestMemory, registers: RegisterProvider, pid: int) -> None:
-        """Serve ``memory``; ``pid`` names the process GDB believes it debugs."""
+    def __init__(
+        self,
+        memory: GuestMemory,
+        registers: RegisterProvider,
+        pid: int,
+        *,
+        read_only: bool = False,
+    ) -> None:
+        """Serve ``memory``; ``pid`` names the process GDB believes it debugs.
+
+        ``read_only`` refuses every write to memory or tags with ``E0d``.
+        """
         self.memory = memory
         self.registers = registers
         self.pid = pid
+        self.read_only = read_only
         self.no_ack = False
         self.ended = False
         self._files: dict[int, bytes] = {}
@@ -81,7 +103,10 @@ class Session:
         self._prefixed: list[tuple[bytes, Callable[[bytes], bytes]]] = [
             (b"qSupported", lambda _: SUPPORTED),
             (b"QStartNoAckMode", self._start_no_ack),
+            (b"qAttached:", self._attached),
             (b"qXfer:features:read:", self._features),
+            (b"qXfer:memory-map:read:", self._memory_map),
+            (b"qMemoryRegionInfo:", self._region_info),
             (b"qMemTags:", self._read_tags),
             (b"QMemTags:", self._write_tags),
             (b"qIsAddressTagged:", self._is_tagged),
@@ -99,11 +124,15 @@ class Session:
     def handle(self, payload: bytes) -> bytes | None:
         """The reply to one packet, or None when the session ends without one."""
         if payload == b"k":
-            self.ended = True
+            self.ended = True  # a detach: the guest goes on as it was
             return None
         if payload[:1] == b"D" or payload.startswith(b"vKill"):
             self.ended = True
             return b"OK"
+        if payload[:1] in _BREAKPOINTS:
+            return E_NO_RUN_CONTROL  # an empty reply would make GDB write BRKs itself
+        if self.read_only and payload.startswith(_WRITES):
+            return E_READ_ONLY
         if payload == b"g":
             return target.all_registers_hex(self.registers()).encode()
         if payload in self._fixed:
@@ -212,45 +241,78 @@ class Session:
     # ---- target description and files ------------------------------------------
 
     def _features(self, args: bytes) -> bytes:
-        annex, where = split_fields(args, b":", 2, "qXfer annex")
-        if annex != b"target.xml":
-            raise InvalidRequest(f"no annex {annex!r}")
-        offset, length = (parse_hex(f, "qXfer") for f in split_fields(where, b",", 2, "qXfer"))
-        chunk = target.TARGET_XML[offset : offset + min(length, MAX_READ)]
-        last = offset + len(chunk) >= len(target.TARGET_XML)
-        return (b"l" if last else b"m") + escape(chunk)
+        return _xfer(args, {b"target.xml": target.TARGET_XML})
+
+    def _memory_map(self, args: bytes) -> bytes:
+        return _xfer(args, {b"": memory_map_xml(self.memory)})
+
+    def _region_info(self, args: bytes) -> bytes:
+        return region_info(self.memory, parse_hex(args, "address"))
+
+    def _attached(self, args: bytes) -> bytes:
+        if parse_hex(args, "pid") != self.pid:
+            raise InvalidRequest(f"no process {args[:20]!r} here")
+        return b"1"
+
+    def _proc_files(self) -> dict[bytes, Callable[[], bytes]]:
+        files: dict[bytes, Callable[[], bytes]] = {}
+        for owner in (str(self.pid), "self"):
+            files[f"/proc/{owner}/smaps".encode()] = lambda: smaps_text(self.memory)
+            files[f"/proc/{owner}/maps".encode()] = lambda: maps_text(self.memory)
+        return files
 
     def _vfile(self, args: bytes) -> bytes:
         op, _, rest = args.partition(b":")
         if op == b"setfs":
             return b"F0"
         if op == b"open":
-            path_hex, flags, _mode = split_fields(rest, b",", 3, "vFile:open")
-            try:
-                path = bytes.fromhex(path_hex.decode("ascii"))
-            except (UnicodeDecodeError, ValueError):
-                raise ProtocolError("vFile:open path is not hex") from None
-            if path not in (f"/proc/{self.pid}/smaps".encode(), b"/proc/self/smaps"):
-                return b"F-1,%x" % ENOENT
-            if parse_hex(flags, "open flags") & os.O_ACCMODE != os.O_RDONLY:
-                return b"F-1,%x" % EACCES
-            fd = max(self._files, default=99) + 1
-            self._files[fd] = smaps_text(self.memory)
-            return b"F%x" % fd
+            return self._vfile_open(rest)
         if op == b"pread":
-            fields = split_fields(rest, b",", 3, "vFile:pread")
-            fd, count, offset = (parse_hex(f, "vFile:pread") for f in fields)
-            if fd not in self._files:
-                return b"F-1,%x" % EBADF
-            data = self._files[fd][offset : offset + min(count, MAX_READ)]
-            return b"F%x;" % len(data) + escape(data)
+            return self._vfile_pread(rest)
         if op == b"close":
             closed = self._files.pop(parse_hex(rest, "fd"), None) is not None
             return b"F0" if closed else b"F-1,%x" % EBADF
         return b""
+
+    def _vfile_open(self, args: bytes) -> bytes:
+        path_hex, flags, _mode = split_fields(args, b",", 3, "vFile:open")
+        try:
+            path = bytes.fromhex(path_hex.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError("vFile:open path is not hex") from None
+        contents = self._proc_files().get(path)
+        if contents is None:
+            return b"F-1,%x" % ENOENT
+        if parse_hex(flags, "open flags") & os.O_ACCMODE != os.O_RDONLY:
+            return b"F-1,%x" % EACCES
+        if len(self._files) >= MAX_OPEN_FILES:
+            return b"F-1,%x" % EMFILE
+        fd = next(n for n in itertools.count(FIRST_FD) if n not in self._files)
+        self._files[fd] = contents()
+        return b"F%x" % fd
+
+    def _vfile_pread(self, args: bytes) -> bytes:
+        fields = split_fields(args, b",", 3, "vFile:pread")
+        fd, count, offset = (parse_hex(f, "vFile:pread") for f in fields)
+        if fd not in self._files:
+            return b"F-1,%x" % EBADF
+        data = self._files[fd][offset : offset + min(count, MAX_READ)]
+        return b"F%x;" % len(data) + escape(data)
 
     def _start_no_ack(self, args: bytes) -> bytes:
         if args:
             return b""
         self.no_ack = True  # the server applies it after sending this reply
         return b"OK"
+
+
+def _xfer(args: bytes, annexes: dict[bytes, bytes]) -> bytes:
+    """A ``qXfer:...:read:ANNEX:OFFSET,LENGTH`` reply from one of ``annexes``."""
+    annex, where = split_fields(args, b":", 2, "qXfer annex")
+    if annex not in annexes:
+        raise InvalidRequest(f"no annex {annex!r}")
+    document = annexes[annex]
+    offset, length = (parse_hex(f, "qXfer") for f in split_fields(where, b",", 2, "qXfer"))
+    chunk = document[offset : offset + min(length, MAX_READ)]
+    last = offset + len(chunk) >= len(document)
+    return (b"l" if last else b"m") + escape(chunk)
