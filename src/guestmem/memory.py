@@ -497,6 +497,9 @@ class GuestMemory(ClosesOnExit):
 
     def _pieces(self, ranges: Sequence[tuple[int, int]], nbytes: int | None) -> list[Piece]:
         """Translate every range (all of them, before anything moves)."""
+        hot = self._hot_piece(ranges, nbytes)
+        if hot is not None:
+            return hot
         self._require_open()
         pieces: list[Piece] = []
         for gpa, length in _range_pairs(ranges):
@@ -505,6 +508,21 @@ class GuestMemory(ClosesOnExit):
         if nbytes is not None and total != nbytes:
             raise LengthError(f"the ranges hold {total} bytes but the buffer has {nbytes}")
         return pieces
+
+    def _hot_piece(self, ranges: object, nbytes: int | None) -> list[Piece] | None:
+        """The piece of one plain range inside the region used last (nothing more to check)."""
+        if type(ranges) is not list or len(ranges) != 1:
+            return None
+        pair = ranges[0]
+        if type(pair) is not tuple or len(pair) != 2:
+            return None
+        gpa, length = pair
+        if type(gpa) is not int or type(length) is not int or length < 0:
+            return None
+        lo, end, _, _, region = self._hot
+        if region is None or not lo <= gpa <= end - length or nbytes not in (None, length):
+            return None
+        return [(region, gpa - lo, length)]
 
     def _plan(self, access: Access, route: Route | None, tag: int | None) -> Plan:
         """The access resolved (see guestmem.plan); the common plans are kept ready."""
