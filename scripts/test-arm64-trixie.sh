@@ -68,11 +68,11 @@ cp "$root/tmp/arm64-trixie.json" "$top/lane-reports/arm64-trixie.json" 2>/dev/nu
 
 # GDB is not in the trixie userland (and need not be): GDB on the host debugs
 # the stub running under trixie's Python, over loopback.
-echo "arm64-trixie: gdb-multiarch on the host against the stub under trixie's Python"
+echo "arm64-trixie: gdb-multiarch and lldb on the host against the stub under trixie's Python"
 (cd "$top/tests" && GUESTMEM_LANE=arm64-trixie-gdb GUESTMEM_GDB_MODES=HARDWARE \
     GUESTMEM_LANE_REPORT="$top/lane-reports/arm64-trixie-gdb.json" \
     GUESTMEM_GDB_TARGET="env GUESTMEM_ARM64=$root bash $top/scripts/in-arm64.sh /opt/gm-test/bin/python /src/tests/gdb_target.py" \
-    "$host_venv/bin/python" -m pytest -p no:cacheprovider test_gdb_client.py)
+    "$host_venv/bin/python" -m pytest -p no:cacheprovider test_gdb_client.py test_lldb_client.py)
 gdb_status=$?
 [ $status -ne 0 ] && exit $status
 exit $gdb_status

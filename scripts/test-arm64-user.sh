@@ -32,13 +32,13 @@ status=$?
 cp "$root/tmp/arm64-user.json" "$top/lane-reports/arm64-user.json" 2>/dev/null || true
 
 # Real GDB on the host against the stub under emulation (HARDWARE tags), over loopback.
-echo "arm64-user: gdb-multiarch on the host against the arm64 stub"
+echo "arm64-user: gdb-multiarch and lldb on the host against the arm64 stub"
 host_python=${GUESTMEM_HOST_VENV:-/var/cache/guestmem/host-venv}/bin/python  # made by scripts/test-host.sh
 [ -x "$host_python" ] || bash "$top/scripts/test-host.sh" --co -q >/dev/null
 (cd "$top/tests" && GUESTMEM_LANE=arm64-user-gdb GUESTMEM_GDB_MODES=HARDWARE \
     GUESTMEM_LANE_REPORT="$top/lane-reports/arm64-user-gdb.json" \
     GUESTMEM_GDB_TARGET="bash $top/scripts/in-arm64.sh /opt/gm-test/bin/python /src/tests/gdb_target.py" \
-    "$host_python" -m pytest -p no:cacheprovider test_gdb_client.py)
+    "$host_python" -m pytest -p no:cacheprovider test_gdb_client.py test_lldb_client.py)
 gdb_status=$?
 [ $status -ne 0 ] && exit $status
 exit $gdb_status

@@ -16,7 +16,7 @@ from conftest import LANE
 from test_gdb_client import BASE, GDB, SIZE, Guest, gdb_args, guest
 
 LLDB = shutil.which("lldb")
-LLDB_LANES = ("host",)  # LLDB runs beside the host's gdb-multiarch
+LLDB_LANES = ("host", "arm64-user-gdb", "arm64-trixie-gdb")  # wherever host GDB runs
 if LLDB is None and os.environ.get("CI") == "true" and LANE in LLDB_LANES:
     raise RuntimeError("CI: lldb is missing; scripts/host-deps.sh installs it")
 pytestmark = [
