@@ -667,7 +667,9 @@ def _hot(region: GuestRegion) -> _Hot:
 _CLOSED: _Hot = (1, 0, None, None, None)
 _CHECKED = Route.CHECKED
 # A route named without a tag resolves to the same plan every time (CHECKED,
-# which needs a tag, is absent: resolve() refuses it).
+# which needs a tag, is absent: resolve() refuses it); so does CHECKED with
+# each of the 16 tags.
+_CHECKED_PLANS = {tag: Plan(Route.CHECKED, tag) for tag in range(16)}
 _ROUTE_PLANS: dict[Route, Plan] = {
     route: Plan(route) for route in Route if route is not Route.CHECKED
 }
