@@ -365,6 +365,17 @@ def test_a_second_client_is_refused_at_once_and_the_first_goes_on(stub: GdbStub)
     third.close()
 
 
+def test_a_refused_client_starting_with_another_packet_gets_no_reply(stub: GdbStub) -> None:
+    first = Client(stub.address)
+    assert first.ask(b"qAttached") == b"1"
+    lldb_like = Client(stub.address)
+    lldb_like.raw(b"+" + frame(b"QStartNoAckMode"))  # LLDB's first packet
+    assert lldb_like.sock.recv(100) == b""  # closed without a reply: LLDB stops cleanly
+    assert first.ask(b"qAttached") == b"1"
+    lldb_like.close()
+    first.close()
+
+
 def test_a_refused_client_that_sends_nothing_is_dropped(mem: gm.GuestMemory) -> None:
     with GdbStub(mem) as server:
         serving(server)
@@ -390,7 +401,7 @@ def test_refused_clients_waiting_at_once_are_bounded(mem: gm.GuestMemory) -> Non
         extra = Client(server.address)
         extra.sock.settimeout(REFUSAL_WAIT / 2)
         assert extra.sock.recv(100) == b""  # closed at once, not after REFUSAL_WAIT
-        assert waiting[0].ask(b"qAttached") == BUSY_REPLY  # the others still get their reason
+        assert waiting[0].ask(b"qSupported") == BUSY_REPLY  # the others still get their reason
         for c in [*waiting, extra, first]:
             c.close()
 

@@ -6,8 +6,8 @@ memory); a Unix socket path works too. Each session acknowledges packets
 until GDB asks for no-ack mode, answers ``-`` to a damaged packet and resends
 its last reply on ``-``. ``k``, ``vKill``, ``D``, a closed connection, an
 idle timeout or :meth:`GdbStub.close` ends it; the server then takes the
-next client. A client that connects while a session runs gets ``E.busy...``
-as the reply to its first packet and is disconnected.
+next client. A client that connects while a session runs is disconnected
+after its first packet, answered ``E.busy...`` if that is ``qSupported``.
 """
 
 from __future__ import annotations
@@ -89,12 +89,25 @@ class _Refusal:
             return True
         if not data:
             return True
-        if any(isinstance(e, Packet | BadPacket) for e in self._reader.feed(data)):
-            with contextlib.suppress(OSError):
-                self.conn.sendall(b"+" + frame(BUSY_REPLY))
-                self.conn.shutdown(socket.SHUT_WR)
-            return True
+        for event in self._reader.feed(data):
+            if isinstance(event, Packet | BadPacket):
+                self._answer(event)
+                return True
         return False
+
+    def _answer(self, first: Packet | BadPacket) -> None:
+        """``E.busy`` for GDB's first packet (qSupported); no reply to any other.
+
+        LLDB starts with QStartNoAckMode and prints no error text; given a
+        reply it goes on to set up a process on the dead connection (and
+        LLDB 14 can hang there), given none it stops at once: "Connection
+        shut down by remote side while waiting for reply to initial
+        handshake packet".
+        """
+        with contextlib.suppress(OSError):
+            if isinstance(first, Packet) and first.payload.startswith(b"qSupported"):
+                self.conn.sendall(b"+" + frame(BUSY_REPLY))
+            self.conn.shutdown(socket.SHUT_WR)
 
 
 class _Refusals:
