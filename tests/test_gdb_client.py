@@ -185,7 +185,8 @@ def test_gdb_info_proc_mappings_lists_guest_memory(guest: Guest) -> None:
     assert f"0   y  \t{BASE:#018x} {BASE + SIZE:#018x} rw nocache" in out, out
 
 
-def test_a_second_gdb_is_refused_while_the_first_goes_on(guest: Guest) -> None:
+def first_gdb_session(guest: Guest) -> subprocess.Popen[str]:
+    """A GDB that holds the stub's session for about 4 s; it reads BASE + 2 at its end."""
     first = subprocess.Popen(
         gdb_args(guest.address, f"x/1xb {BASE + 1:#x}", "shell sleep 4", f"x/1xb {BASE + 2:#x}"),
         stdout=subprocess.PIPE,
@@ -195,6 +196,11 @@ def test_a_second_gdb_is_refused_while_the_first_goes_on(guest: Guest) -> None:
     assert first.stdout is not None
     while f"{BASE + 1:#x}:" not in first.stdout.readline():  # the first session is up
         assert first.poll() is None, "the first GDB ended early"
+    return first
+
+
+def test_a_second_gdb_is_refused_while_the_first_goes_on(guest: Guest) -> None:
+    first = first_gdb_session(guest)
     second = gdb(guest.address, f"x/1xb {BASE + 3:#x}")
     assert "Remote failure reply: E.busy: another debugger session is active" in second, second
     assert f"{BASE + 3:#x}:\t0x03" not in second, second

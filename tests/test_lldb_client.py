@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from conftest import LANE
-from test_gdb_client import BASE, GDB, SIZE, Guest, gdb_args, guest
+from test_gdb_client import BASE, GDB, SIZE, Guest, first_gdb_session, guest
 
 LLDB = shutil.which("lldb")
 LLDB_LANES = ("host", "arm64-user-gdb", "arm64-trixie-gdb")  # wherever host GDB runs
@@ -122,15 +122,7 @@ def test_an_lldb_session_leaves_guest_memory_byte_identical(guest: Guest) -> Non
 
 @pytest.mark.skipif(GDB is None, reason="gdb-multiarch holds the first session")
 def test_lldb_is_refused_while_gdb_holds_the_session(guest: Guest) -> None:
-    first = subprocess.Popen(
-        gdb_args(guest.address, f"x/1xb {BASE + 1:#x}", "shell sleep 4", f"x/1xb {BASE + 2:#x}"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert first.stdout is not None
-    while f"{BASE + 1:#x}:" not in first.stdout.readline():  # the first session is up
-        assert first.poll() is None, "GDB ended early"
+    first = first_gdb_session(guest)
     out = lldb(guest.address, f"memory read -c 4 {BASE:#x}")
     # LLDB 14 prints no error text: the stub closes without replying to its first packet.
     assert (
