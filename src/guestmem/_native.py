@@ -17,7 +17,16 @@ from typing import Any, Protocol
 from guestmem._gm import ffi, lib
 from guestmem.errors import NativeOSError, TagCheckError, TagRaceError, UnsupportedError
 
-__all__ = ["access_request", "check", "ffi", "lib", "pointer_keeping", "raise_for", "spans"]
+__all__ = [
+    "access_request",
+    "check",
+    "ffi",
+    "lib",
+    "pointer_keeping",
+    "raise_for",
+    "spans",
+    "stream_regions",
+]
 
 
 class SpanSource(Protocol):
@@ -33,6 +42,23 @@ def spans(pieces: Sequence[tuple[SpanSource, int, int]]) -> Any:
     out = ffi.new("struct gm_span[]", len(pieces))
     for span, (region, offset, n) in zip(out, pieces, strict=True):
         region.fill_span(span, offset, n)
+    return out
+
+
+def stream_regions(mode: int, regions: Sequence[tuple[Any, Any, int, int]]) -> Any:
+    """A native ``struct gm_stream_region[]`` for ``(base, table, gpa, size)`` entries.
+
+    A NULL ``base`` only validates (decoding applies nothing). The KVM fd is
+    -1: set it for each use, inside the VM's in-use scope.
+    """
+    out = ffi.new("struct gm_stream_region[]", len(regions))
+    for entry, (base, table, gpa, size) in zip(out, regions, strict=True):
+        entry.mode = mode
+        entry.base = base
+        entry.table = table
+        entry.gpa = gpa
+        entry.size = size
+        entry.vm_fd = -1
     return out
 
 

@@ -41,9 +41,9 @@ from guestmem.units import GRANULE
 TagsLike = int | Sequence[int] | npt.NDArray[np.integer[Any]]
 Piece = tuple[GuestRegion, int, int]
 
-_OP_READ, _OP_WRITE, _OP_FILL = 0, 1, 2
+_OP_READ, _OP_WRITE, _OP_FILL = lib.GM_OP_READ, lib.GM_OP_WRITE, lib.GM_OP_FILL
 _OP_CHANGES = _OP_WRITE | _OP_FILL  # an op that writes guest memory
-_OP_STAGE = 4  # GM_OP_STAGE: the caller's buffer is tagged guest memory
+_OP_STAGE: int = lib.GM_OP_STAGE  # flag: the caller's buffer is tagged guest memory
 _ADDRESS_MASK = (1 << 56) - 1  # a host address without its tag byte
 BOUNCE_BUFFER_SIZE = 64 << 10
 BOUNCE_BUFFERS = 8
@@ -290,8 +290,9 @@ class GuestMemory(ClosesOnExit):
         Accessing it is a plain access: under HARDWARE it is checked against
         the granules' tags unless the thread is in :func:`guestmem.unchecked`.
         """
-        pieces = self.translate(gpa, length)
+        self._require_open()
         gpa, length = require_gpa_range(gpa, length)
+        pieces = self._split(gpa, length)
         if len(pieces) > 1:
             raise AddressError(
                 f"[{gpa:#x}, {gpa + length:#x}) spans regions: no single view",
@@ -363,7 +364,7 @@ class GuestMemory(ClosesOnExit):
                     value=value,
                     alignment=GRANULE,
                 )
-        return gpa, length, self.translate(gpa, length)
+        return gpa, length, self._split(gpa, length)
 
     # ---- data ---------------------------------------------------------------------
 
@@ -551,8 +552,9 @@ class GuestMemory(ClosesOnExit):
         fits = type(gpa) is int and type(length) is int and length >= 0
         if fits and hot[0] <= gpa and gpa + length <= hot[1]:
             return gpa, length, hot
+        self._require_open()
         gpa, length = require_gpa_range(gpa, length)
-        pieces = self.translate(gpa, length)
+        pieces = self._split(gpa, length)
         if len(pieces) != 1:
             return gpa, length, pieces
         hot = self._hot = _hot(pieces[0][0])

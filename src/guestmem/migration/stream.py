@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
-from guestmem._native import check, ffi, lib
+from guestmem._native import check, ffi, lib, stream_regions
 from guestmem.errors import StreamError
 from guestmem.kinds import TagMode
 from guestmem.migration.header import StreamHeader, checksum, read_header
@@ -54,16 +54,8 @@ def native_regions(memory: GuestMemory) -> Any:
     Its KVM fd is -1: set it inside ``memory._vm_fd_in_use()`` for each use,
     so that close() never closes the VM under the codec.
     """
-    regions = memory.regions
-    table = ffi.new("struct gm_stream_region[]", len(regions))
-    for entry, region in zip(table, regions, strict=True):
-        entry.mode = memory.tag_mode
-        entry.base = region._base
-        entry.table = region._table_base
-        entry.gpa = region.gpa
-        entry.size = region.size
-        entry.vm_fd = -1
-    return table
+    entries = [(r._base, r._table_base, r.gpa, r.size) for r in memory.regions]
+    return stream_regions(memory.tag_mode, entries)
 
 
 @contextmanager
@@ -242,14 +234,8 @@ class StreamReader:
     def _native_regions(self, header: StreamHeader) -> tuple[Any, int]:
         if self._memory is not None:
             return native_regions(self._memory), len(self._memory.regions)
-        table = ffi.new("struct gm_stream_region[]", len(header.regions))
-        for entry, (gpa, size) in zip(table, header.regions, strict=True):
-            entry.mode = header.tag_mode
-            entry.base = ffi.NULL  # check only
-            entry.gpa = gpa
-            entry.size = size
-            entry.vm_fd = -1
-        return table, len(header.regions)
+        check_only = [(ffi.NULL, ffi.NULL, gpa, size) for gpa, size in header.regions]
+        return stream_regions(header.tag_mode, check_only), len(check_only)
 
     def _more_after_end(self) -> bool:
         """Whether anything follows the end record (on a socket: has arrived already)."""

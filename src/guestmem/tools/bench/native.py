@@ -20,8 +20,6 @@ from guestmem.tools.bench.model import BASELINE, CHECKS_OFF, Case
 from guestmem.tools.bench.subject import CHECKED_TAG, Subject
 from guestmem.tools.bench.timing import Timing, timed
 
-_OP_READ = 0  # guest -> device buffer
-
 
 def _address(core_cdata: Any) -> int:
     return int(core_ffi.cast("uintptr_t", core_cdata))
@@ -45,7 +43,7 @@ def _request(subject: Subject, route: gm.Route, point: plan.Point, buf: Any) -> 
     tag = CHECKED_TAG if route is gm.Route.CHECKED else None
     plan = resolve(subject.memory.policy, gm.Access.DMA, route, tag)
     piece = (subject.region, point.offset, point.size)
-    return subject.memory._request(plan, _OP_READ, [piece], buf)
+    return subject.memory._request(plan, core_lib.GM_OP_READ, [piece], buf)  # guest -> device
 
 
 def time_native(
