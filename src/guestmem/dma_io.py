@@ -25,10 +25,9 @@ import numpy as np
 
 from guestmem._args import as_int
 from guestmem._native import check, ffi, lib, spans
-from guestmem.dma_mapping import DmaMapping
+from guestmem.dma_mapping import STAGE_PLAN, DmaMapping
 from guestmem.errors import ArgumentTypeError, WouldBlockError, from_os_error
 from guestmem.kinds import Direction, Lending, Route
-from guestmem.plan import Plan
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory, Piece
@@ -211,14 +210,11 @@ class DmaIO:
         staging = bytearray(sum(n for _, _, n in pieces))
         buf = ffi.from_buffer(staging)
         if direction.copies_in:
-            memory._move(_STAGE_PLAN, lib.GM_OP_READ, pieces, buf)
+            memory._move(STAGE_PLAN, lib.GM_OP_READ, pieces, buf)
             return call([memoryview(staging)])
         count = call([memoryview(staging)])
-        memory._move(_STAGE_PLAN, lib.GM_OP_WRITE, _prefix_pieces(pieces, count), buf)
+        memory._move(STAGE_PLAN, lib.GM_OP_WRITE, _prefix_pieces(pieces, count), buf)
         return count
-
-
-_STAGE_PLAN = Plan(Route.TCO)  # guest <-> staging copy: the library's own, not a system call
 
 
 def _require_socket(sock: object, flags: object) -> None:

@@ -11,14 +11,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from guestmem._native import check, lib
+from guestmem._native import check, ffi, lib
 from guestmem.errors import ArgumentTypeError, TagCheckError, UnsupportedError, UsageError
 from guestmem.kinds import Access, Direction, Lending, Route, TagMode
+from guestmem.plan import Plan
 from guestmem.region import GuestRegion
 from guestmem.units import GRANULE
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory, Piece
+
+
+# Guest memory <-> a staging copy (BOUNCE scopes, dma.io's BOUNCE): the
+# library's own copy of pieces already checked, never a system call.
+STAGE_PLAN = Plan(Route.TCO)
 
 
 class DmaMapping:
@@ -94,7 +100,9 @@ class DmaMapping:
                     segment.release()
         if self.plan.route.lending is Lending.STAGING:
             if staging is not None and self._direction.copies_out and exc_type is None:
-                self._memory.writev(self._ranges(), staging, route=Route.TCO)
+                self._memory._move(
+                    STAGE_PLAN, lib.GM_OP_WRITE, self._pieces, ffi.from_buffer(staging)
+                )
         elif self._direction.copies_out:
             self._mark_dirty()
 
@@ -112,17 +120,16 @@ class DmaMapping:
 
     def _mark_dirty(self) -> None:
         if self._memory.dirty.active:
-            for gpa, n in self._ranges():
-                self._memory.dirty.mark(gpa, n)
-
-    def _ranges(self) -> list[tuple[int, int]]:
-        return [(region.gpa + offset, n) for region, offset, n in self._pieces]
+            for region, offset, n in self._pieces:
+                self._memory.dirty.mark_region(region, offset, n)
 
     def _stage_in(self) -> memoryview:
         total = sum(n for _, _, n in self._pieces)
         self._staging = bytearray(total)
         if self._direction.copies_in:
-            self._memory.readv_into(self._ranges(), self._staging, route=Route.TCO)
+            self._memory._move(
+                STAGE_PLAN, lib.GM_OP_READ, self._pieces, ffi.from_buffer(self._staging)
+            )
         return memoryview(self._staging)
 
     def _piece_tags(self) -> Iterator[tuple[GuestRegion, int, int, int, npt.NDArray[np.uint8]]]:

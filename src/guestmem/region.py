@@ -22,6 +22,7 @@ from guestmem.errors import (
     NativeOSError,
     SharedTableError,
     UnsupportedError,
+    from_os_error,
 )
 from guestmem.kinds import TagMode
 from guestmem.units import GRANULE, HOST_PAGE
@@ -188,7 +189,7 @@ def _os_call(what: str, call: Any, *args: Any) -> Any:
     try:
         return call(*args)
     except OSError as err:
-        raise NativeOSError(err.errno, f"{what}: {err.strerror}") from err
+        raise from_os_error(err, what) from err
 
 
 def _new_table_fd(name: str, count: int) -> int:
@@ -202,9 +203,7 @@ def _new_table_fd(name: str, count: int) -> int:
 
 
 def _fd_size(fd: object, what: str) -> int:
-    if isinstance(fd, bool) or not isinstance(fd, (int, np.integer)):
-        raise ArgumentTypeError(f"{what} must be a file descriptor, not {type(fd).__name__}")
-    info = _os_call(f"fstat of {what}", os.fstat, int(fd))
+    info = _os_call(f"fstat of {what}", os.fstat, as_int(fd, what))
     return int(info.st_size)
 
 
