@@ -85,6 +85,12 @@ int gm_kvm_add_memslot(int vm_fd, uint32_t slot, uint64_t gpa, uint64_t size, ui
     return ioctl(vm_fd, GM_KVM_SET_USER_MEMORY_REGION, &region) < 0 ? GM_ERR_ERRNO : GM_OK;
 }
 
+long gm_kvm_ioctl(int fd, unsigned long request, void *arg)
+{
+    long r = ioctl(fd, request, arg);
+    return r < 0 ? GM_ERR_ERRNO : r;
+}
+
 static int copy_tags(int vm_fd, uint64_t gpa, uint64_t length, uint8_t *tags, int flags)
 {
     struct gm_kvm_copy_mte_tags copy = {

@@ -15,4 +15,10 @@ int gm_kvm_add_memslot(int vm_fd, uint32_t slot, uint64_t gpa, uint64_t size, ui
 int gm_kvm_tags_get(int vm_fd, uint64_t gpa, size_t granules, uint8_t *out);
 int gm_kvm_tags_set(int vm_fd, uint64_t gpa, size_t granules, const uint8_t *tags, int uniform_tag);
 
+/* Any other KVM ioctl, for a VMM built on the library (vCPUs, the vGIC,
+ * KVM_RUN): called without the GIL, so a vCPU thread runs while Python goes
+ * on; EINTR comes back as an error (a kicked KVM_RUN), never retried here.
+ * Returns the ioctl's result, or GM_ERR_ERRNO. */
+long gm_kvm_ioctl(int fd, unsigned long request, void *arg);
+
 #endif

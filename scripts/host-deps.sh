@@ -4,9 +4,10 @@
 #   qemu-system-arm (bookworm-backports: 10.0; 7.2 stores tags wrongly)
 #                                   -> arm64-kernel lane
 #   gdb-multiarch, lldb             -> the GDB- and LLDB-driven debug tests
+#   swig                            -> builds pylibfdt (the VMM's device tree) for the host venv
 set -euo pipefail
 
-stamp=/var/cache/guestmem/host-deps.v3
+stamp=/var/cache/guestmem/host-deps.v4
 [ -f "$stamp" ] && exit 0
 mkdir -p /var/cache/guestmem
 
@@ -25,7 +26,7 @@ export DEBIAN_FRONTEND=noninteractive
 # Other vendors' lists on the machine may be unreachable; Debian's must not be.
 apt-get update -o APT::Update::Error-Mode=any \
     -o Dir::Etc::sourcelist=/dev/null 2>&1 | tail -n 3 || apt-get update || true
-apt-get install -y --no-install-recommends mmdebstrap arch-test binfmt-support gdb-multiarch lldb cpio
+apt-get install -y --no-install-recommends mmdebstrap arch-test binfmt-support gdb-multiarch lldb cpio swig
 apt-get install -y --no-install-recommends -t bookworm-backports qemu-user-static qemu-system-arm
 qemu-system-aarch64 --version | head -n 1
 touch "$stamp"

@@ -1,4 +1,4 @@
-"""The ``guestmem`` command: ``info``, ``bench``, ``migrate``, ``inspect`` and ``gdbserve``."""
+"""The ``guestmem`` command: info, bench, migrate, inspect, gdbserve and vmm."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import guestmem as gm
 from guestmem.tools import bench
 from guestmem.tools import gdbserve as gdbstub_cli
 from guestmem.tools import migrate as migration_cli
+from guestmem.tools import vmm as vmm_cli
 from guestmem.tools.info import info_rows
 
 Progress = Callable[[int, int, str], None]
@@ -109,6 +110,7 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(run=_cmd_bench)
     migration_cli.add_commands(commands)
     gdbstub_cli.add_commands(commands)
+    vmm_cli.add_commands(commands)
     return top
 
 

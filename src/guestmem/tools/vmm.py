@@ -1,0 +1,105 @@
+"""``guestmem vmm run``: the reference VMM from the command line.
+
+The guest's console is this process's stdout (each byte as the guest
+writes it) and stdin (on a terminal, in raw mode; Ctrl-A x quits). Exit
+status 0 when the guest powers off (or resets: the VMM does not reboot),
+1 with one line on stderr for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+
+import guestmem as gm
+from guestmem.tools.migrate import memory_size, positive_int
+
+_QUIT_PREFIX, _QUIT_KEY = b"\x01", b"x"
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``vmm run`` to a CLI's subcommands."""
+    vmm = commands.add_parser("vmm", help="the reference VMM: boot a guest with MTE on KVM")
+    actions = vmm.add_subparsers(dest="vmm_command", required=True)
+    run = actions.add_parser("run", help="boot a Linux kernel; its console on stdin and stdout")
+    run.add_argument("--kernel", required=True, type=Path, help="arm64 Linux Image (or Image.gz)")
+    run.add_argument("--initrd", type=Path, help="initial RAM disk")
+    run.add_argument("--append", default="console=ttyAMA0", help="kernel command line")
+    run.add_argument("--memory", type=memory_size, default="256M", help="guest RAM, e.g. 256M, 1G")
+    run.add_argument("--cpus", type=positive_int, default=1, help="vCPUs (default 1)")
+    run.add_argument(
+        "--tags",
+        choices=("hardware", "kvm"),
+        default="hardware",
+        help="hardware: the VMM maps guest RAM with PROT_MTE; kvm: untagged, tags via KVM",
+    )
+    run.set_defaults(run=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from guestmem.vmm.machine import Machine, MachineConfig
+
+    config = MachineConfig(
+        kernel=args.kernel.read_bytes(),
+        command_line=args.append,
+        initrd=args.initrd.read_bytes() if args.initrd else None,
+        memory=args.memory,
+        cpus=args.cpus,
+        tags=gm.TagMode[args.tags.upper()],
+    )
+    with Machine(config, _write_stdout) as machine, _console_input(machine):
+        outcome = machine.run()
+    if outcome.reason == "reset":
+        print("guestmem vmm: the guest reset; the VMM does not reboot it", file=sys.stderr)
+    if outcome.reason in ("power-off", "reset", "quit"):
+        return 0
+    raise gm.GuestMemoryError(f"vmm: the run ended: {outcome.reason} {outcome.detail}".strip())
+
+
+def _write_stdout(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view) :]
+
+
+@contextlib.contextmanager
+def _console_input(machine: object) -> Iterator[None]:
+    """Feed stdin to the guest's UART from a thread; a terminal is raw meanwhile."""
+    saved = None
+    if os.isatty(0):
+        saved = termios.tcgetattr(0)
+        tty.setraw(0)
+    thread = threading.Thread(target=_pump_stdin, args=(machine,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _pump_stdin(machine: object) -> None:
+    from guestmem.vmm.machine import Machine
+
+    assert isinstance(machine, Machine)
+    escape = False
+    while True:
+        try:
+            data = os.read(0, 256)
+        except OSError:
+            return
+        if not data:
+            return
+        if os.isatty(0):
+            if escape and data[:1] == _QUIT_KEY:
+                machine.stop("quit")
+                return
+            escape = data[-1:] == _QUIT_PREFIX
+        machine.console_input(data)

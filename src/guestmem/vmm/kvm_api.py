@@ -1,0 +1,146 @@
+"""The KVM ioctls the VMM makes beyond the library's own (Documentation/virt/kvm/api.rst).
+
+Structures are packed with :mod:`struct` in the kernel's layout for arm64;
+every call goes through the core's ``gm_kvm_ioctl``, which drops the GIL, so
+a vCPU thread sits in KVM_RUN while the others go on. A failed ioctl raises
+:class:`~guestmem.errors.NativeOSError` naming the request, errno EINTR
+included (a kicked KVM_RUN).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from guestmem._native import check, ffi, lib
+
+_KVMIO = 0xAE
+_WRITE, _READ = 1, 2
+
+
+def _io(nr: int, direction: int = 0, size: int = 0) -> int:
+    return (direction << 30) | (size << 16) | (_KVMIO << 8) | nr
+
+
+VCPU_INIT = struct.Struct("<I7I")
+ONE_REG = struct.Struct("<QQ")
+CREATE_DEVICE = struct.Struct("<III")
+DEVICE_ATTR = struct.Struct("<IIQQ")
+IRQ_LEVEL = struct.Struct("<II")
+GUEST_DEBUG = struct.Struct("<II64Q")
+
+KVM_CHECK_EXTENSION = _io(0x03)
+KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_CREATE_VCPU = _io(0x41)
+KVM_IRQ_LINE = _io(0x61, _WRITE, IRQ_LEVEL.size)
+KVM_RUN = _io(0x80)
+KVM_SET_GUEST_DEBUG = _io(0x9B, _WRITE, GUEST_DEBUG.size)
+KVM_GET_ONE_REG = _io(0xAB, _WRITE, ONE_REG.size)
+KVM_SET_ONE_REG = _io(0xAC, _WRITE, ONE_REG.size)
+KVM_ARM_VCPU_INIT = _io(0xAE, _WRITE, VCPU_INIT.size)
+KVM_ARM_PREFERRED_TARGET = _io(0xAF, _READ, VCPU_INIT.size)
+KVM_CREATE_DEVICE = _io(0xE0, _READ | _WRITE, CREATE_DEVICE.size)
+KVM_SET_DEVICE_ATTR = _io(0xE1, _WRITE, DEVICE_ATTR.size)
+
+# Capabilities.
+KVM_CAP_GUEST_DEBUG_HW_BPS = 119
+KVM_CAP_GUEST_DEBUG_HW_WPS = 120
+
+# vCPU features (KVM_ARM_VCPU_INIT).
+VCPU_POWER_OFF = 0
+VCPU_PSCI_0_2 = 2
+
+# Exit reasons and system events (struct kvm_run).
+EXIT_DEBUG = 4
+EXIT_MMIO = 6
+EXIT_INTR = 10
+EXIT_SYSTEM_EVENT = 24
+SYSTEM_EVENT_SHUTDOWN = 1
+SYSTEM_EVENT_RESET = 2
+SYSTEM_EVENT_CRASH = 3
+
+# Offsets into struct kvm_run.
+RUN_IMMEDIATE_EXIT = 1
+RUN_EXIT_REASON = 8
+RUN_EXIT_DATA = 32  # the union: mmio, system_event, debug
+MMIO_EXIT = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
+SYSTEM_EVENT = struct.Struct("<I")  # type
+DEBUG_EXIT = struct.Struct("<IIQ")  # hsr, hsr_high, far
+
+# The vGICv3 (KVM_DEV_TYPE_ARM_VGIC_V3) and its attribute groups.
+DEV_VGIC_V3 = 7
+VGIC_GRP_ADDR = 0
+VGIC_GRP_NR_IRQS = 3
+VGIC_GRP_CTRL = 4
+VGIC_V3_ADDR_DIST = 2
+VGIC_V3_ADDR_REDIST = 3
+VGIC_CTRL_INIT = 0
+IRQ_TYPE_SPI = 1
+
+# Register ids (KVM_GET_ONE_REG): core registers by their u32 offset in struct kvm_regs.
+_REG_ARM64 = 0x6000_0000_0000_0000
+_REG_U64 = 0x0030_0000_0000_0000
+_REG_CORE = 0x0010 << 16
+_REG_SYSREG = 0x0013 << 16
+
+
+def core_reg(offset_u32: int) -> int:
+    """The id of a 64-bit core register, at ``offset_u32`` 32-bit words into struct kvm_regs."""
+    return _REG_ARM64 | _REG_U64 | _REG_CORE | offset_u32
+
+
+def x_reg(n: int) -> int:
+    """The id of general-purpose register ``xN`` (0..30)."""
+    return core_reg(2 * n)
+
+
+REG_SP = core_reg(62)
+REG_PC = core_reg(64)
+REG_PSTATE = core_reg(66)
+
+
+def sys_reg(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
+    """The id of a system register by its encoding."""
+    return _REG_ARM64 | _REG_U64 | _REG_SYSREG | op0 << 14 | op1 << 11 | crn << 7 | crm << 3 | op2
+
+
+SCTLR_EL1 = sys_reg(3, 0, 1, 0, 0)
+TTBR0_EL1 = sys_reg(3, 0, 2, 0, 0)
+TTBR1_EL1 = sys_reg(3, 0, 2, 0, 1)
+TCR_EL1 = sys_reg(3, 0, 2, 0, 2)
+
+
+def ioctl(fd: int, request: int, arg: bytearray | int, what: str) -> int:
+    """Make one ioctl; ``arg`` is a structure (changed in place) or an integer."""
+    pointer: Any = ffi.cast("void *", arg) if isinstance(arg, int) else ffi.from_buffer(arg)
+    result = int(lib.gm_kvm_ioctl(fd, request, pointer))
+    if result < 0:
+        check(result, what)
+    return result
+
+
+def get_one_reg(vcpu_fd: int, reg: int) -> int:
+    """Read one 64-bit vCPU register."""
+    value = ffi.new("uint64_t *")
+    request = bytearray(ONE_REG.pack(reg, int(ffi.cast("uintptr_t", value))))
+    ioctl(vcpu_fd, KVM_GET_ONE_REG, request, f"KVM_GET_ONE_REG {reg:#x}")
+    return int(value[0])
+
+
+def set_one_reg(vcpu_fd: int, reg: int, value: int) -> None:
+    """Write one 64-bit vCPU register."""
+    holder = ffi.new("uint64_t *", value)
+    request = bytearray(ONE_REG.pack(reg, int(ffi.cast("uintptr_t", holder))))
+    ioctl(vcpu_fd, KVM_SET_ONE_REG, request, f"KVM_SET_ONE_REG {reg:#x}")
+
+
+def set_device_attr(device_fd: int, group: int, attr: int, value: int, size: int = 8) -> None:
+    """Set a device attribute whose value (a u32 or u64) the kernel reads through a pointer."""
+    holder = ffi.new("uint64_t *" if size == 8 else "uint32_t *", value)
+    request = bytearray(DEVICE_ATTR.pack(0, group, attr, int(ffi.cast("uintptr_t", holder))))
+    ioctl(device_fd, KVM_SET_DEVICE_ATTR, request, f"KVM_SET_DEVICE_ATTR {group}/{attr}")
+
+
+def check_extension(fd: int, capability: int) -> int:
+    """KVM_CHECK_EXTENSION on the VM (or /dev/kvm): 0 when absent."""
+    return ioctl(fd, KVM_CHECK_EXTENSION, capability, f"KVM_CHECK_EXTENSION {capability}")

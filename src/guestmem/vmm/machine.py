@@ -1,0 +1,254 @@
+"""The machine: guest RAM on guestmem, a KVM VM with MTE, its vCPUs, vGIC and UART.
+
+Building one (:class:`Machine`) creates the VM with KVM_CAP_ARM_MTE before
+any vCPU, makes guest RAM a :class:`~guestmem.GuestMemory` whose regions
+become memslots, creates and initialises the vCPUs, then the vGIC, and loads
+the kernel, initrd and device tree. :meth:`Machine.run` gives each vCPU a
+thread and returns when the guest powers off or resets, or the VMM fails.
+
+Guest RAM in the two tag modes:
+``HARDWARE``: the VMM maps RAM with PROT_MTE, so its own loads and stores
+are checked against the guest's tags: every access the VMM makes goes
+through guestmem (the loader and the devices with the DMA access class,
+the debugger with DEBUG). ``KVM``: the VMM's mapping is untagged; tags are
+reached with KVM_ARM_MTE_COPY_TAGS.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import guestmem as gm
+from guestmem._native import lib
+from guestmem.kvm import KvmVm
+from guestmem.vmm import boot, fdt, layout
+from guestmem.vmm import kvm_api as k
+from guestmem.vmm.gic import Gic
+from guestmem.vmm.uart import Pl011
+from guestmem.vmm.vcpu import (
+    DebugExit,
+    Interrupted,
+    MmioExit,
+    SystemEvent,
+    Vcpu,
+    install_kick_handler,
+)
+
+TAG_MODES = (gm.TagMode.HARDWARE, gm.TagMode.KVM)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """What to run: the kernel and initrd (bytes), command line, RAM, vCPUs, tag mode."""
+
+    kernel: bytes
+    command_line: str = "console=ttyAMA0"
+    initrd: bytes | None = None
+    memory: int = 256 << 20
+    cpus: int = 1
+    tags: gm.TagMode = gm.TagMode.HARDWARE
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: ``power-off``, ``reset``, ``crash``, ``quit`` or ``error`` (``detail``)."""
+
+    reason: str
+    detail: str = ""
+    mmio_exits: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Device:
+    base: int
+    size: int
+    read: Callable[[int, int], int]
+    write: Callable[[int, int, int], None]
+
+
+@dataclass
+class _Counters:
+    mmio_exits: int = 0
+    unclaimed: set[int] = field(default_factory=set)
+
+
+_EVENTS = {
+    k.SYSTEM_EVENT_SHUTDOWN: "power-off",
+    k.SYSTEM_EVENT_RESET: "reset",
+    k.SYSTEM_EVENT_CRASH: "crash",
+}
+
+
+class Machine:
+    """A guest ready to run; ``console`` receives what it writes on its UART."""
+
+    def __init__(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
+        """Build the VM, its RAM and devices, and load the guest (see the module's docstring)."""
+        if config.tags not in TAG_MODES:
+            raise gm.UsageError(f"the VMM's guest RAM is HARDWARE or KVM tagged, not {config.tags}")
+        if not 1 <= config.cpus <= layout.MAX_CPUS:
+            raise gm.UsageError(f"--cpus must be 1 to {layout.MAX_CPUS}, not {config.cpus}")
+        if config.memory <= 0 or config.memory % gm.HOST_PAGE:
+            raise gm.UsageError(
+                f"guest memory must be a positive multiple of the host page "
+                f"({gm.HOST_PAGE} bytes), not {config.memory}"
+            )
+        kernel = boot.KernelImage.parse(config.kernel)
+        placed = boot.plan(layout.RAM, config.memory, kernel, _size(config.initrd))
+        self.config = config
+        self._vcpus: list[Vcpu] = []
+        self._gic: Gic | None = None
+        self.vm = KvmVm.create()
+        self.memory: gm.GuestMemory | None = None
+        try:
+            self.memory = self._make_memory(config)
+            run_size = _vcpu_mmap_size()
+            for index in range(config.cpus):
+                self._vcpus.append(Vcpu(self.vm.fd, index, run_size))
+                self._vcpus[-1].init(self.vm.fd, powered_on=index == 0)
+            self._gic = Gic(self.vm.fd, config.cpus)
+            self._gic.finish()
+            gic = self._gic
+            self.uart = Pl011(console, lambda level: gic.set_spi(layout.UART_SPI, level))
+            self._devices = [
+                _Device(layout.UART, layout.UART_SIZE, self.uart.read, self.uart.write)
+            ]
+            tree = fdt.BootTree(
+                layout.RAM, config.memory, config.cpus, config.command_line, placed.initrd
+            )
+            boot.load(self.memory, placed, kernel, config.initrd, fdt.build(tree))
+            self._vcpus[0].set(k.REG_PC, placed.entry)
+            self._vcpus[0].set(k.x_reg(0), placed.dtb)
+        except BaseException:
+            self.close()
+            raise
+        self._counters = _Counters()
+        self._outcome: Outcome | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def _make_memory(self, config: MachineConfig) -> gm.GuestMemory:
+        layout_ = [(layout.RAM, config.memory)]
+        if config.tags is gm.TagMode.KVM:
+            return gm.GuestMemory.from_layout(layout_, tags=gm.TagMode.KVM, kvm=self.vm)
+        memory = gm.GuestMemory.from_layout(layout_, tags=gm.TagMode.HARDWARE)
+        try:
+            for region in memory.regions:
+                self.vm.add_region(region)
+        except BaseException:
+            memory.close()
+            raise
+        return memory
+
+    @property
+    def vcpus(self) -> tuple[Vcpu, ...]:
+        """The vCPUs, by index."""
+        return tuple(self._vcpus)
+
+    def console_input(self, data: bytes) -> None:
+        """Bytes typed at the guest's console (dropped once the run has ended)."""
+        if not self._done.is_set():
+            self.uart.receive(data)
+
+    def run(self) -> Outcome:
+        """Run every vCPU until the guest powers off or resets, or the VMM fails."""
+        install_kick_handler()
+        started = time.monotonic()
+        threads = [
+            threading.Thread(target=self._vcpu_loop, args=(v,), name=f"vcpu{v.index}", daemon=True)
+            for v in self._vcpus
+        ]
+        for thread in threads:
+            thread.start()
+        self._done.wait()
+        for vcpu in self._vcpus:
+            vcpu.kick()
+        for thread in threads:
+            thread.join()
+        assert self._outcome is not None
+        return Outcome(
+            self._outcome.reason,
+            self._outcome.detail,
+            self._counters.mmio_exits,
+            time.monotonic() - started,
+        )
+
+    def stop(self, reason: str = "quit", detail: str = "") -> None:
+        """End the run from any thread, with this outcome (unless it already ended)."""
+        self._finish(Outcome(reason, detail))
+
+    def _finish(self, outcome: Outcome) -> None:
+        with self._lock:
+            if self._outcome is None:
+                self._outcome = outcome
+        self._done.set()
+
+    def _vcpu_loop(self, vcpu: Vcpu) -> None:
+        vcpu.thread_id = threading.get_ident()
+        try:
+            while not self._done.is_set():
+                exit_ = vcpu.run()
+                if isinstance(exit_, MmioExit):
+                    self._mmio(vcpu, exit_)
+                elif isinstance(exit_, SystemEvent):
+                    self._finish(Outcome(_EVENTS.get(exit_.kind, f"system event {exit_.kind}")))
+                elif isinstance(exit_, Interrupted):
+                    continue
+                elif isinstance(exit_, DebugExit):
+                    self._finish(Outcome("error", f"unexpected debug exit (ESR {exit_.hsr:#x})"))
+                else:
+                    self._finish(Outcome("error", f"vCPU {vcpu.index}: unhandled exit {exit_}"))
+        except Exception as err:  # the run ends with the reason instead of a dead thread
+            self._finish(Outcome("error", f"vCPU {vcpu.index}: {err}"))
+
+    def _mmio(self, vcpu: Vcpu, exit_: MmioExit) -> None:
+        self._counters.mmio_exits += 1
+        for device in self._devices:
+            if device.base <= exit_.address < device.base + device.size:
+                offset = exit_.address - device.base
+                if exit_.is_write:
+                    device.write(offset, exit_.size, exit_.data)
+                else:
+                    vcpu.complete_read(exit_, device.read(offset, exit_.size))
+                return
+        # Nothing there: reads give 0 and writes vanish, as on an empty bus.
+        self._counters.unclaimed.add(exit_.address)
+        if not exit_.is_write:
+            vcpu.complete_read(exit_, 0)
+
+    def close(self) -> None:
+        """Release the vCPUs, the vGIC, guest RAM and the VM (after :meth:`run` returned)."""
+        for vcpu in self._vcpus:
+            vcpu.close()
+        if self._gic is not None:
+            self._gic.close()
+        if self.memory is not None:
+            self.memory.close()  # under KVM this also closes the VM (it was handed over)
+        self.vm.close()
+
+    def __enter__(self) -> Machine:
+        """The machine, closed when the block ends."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the machine."""
+        self.close()
+
+
+def _size(data: bytes | None) -> int | None:
+    return None if data is None else len(data)
+
+
+def _vcpu_mmap_size() -> int:
+    kvm = int(lib.gm_kvm_open())
+    if kvm < 0:
+        raise gm.UnsupportedError("/dev/kvm cannot be opened")
+    try:
+        return k.ioctl(kvm, k.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+    finally:
+        os.close(kvm)
