@@ -117,7 +117,9 @@ def ranges(mem: GuestMemory, regs: TranslationRegs, va: int, length: int) -> lis
 
 def _check_va(va: object) -> int:
     if isinstance(va, bool) or not isinstance(va, int):
-        raise ArgumentTypeError(f"a guest virtual address must be an integer, not {type(va)}")
+        raise ArgumentTypeError(
+            f"a guest virtual address must be an integer, not {type(va).__name__}"
+        )
     if not 0 <= va < VA_LIMIT:
         raise TranslationError(f"{va:#x} is not a 64-bit guest virtual address", address=va)
     return va
@@ -137,8 +139,9 @@ def _translate(mem: GuestMemory, regs: TranslationRegs, va: int) -> tuple[int, i
             )
         return address, (1 << PA_BITS) - address
     walk = _walk_for(regs, va, upper)
+    # Above the input size, every bit (to 55 with TBI, else to 63) copies bit 55.
     width = (56 if tbi else 64) - walk.input_bits
-    if address >> walk.input_bits != (upper and (1 << width) - 1):
+    if address >> walk.input_bits != ((1 << width) - 1 if upper else 0):
         raise TranslationError(
             f"guest virtual address {va:#x} is outside the {walk.input_bits}-bit "
             f"range of {walk.name}",
