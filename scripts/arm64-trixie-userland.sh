@@ -37,4 +37,11 @@ if [ ! -f "$root/.complete" ]; then
     touch "$work/.complete"
     mv "$work" "$root"
 fi
+# The reference VMM's device tree: Debian's python3-libfdt (a binary package;
+# still nothing that compiles).
+if [ ! -f "$root/.vmm-deps.v1" ]; then
+    GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" sh -c \
+        'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-libfdt' >&2
+    touch "$root/.vmm-deps.v1"
+fi
 echo "$root"

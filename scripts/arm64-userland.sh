@@ -39,4 +39,12 @@ if [ ! -f "$bench" ]; then
         'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib python3-rich' >&2
     touch "$bench"
 fi
+# The reference VMM's device tree (python3-libfdt) and its nested guest's
+# userland (busybox-static, see guest-initramfs.sh).
+vmm=$root/.vmm-deps.v1
+if [ ! -f "$vmm" ]; then
+    GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" sh -c \
+        'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-libfdt busybox-static' >&2
+    touch "$vmm"
+fi
 echo "$root"

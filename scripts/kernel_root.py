@@ -3,7 +3,8 @@
 The kernel lane boots Debian's kernel with an initramfs: everything in it is
 unpacked into RAM and Python runs about 40x slower than natively, so the root
 holds only what the kernel-lane tests import: Python 3.11's standard library,
-numpy, cffi's backend, pytest and hypothesis, a shell, mount and mkdir, and the shared
+numpy, cffi's backend, pytest and hypothesis, libfdt (the VMM's device tree),
+a shell, mount and mkdir, and the shared
 libraries those need (found by walking ELF DT_NEEDED entries with readelf).
 
     python3 kernel_root.py USERLAND STAGE
@@ -28,7 +29,7 @@ STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip
 SITE = "usr/lib/python3/dist-packages"
 SITE_PACKAGES = re.compile(
     r"^(numpy|cffi|_cffi_backend\..*|pycparser|_pytest|pytest|py\.py|pluggy|iniconfig|packaging"
-    r"|attr|attrs|hypothesis|_hypothesis_.*|sortedcontainers)(-[^/]*\.(egg|dist)-info)?$"
+    r"|attr|attrs|hypothesis|_hypothesis_.*|sortedcontainers|libfdt\.py|_libfdt\..*)(-[^/]*\.(egg|dist)-info)?$"
 )
 LIBRARY_DIR = "usr/lib/aarch64-linux-gnu"
 SMALL_ETC = ["etc/passwd", "etc/group", "etc/nsswitch.conf"]

@@ -6,7 +6,8 @@
 # memfd mappings, signal handlers starting with TCO=0, nested KVM with
 # KVM_CAP_ARM_MTE, and host pages of 4 or 16 KiB. The root is an initramfs: a
 # cached, trimmed copy of the arm64 userland, plus the arm64 wheel (unpacked),
-# the tests and /init. /init runs `pytest -m kernel` and powers the VM off; its
+# the tests, /init, and the reference VMM's nested guest (this kernel and
+# guest-initramfs.sh's initramfs, in /opt/guest). /init runs `pytest -m kernel` and powers the VM off; its
 # result comes back on the serial console. Extra arguments go to pytest.
 # Exit 3 means the lane could not start (no userland, no kernel, no boot).
 set -uo pipefail
@@ -22,6 +23,7 @@ command -v qemu-system-aarch64 >/dev/null || cannot_start "qemu-system-aarch64 i
 qemu_major=$(qemu-system-aarch64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p')
 [ "${qemu_major:-0}" -ge 10 ] || cannot_start "QEMU $qemu_major stores MTE tags wrongly in system emulation; need 10+"
 wheel=$(GUESTMEM_ARM64=$root bash "$top/scripts/arm64-wheel.sh") || cannot_start "the arm64 wheel could not be built"
+guest_initrd=$(bash "$top/scripts/guest-initramfs.sh") || cannot_start "the nested guest's initramfs could not be built"
 
 # The base archive depends only on the userland (its versioned path and its
 # stamp files) and on kernel_root.py.
@@ -51,6 +53,10 @@ else
     cp -a "$top/tests" "$top/pyproject.toml" "$overlay/src/"
 fi
 for arg in "$@"; do printf '%s\n' "$arg"; done > "$overlay/pytest-args"
+# The reference VMM's nested guest: this same kernel, and its own initramfs.
+mkdir -p "$overlay/opt/guest"
+cp "$vmlinuz" "$overlay/opt/guest/Image"
+cp "$guest_initrd" "$overlay/opt/guest/initrd"
 cp "$top/scripts/kernel-init.sh" "$overlay/init"
 chmod 755 "$overlay/init"
 (cd "$overlay" && find . | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) > "$work/overlay.cpio"

@@ -133,6 +133,8 @@ def died_of_sigsegv(result: subprocess.CompletedProcess[str]) -> bool:
 # ---- the lane report: which tests ran in which mode --------------------------------
 
 _outcomes: Counter[tuple[str, str]] = Counter()
+# Measured figures a test reports (name -> value), printed and kept in the lane report.
+FIGURES: dict[str, object] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -160,8 +162,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"  {m:<17} passed {counts['passed']:>4}  failed {counts['failed']:>3}  "
             f"skipped {counts['skipped']:>3}"
         )
+    for name, value in sorted(FIGURES.items()):
+        terminalreporter.write_line(f"  figure {name}: {value}")
     target = os.environ.get("GUESTMEM_LANE_REPORT")
     if target:
-        Path(target).write_text(
-            json.dumps({"lane": LANE, "platform": gm.platform_summary(), "modes": rows}, indent=2)
-        )
+        report = {"lane": LANE, "platform": gm.platform_summary(), "modes": rows}
+        Path(target).write_text(json.dumps({**report, "figures": FIGURES}, indent=2))
