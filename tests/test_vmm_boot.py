@@ -84,7 +84,7 @@ def naive_read_dies(address: int) -> bool:
     """Whether reading 16 bytes at ``address`` with an untagged pointer kills a forked child."""
     pid = os.fork()
     if pid == 0:
-        faulthandler.disable()  # the child is meant to die; its traceback would only cost console time
+        faulthandler.disable()  # the child is meant to die: no traceback on the console
         ctypes.string_at(address, 16)
         os._exit(0)
     _, status = os.waitpid(pid, 0)
