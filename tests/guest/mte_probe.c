@@ -3,7 +3,9 @@
  * Tags the granules of one locked PROT_MTE page with a known pattern, prints
  * the page's virtual and physical addresses (from /proc/self/pagemap) and
  * the tags, checks that an access with a wrong tag gets SEGV_MTESERR, then
- * waits for a line on stdin (the VMM reads the tags meanwhile) and checks
+ * waits (the VMM reads the tags meanwhile) for a line on stdin, or with
+ * argument "memory" spins until a debugger writes RELEASE at RELEASE_OFFSET
+ * in the page, and checks
  * that every tag and byte is still what it wrote; last, it times reads of an
  * address where no device is (each an MMIO exit to the VMM). Static, libc only. */
 #include <fcntl.h>
@@ -29,6 +31,8 @@
 #define SEGV_MTESERR 9
 #endif
 #define GRANULES 64
+#define RELEASE_OFFSET 2048 /* an untagged word of the page */
+#define RELEASE 0x60d60dU
 #define MMIO_HOLE 0x0a000000UL /* no device there (vmm/layout.py) */
 
 static unsigned pattern(size_t i) { return (unsigned)((i * 7 + 3) & 0xf); }
@@ -104,7 +108,7 @@ static uint64_t physical(void *va, long page)
     return (entry & ((1ULL << 55) - 1)) * (uint64_t)page;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
     long page = sysconf(_SC_PAGESIZE);
     if (prctl(PR_SET_TAGGED_ADDR_CTRL,
@@ -131,9 +135,16 @@ int main(void)
            wrong_tag_faults(buf) ? "SEGV_MTESERR" : "none");
     fflush(stdout);
 
-    char line[64];
-    if (!fgets(line, sizeof line, stdin))
-        return 3;
+    if (argc > 1 && strcmp(argv[1], "memory") == 0) {
+        /* Spin, as the running task, until a debugger writes RELEASE here. */
+        volatile uint32_t *flag = (volatile uint32_t *)(buf + RELEASE_OFFSET);
+        while (*flag != RELEASE)
+            ;
+    } else {
+        char line[64];
+        if (!fgets(line, sizeof line, stdin))
+            return 3;
+    }
     int intact = 1;
     for (size_t i = 0; i < GRANULES; i++) {
         uint8_t *granule = with_tag(buf + 16 * i, pattern(i));
