@@ -502,9 +502,10 @@ def test_the_guest_exits_while_stepping_over_a_breakpoint(
 
 
 def insert_everything(client: Client) -> None:
-    for address in (START[0] + 0x100, START[1] + 0x100, DATA + 0xF0):
+    """Breakpoints of each kind, far enough ahead that the guest keeps running a while."""
+    for address in (START[0] + 0xC00, START[1] + 0xC00, DATA + 0xF0):
         assert client.ask(b"Z0,%x,4" % address) == b"OK"
-    assert client.ask(b"Z1,%x,4" % (START[1] + 8)) == b"OK"
+    assert client.ask(b"Z1,%x,4" % (START[1] + 0x800)) == b"OK"
     assert client.ask(b"Z2,%x,4" % DATA) == b"OK"
 
 
@@ -534,6 +535,20 @@ def end_while_running(client: Client, server: GuestDebugServer) -> None:
     client.close()
 
 
+def close_while_running(client: Client, server: GuestDebugServer) -> None:
+    client.send(b"vCont;c")
+    time.sleep(0.05)
+    server.close()
+    assert client.closed()
+
+
+def detach_while_running(client: Client, server: GuestDebugServer) -> None:
+    client.send(b"vCont;c")
+    time.sleep(0.05)
+    assert client.ask(b"D") == b"OK"
+    assert client.closed()
+
+
 @pytest.mark.parametrize(
     "ending",
     [
@@ -543,8 +558,19 @@ def end_while_running(client: Client, server: GuestDebugServer) -> None:
         end_by_disconnect,
         end_by_close,
         end_while_running,
+        close_while_running,
+        detach_while_running,
     ],
-    ids=["detach", "kill", "vKill", "disconnect", "close", "disconnect-running"],
+    ids=[
+        "detach",
+        "kill",
+        "vKill",
+        "disconnect",
+        "close",
+        "disconnect-running",
+        "close-running",
+        "detach-running",
+    ],
 )
 def test_every_ending_takes_the_breakpoints_out(
     mem: gm.GuestMemory, cpus: FakeCpus, server: GuestDebugServer, ending: object
@@ -562,6 +588,25 @@ def test_every_ending_takes_the_breakpoints_out(
     assert cpus.hw_breakpoints == () and cpus.watchpoints == ()
     assert cpus.running  # the guest runs on
     client.close()
+
+
+def test_signals_are_ignored(client: Client, cpus: FakeCpus) -> None:
+    assert client.ask(b"S0b") == b"T05thread:1;"  # the guest has no signals: a plain step
+    assert cpus.regs[0][PC] == START[0] + 4
+    assert client.ask(b"Z1,%x,4" % (START[0] + 0x10)) == b"OK"
+    assert client.ask(b"vCont;C0b:1") == b"T05thread:1;hwbreak:;"
+
+
+def test_idle_sessions_end(mem: gm.GuestMemory, cpus: FakeCpus) -> None:
+    with GuestDebugServer(mem, cpus, idle_timeout=0.3) as stub:
+        thread = threading.Thread(target=stub.serve, kwargs={"sessions": 1}, daemon=True)
+        thread.start()
+        c = Client(stub.address)
+        assert c.ask(b"Z0,%x,4" % VA) == b"OK"
+        assert c.closed()
+        thread.join(timeout=30)
+        assert mem.read(BASE, 4) == bytes(4)
+        c.close()
 
 
 def test_sessions_follow_one_another(server: GuestDebugServer, cpus: FakeCpus) -> None:
@@ -607,6 +652,8 @@ BAD = [
     (b"vCont;x", b"E01"),
     (b"vCont;s:9", b"E16"),
     (b"vCont;C:1", b"E01"),
+    (b"Czz", b"E01"),
+    (b"S;%x" % VA, b"E01"),
     (b"czz", b"E01"),
     (b"Z0,zz,4", b"E01"),
     (b"qMemTags:%x,10" % DATA, b"E01"),

@@ -23,7 +23,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
@@ -221,13 +221,6 @@ class _Client:
     hwbreak: bool = False
 
 
-@dataclass
-class _Files:
-    """The session's open vFile handles: fd -> contents."""
-
-    open: dict[int, bytes] = field(default_factory=dict)
-
-
 class DebugSession:
     """One client's session: packet payload in, reply payload (or None) out.
 
@@ -251,7 +244,7 @@ class DebugSession:
         self.soft: dict[int, _SoftBreak] = {}
         self.hard: list[int] = []
         self.watch: list[Watchpoint] = []
-        self._files = _Files()
+        self._files: dict[int, bytes] = {}  # open vFile handles: fd -> contents
         self._fixed: dict[bytes, Callable[[], bytes]] = {
             b"?": lambda: self.stop_reply(self.last_stop),
             b"qfThreadInfo": lambda: b"m" + b",".join(map(self.tid, range(self.count))),
@@ -270,7 +263,6 @@ class DebugSession:
             (b"qIsAddressTagged:", self._is_tagged),
             (b"vFile:", self._vfile),
             (b"vCont;", self._vcont),
-            (b"vKill", self._detach),
             (b"H", self._select_thread),
             (b"T", self._thread_alive),
             (b"g", self._read_all_registers),
@@ -283,10 +275,9 @@ class DebugSession:
             (b"Z", self._insert),
             (b"z", self._remove),
             (b"c", lambda a: self._continue(a, step=False)),
-            (b"C", lambda a: self._continue(a.partition(b";")[2], step=False)),
+            (b"C", lambda a: self._continue(_drop_signal(a), step=False)),
             (b"s", lambda a: self._continue(a, step=True)),
-            (b"S", lambda a: self._continue(a.partition(b";")[2], step=True)),
-            (b"D", self._detach),
+            (b"S", lambda a: self._continue(_drop_signal(a), step=True)),
         ]
 
     @property
@@ -301,6 +292,8 @@ class DebugSession:
         if payload == b"k":
             self._detach(b"")
             return None
+        if payload[:1] == b"D" or payload.startswith(b"vKill"):
+            return self._detach(payload)  # also while running: the server stops the guest
         if self.running:
             return E_BUSY  # all-stop: only 0x03 makes sense while the guest runs
         fixed = self._fixed.get(payload)
@@ -570,12 +563,12 @@ class DebugSession:
             fd, count, offset = (
                 parse_hex(f, "pread") for f in split_fields(rest, b",", 3, "pread")
             )
-            if fd not in self._files.open:
+            if fd not in self._files:
                 return b"F-1,%x" % EBADF
-            data = self._files.open[fd][offset : offset + min(count, MAX_READ)]
+            data = self._files[fd][offset : offset + min(count, MAX_READ)]
             return b"F%x;" % len(data) + escape(data)
         if op == b"close":
-            closed = self._files.open.pop(parse_hex(rest, "fd"), None) is not None
+            closed = self._files.pop(parse_hex(rest, "fd"), None) is not None
             return b"F0" if closed else b"F-1,%x" % EBADF
         return b""
 
@@ -586,10 +579,10 @@ class DebugSession:
             return b"F-1,%x" % ENOENT
         if parse_hex(flags, "open flags") & os.O_ACCMODE != os.O_RDONLY:
             return b"F-1,%x" % EACCES
-        if len(self._files.open) >= MAX_OPEN_FILES:
+        if len(self._files) >= MAX_OPEN_FILES:
             return b"F-1,%x" % EMFILE
-        fd = next(n for n in range(100, 100 + MAX_OPEN_FILES + 1) if n not in self._files.open)
-        self._files.open[fd] = self._smaps()
+        fd = next(n for n in range(100, 100 + MAX_OPEN_FILES + 1) if n not in self._files)
+        self._files[fd] = self._smaps()
         return b"F%x" % fd
 
     # ---- breakpoints and watchpoints ---------------------------------------------
@@ -795,6 +788,13 @@ class DebugSession:
     def _detach(self, args: bytes) -> bytes:
         self.ended = True  # the server takes the breakpoints out and lets the guest run
         return b"OK"
+
+
+def _drop_signal(args: bytes) -> bytes:
+    """The address of ``C``/``S`` (``SIG[;ADDR]``): the guest has no signals to deliver."""
+    signal, _, address = args.partition(b";")
+    parse_hex(signal, "signal")
+    return address
 
 
 def _register_hex(number: int, value: int) -> bytes:
