@@ -62,6 +62,7 @@ class FakeCpus:
         self.watchpoints: tuple[Watchpoint, ...] = ()
         self.accesses: dict[int, tuple[int, WatchKind]] = {}
         self.exit_at: int | None = None
+        self.refused: int | None = None  # a register set_register refuses
         self.running = False
         self.resumes: list[frozenset[int]] = []
         self._active: tuple[int, ...] = ()
@@ -103,7 +104,7 @@ class FakeCpus:
 
     def set_register(self, cpu: int, index: int, value: int) -> None:
         bits = 32 if index == 33 else 64
-        if not 0 <= index < 34 or not 0 <= value < 1 << bits:
+        if not 0 <= index < 34 or not 0 <= value < 1 << bits or index == self.refused:
             raise UsageError(f"register {index} = {value:#x}")
         with self._cond:
             self.regs[cpu][index] = value
@@ -190,6 +191,7 @@ class Client:
     def __init__(self, address: str) -> None:
         host, port = address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = PacketReader(limit=1 << 22)
         self.pending: list[object] = []
 
@@ -328,6 +330,10 @@ def test_registers(client: Client, cpus: FakeCpus) -> None:
     assert client.ask(b"G" + client.ask(b"g").replace(b"00" * 8, b"77" + b"00" * 7, 1)) == b"OK"
     assert cpus.regs[0][0] == 0x77  # x0 was zero: the first run of zeros
     assert client.ask(b"G00") == b"E01"
+    before = list(cpus.regs[0])
+    cpus.refused = 31  # sp: G sets x0 first, then meets the refusal and undoes x0
+    assert client.ask(b"G" + b"99" * (33 * 8) + b"00" * 4) == b"E16"
+    assert cpus.regs[0] == before
 
 
 # ---- memory and tags by virtual address ---------------------------------------------
