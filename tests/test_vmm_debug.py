@@ -4,12 +4,14 @@ and Debian's gdb-multiarch driving it all for real."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -515,7 +517,10 @@ def insert_everything(client: Client) -> None:
     assert client.ask(b"Z2,%x,4" % DATA) == b"OK"
 
 
-def end_with_packet(payload: bytes) -> object:
+Ending = Callable[[Client, GuestDebugServer], None]
+
+
+def end_with_packet(payload: bytes) -> Ending:
     def end(client: Client, server: GuestDebugServer) -> None:
         if payload == b"k":
             client.send(payload)
@@ -579,14 +584,14 @@ def detach_while_running(client: Client, server: GuestDebugServer) -> None:
     ],
 )
 def test_every_ending_takes_the_breakpoints_out(
-    mem: gm.GuestMemory, cpus: FakeCpus, server: GuestDebugServer, ending: object
+    mem: gm.GuestMemory, cpus: FakeCpus, server: GuestDebugServer, ending: Ending
 ) -> None:
     before = image(mem)
     client = Client(server.address)
     client.ask(b"qSupported")
     insert_everything(client)
     assert image(mem) != before
-    ending(client, server)  # type: ignore[operator]
+    ending(client, server)
     deadline = time.monotonic() + 10
     while (image(mem) != before or not cpus.running) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -734,17 +739,43 @@ def test_fuzzed_payloads_never_break_the_session(
 # ---- a real GDB --------------------------------------------------------------------------
 
 GDB = shutil.which("gdb-multiarch")
-GDB_LANES = ("host",)
+GDB_LANES = ("host",)  # as in test_gdb_client.py: CI must have GDB there
+if GDB is None and os.environ.get("CI") == "true" and LANE in GDB_LANES:
+    raise RuntimeError("CI: gdb-multiarch is missing; scripts/host-deps.sh installs it")
+needs_gdb = pytest.mark.skipif(
+    LANE not in GDB_LANES or GDB is None,
+    reason=f"no gdb-multiarch here (lane {LANE}; scripts/host-deps.sh installs it on the host)",
+)
 
 
-@pytest.mark.skipif(LANE not in GDB_LANES, reason=f"no GDB in the {LANE} lane (host lane only)")
-@pytest.mark.skipif(GDB is None, reason="gdb-multiarch is not installed (scripts/host-deps.sh)")
+def gdb_args(address: str, *commands: str) -> list[str]:
+    args = [GDB or "gdb-multiarch", "-nx", "-batch", "-ex", "set architecture aarch64"]
+    for command in (f"target remote {address}", *commands):
+        args += ["-ex", command]
+    return args
+
+
+def gdb(address: str, *commands: str) -> str:
+    result = subprocess.run(
+        gdb_args(address, *commands), capture_output=True, text=True, timeout=120
+    )
+    return result.stdout + result.stderr
+
+
+def settled(mem: gm.GuestMemory, before: tuple[bytes, bytes]) -> bool:
+    """Whether memory gets back to ``before`` (the session ends on the server's thread)."""
+    deadline = time.monotonic() + 10
+    while image(mem) != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return image(mem) == before
+
+
+@needs_gdb
 def test_gdb_drives_the_guest(server: GuestDebugServer, mem: gm.GuestMemory) -> None:
     before = image(mem)
     hard, soft = START[0] + 0x40, START[0] + 0x80
-    commands = [
-        "set architecture aarch64",
-        f"target remote {server.address}",
+    out = gdb(
+        server.address,
         "info threads",
         f"x/4xw {DATA:#x}",
         f"hbreak *{hard:#x}",
@@ -756,12 +787,7 @@ def test_gdb_drives_the_guest(server: GuestDebugServer, mem: gm.GuestMemory) -> 
         "print/x $pc",
         f"memory-tag print-allocation-tag {DATA + 0x30:#x}",
         "detach",
-    ]
-    args = [GDB or "gdb-multiarch", "-nx", "-batch"]
-    for command in commands:
-        args += ["-ex", command]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    out = result.stdout + result.stderr
+    )
     assert "Thread 42.1 (vCPU 0)" in out and "Thread 42.2 (vCPU 1)" in out, out
     assert f"{DATA:#x}:\t0x03020100\t0x07060504\t0x0b0a0908\t0x0f0e0d0c" in out, out
     assert f"Thread 1 hit Breakpoint 1, {hard:#018x} in ?? ()" in out, out
@@ -770,7 +796,36 @@ def test_gdb_drives_the_guest(server: GuestDebugServer, mem: gm.GuestMemory) -> 
     assert f"$2 = {soft:#x}" in out, out
     assert "$3 = 0x3" in out, out
     assert "[Inferior 1 (process 42) detached]" in out, out
-    deadline = time.monotonic() + 10
-    while image(mem) != before and time.monotonic() < deadline:
+    assert settled(mem, before)
+
+
+@needs_gdb
+def test_gdb_read_watchpoint(server: GuestDebugServer, cpus: FakeCpus) -> None:
+    cpus.accesses[START[0] + 0x60] = (DATA + 8, "read")
+    out = gdb(server.address, f"rwatch *(int *){DATA + 8:#x}", "continue", "print/x $pc")
+    assert f"Thread 1 hit Hardware read watchpoint 1: *(int *){DATA + 8:#x}" in out, out
+    assert f"$1 = {START[0] + 0x64:#x}" in out, out  # GDB stepped past the access itself
+
+
+@needs_gdb
+def test_gdb_ctrl_c_stops_a_running_guest(
+    server: GuestDebugServer, cpus: FakeCpus, mem: gm.GuestMemory
+) -> None:
+    before = image(mem)
+    commands = (f"break *{START[1] + 0x8000:#x}", "continue", "print/x $pc", "detach")
+    gdb_process = subprocess.Popen(
+        gdb_args(server.address, *commands),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not cpus.running and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert image(mem) == before
+    time.sleep(0.2)
+    gdb_process.send_signal(signal.SIGINT)  # GDB sends 0x03
+    out = gdb_process.communicate(timeout=60)[0]
+    assert "Thread 1 received signal SIGINT, Interrupt." in out, out
+    assert "[Inferior 1 (process 42) detached]" in out, out
+    assert settled(mem, before)
+    assert cpus.running
