@@ -620,6 +620,29 @@ def test_idle_sessions_end(mem: gm.GuestMemory, cpus: FakeCpus) -> None:
         c.close()
 
 
+def test_a_failing_run_control_still_leaves_memory_as_it_was(
+    mem: gm.GuestMemory, cpus: FakeCpus, server: GuestDebugServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = image(mem)
+    client = Client(server.address)
+    insert_everything(client)
+    client.send(b"c")
+
+    def broken(timeout: float | None) -> StopEvent | None:
+        raise RuntimeError("the vCPU thread died")
+
+    monkeypatch.setattr(cpus, "wait", broken)
+    assert client.closed()
+    assert settled(mem, before)
+    client.close()
+    monkeypatch.undo()
+    cpus.stop()
+    cpus.wait(0)
+    again = Client(server.address)  # the server serves on
+    assert again.ask(b"qC") == b"QC1"
+    again.close()
+
+
 def test_sessions_follow_one_another(server: GuestDebugServer, cpus: FakeCpus) -> None:
     for _ in range(2):
         c = Client(server.address)

@@ -24,7 +24,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -55,6 +55,7 @@ from guestmem.memory import GuestMemory
 from guestmem.units import GRANULE
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 StopReason = Literal["interrupt", "step", "breakpoint", "hw-breakpoint", "watchpoint", "exited"]
 WatchKind = Literal["write", "read", "access"]
@@ -874,6 +875,8 @@ class GuestDebugServer(GdbStub):
                 self._debug(conn)
         except OSError as error:
             log.info("session ended: %s", error)
+        except Exception:
+            log.exception("session ended by a failure")  # RunControl's, or a bug: serve on
         finally:
             self._active = None
             conn.close()
@@ -899,22 +902,26 @@ class GuestDebugServer(GdbStub):
             self._end(session)
 
     def _end(self, session: DebugSession) -> None:
-        """Whatever ended the session: breakpoints out, then the guest runs on."""
-        try:
-            if session.running:
-                self.run.stop()
-                event = self.run.wait(STOP_WAIT)
-                session.exited = session.exited or (event is not None and event.reason == "exited")
-            session.remove_all()
-            if session.exited:
-                self.exited = True
-                self._closed.set()  # serve() returns: there is no guest left to debug
-                with contextlib.suppress(OSError):
-                    self._wake_writer.send(b"x")
-            else:
-                self.run.resume(frozenset())
-        except Exception:
-            log.exception("ending the session failed")
+        """Whatever ended the session: breakpoints out, then the guest runs on.
+
+        Each step is tried even if the one before failed: a RunControl that
+        raises must not leave a BRK in guest memory.
+        """
+        if session.running:
+            event = _attempt(self._stop_running)
+            session.exited = session.exited or (event is not None and event.reason == "exited")
+        _attempt(session.remove_all)
+        if session.exited:
+            self.exited = True
+            self._closed.set()  # serve() returns: there is no guest left to debug
+            with contextlib.suppress(OSError):
+                self._wake_writer.send(b"x")
+        else:
+            _attempt(lambda: self.run.resume(frozenset()))
+
+    def _stop_running(self) -> StopEvent | None:
+        self.run.stop()
+        return self.run.wait(STOP_WAIT)
 
     def _loop(  # type: ignore[override]
         self, wire: _Wire, selector: selectors.BaseSelector, refusals: _Refusals
@@ -1001,6 +1008,15 @@ class _Wire:
                 self.conn.sendall(b"-")
         elif isinstance(event, Nak) and self.last_reply is not None and not session.no_ack:
             self.conn.sendall(self.last_reply)
+
+
+def _attempt(step: Callable[[], T]) -> T | None:
+    """``step()``, or None if it raised (logged)."""
+    try:
+        return step()
+    except Exception:
+        log.exception("ending the session: %s failed", getattr(step, "__name__", step))
+        return None
 
 
 def _safely(handler: Callable[[bytes], bytes | None], payload: bytes) -> bytes | None:
