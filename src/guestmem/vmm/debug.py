@@ -57,11 +57,22 @@ from guestmem.units import GRANULE
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+__all__ = [
+    "GuestDebugServer",
+    "RunControl",
+    "StopEvent",
+    "StopReason",
+    "UnmappedAddressError",
+    "WatchKind",
+    "Watchpoint",
+    "canonical",
+]
+
 StopReason = Literal["interrupt", "step", "breakpoint", "hw-breakpoint", "watchpoint", "exited"]
 WatchKind = Literal["write", "read", "access"]
 
 REGISTER_COUNT = 34  # x0..x30, sp, pc, cpsr: what RunControl.registers returns
-PC, CPSR, TAG_CTL = 32, 33, 34  # register numbers (TAG_CTL only in the target description)
+PC = 32  # pc's register number
 BRK = (0xD4200000).to_bytes(4, "little")  # BRK #0, the software breakpoint
 POLL_INTERVAL = 0.01  # seconds between looks at the client while the guest runs
 STOP_WAIT = 10.0  # how long a stop() or a one-instruction step may take to be reported
@@ -179,7 +190,8 @@ class RunControl(Protocol):
     def set_hw_debug(self, breakpoints: Sequence[int], watchpoints: Sequence[Watchpoint]) -> None:
         """Program every vCPU's hardware breakpoints and watchpoints, replacing the last set.
 
-        At most :meth:`hw_slots` of each. A watchpoint the hardware cannot
+        Addresses are guest virtual addresses as :func:`canonical` gives
+        them. At most :meth:`hw_slots` of each. A watchpoint the hardware cannot
         express (length, alignment) raises a GuestMemoryError subclass and
         changes nothing.
         """
@@ -895,7 +907,7 @@ class GuestDebugServer(GdbStub):
                 selector.register(self._wake_reader, selectors.EVENT_READ, "wake")
                 refusals = _Refusals(selector)
                 try:
-                    self._loop(_Wire(session, conn), selector, refusals)
+                    self._session_loop(_Wire(session, conn), selector, refusals)
                 finally:
                     refusals.close()
         finally:
@@ -923,7 +935,7 @@ class GuestDebugServer(GdbStub):
         self.run.stop()
         return self.run.wait(STOP_WAIT)
 
-    def _loop(  # type: ignore[override]
+    def _session_loop(
         self, wire: _Wire, selector: selectors.BaseSelector, refusals: _Refusals
     ) -> None:
         session = wire.session
