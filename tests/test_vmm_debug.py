@@ -271,6 +271,13 @@ def image(mem: gm.GuestMemory) -> tuple[bytes, bytes]:
     return mem.read(BASE, SIZE, access=gm.Access.DEBUG), mem.get_tags(BASE, SIZE).tobytes()
 
 
+def wait_running(cpus: FakeCpus) -> None:
+    deadline = time.monotonic() + 10
+    while not cpus.running and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert cpus.running
+
+
 def pc(client: Client, tid: int) -> int:
     assert client.ask(b"Hg%x" % tid) == b"OK"
     return int.from_bytes(bytes.fromhex(client.ask(b"p20").decode()), "little")
@@ -480,8 +487,7 @@ def test_watchpoints(
 
 def test_ctrl_c_stops_a_running_guest(client: Client, cpus: FakeCpus) -> None:
     client.send(b"vCont;c")
-    time.sleep(0.1)
-    assert cpus.running
+    wait_running(cpus)
     assert client.ask(b"m%x,4" % DATA) == b"E10"  # all-stop: nothing but 0x03 while running
     client.sock.sendall(b"\x03")
     assert client.reply() == b"T02thread:1;"
@@ -491,6 +497,7 @@ def test_ctrl_c_stops_a_running_guest(client: Client, cpus: FakeCpus) -> None:
 
 def test_the_guest_exits(server: GuestDebugServer, client: Client, cpus: FakeCpus) -> None:
     client.send(b"c")
+    wait_running(cpus)  # the ack comes before the server resumes the guest
     cpus.power_off()
     assert client.reply() == b"W00"
     assert client.closed()
@@ -542,20 +549,23 @@ def end_by_close(client: Client, server: GuestDebugServer) -> None:
 
 def end_while_running(client: Client, server: GuestDebugServer) -> None:
     client.send(b"vCont;c")
-    time.sleep(0.05)
+    assert isinstance(server.run, FakeCpus)
+    wait_running(server.run)
     client.close()
 
 
 def close_while_running(client: Client, server: GuestDebugServer) -> None:
     client.send(b"vCont;c")
-    time.sleep(0.05)
+    assert isinstance(server.run, FakeCpus)
+    wait_running(server.run)
     server.close()
     assert client.closed()
 
 
 def detach_while_running(client: Client, server: GuestDebugServer) -> None:
     client.send(b"vCont;c")
-    time.sleep(0.05)
+    assert isinstance(server.run, FakeCpus)
+    wait_running(server.run)
     assert client.ask(b"D") == b"OK"
     assert client.closed()
 
@@ -609,7 +619,7 @@ def test_signals_are_ignored(client: Client, cpus: FakeCpus) -> None:
 
 
 def test_idle_sessions_end(mem: gm.GuestMemory, cpus: FakeCpus) -> None:
-    with GuestDebugServer(mem, cpus, idle_timeout=0.3) as stub:
+    with GuestDebugServer(mem, cpus, idle_timeout=0.5) as stub:
         thread = threading.Thread(target=stub.serve, kwargs={"sessions": 1}, daemon=True)
         thread.start()
         c = Client(stub.address)
@@ -845,7 +855,7 @@ def test_gdb_ctrl_c_stops_a_running_guest(
     deadline = time.monotonic() + 60
     while not cpus.running and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.2)
+    time.sleep(0.2)  # GDB is waiting for the stop reply by now
     gdb_process.send_signal(signal.SIGINT)  # GDB sends 0x03
     out = gdb_process.communicate(timeout=60)[0]
     assert "Thread 1 received signal SIGINT, Interrupt." in out, out
