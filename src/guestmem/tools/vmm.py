@@ -1,7 +1,8 @@
 """``guestmem vmm run``: the reference VMM from the command line.
 
 The guest's console is this process's stdout (each byte as the guest
-writes it) and stdin (on a terminal, in raw mode; Ctrl-A x quits). Exit
+writes it) and stdin (on a terminal, in raw mode; Ctrl-A x quits).
+``--gdb HOST:PORT`` serves the running guest to GDB (guestmem.vmm.debug). Exit
 status 0 when the guest powers off (or resets: the VMM does not reboot),
 1 with one line on stderr for anything else.
 """
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import guestmem as gm
-from guestmem.tools.migrate import memory_size, positive_int
+from guestmem.tools.migrate import endpoint, memory_size, positive_int
 
 _QUIT_PREFIX, _QUIT_KEY = b"\x01", b"x"
 
@@ -40,6 +41,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="hardware",
         help="hardware: the VMM maps guest RAM with PROT_MTE; kvm: untagged, tags via KVM",
     )
+    run.add_argument(
+        "--gdb",
+        metavar="HOST:PORT",
+        type=endpoint,
+        help="serve the running guest to GDB (loopback, or unix:PATH): stop, step, "
+        "breakpoints, registers, memory and tags by virtual address",
+    )
     run.set_defaults(run=_cmd_run)
 
 
@@ -54,7 +62,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         tags=gm.TagMode[args.tags.upper()],
     )
-    with Machine(config, _write_stdout) as machine, _console_input(machine):
+    with (
+        Machine(config, _write_stdout) as machine,
+        _debugger(machine, args.gdb),
+        _console_input(machine),
+    ):
         outcome = machine.run()
     if outcome.reason == "reset":
         print("guestmem vmm: the guest reset; the VMM does not reboot it", file=sys.stderr)
@@ -67,6 +79,35 @@ def _write_stdout(data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(1, view) :]
+
+
+@contextlib.contextmanager
+def _debugger(machine: object, where: tuple[str, object] | None) -> Iterator[None]:
+    """Serve ``machine`` to GDB from a thread while the block runs; breakpoints out after."""
+    if where is None:
+        yield
+        return
+    from guestmem.vmm.debug import GuestDebugServer
+    from guestmem.vmm.machine import Machine
+    from guestmem.vmm.run_control import KvmRunControl
+
+    assert isinstance(machine, Machine) and machine.memory is not None
+    family, address = where
+    if family == "unix":
+        assert isinstance(address, str)
+        server = GuestDebugServer(machine.memory, KvmRunControl(machine), unix_path=address)
+    else:
+        assert isinstance(address, tuple)
+        host, port = address
+        server = GuestDebugServer(machine.memory, KvmRunControl(machine), host=host, port=port)
+    print(f"guestmem vmm: GDB: target remote {server.address}", file=sys.stderr, flush=True)
+    thread = threading.Thread(target=server.serve, name="gdb", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.close()
+        thread.join(timeout=30)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from guestmem._native import lib
 from guestmem.kvm import KvmVm
 from guestmem.vmm import boot, fdt, layout
 from guestmem.vmm import kvm_api as k
+from guestmem.vmm.gate import Gate
 from guestmem.vmm.gic import Gic
 from guestmem.vmm.uart import Pl011
 from guestmem.vmm.vcpu import (
@@ -127,6 +128,7 @@ class Machine:
         except BaseException:
             self.close()
             raise
+        self.gate = Gate(self._vcpus)
         self._counters = _Counters()
         self._outcome: Outcome | None = None
         self._done = threading.Event()
@@ -166,8 +168,6 @@ class Machine:
         for thread in threads:
             thread.start()
         self._done.wait()
-        for vcpu in self._vcpus:
-            vcpu.kick()
         for thread in threads:
             thread.join()
         assert self._outcome is not None
@@ -186,12 +186,13 @@ class Machine:
         with self._lock:
             if self._outcome is None:
                 self._outcome = outcome
+        self.gate.end()
         self._done.set()
 
     def _vcpu_loop(self, vcpu: Vcpu) -> None:
         vcpu.thread_id = threading.get_ident()
         try:
-            while not self._done.is_set():
+            while self.gate.enter(vcpu):
                 exit_ = vcpu.run()
                 if isinstance(exit_, MmioExit):
                     self._mmio(vcpu, exit_)
@@ -200,7 +201,7 @@ class Machine:
                 elif isinstance(exit_, Interrupted):
                     continue
                 elif isinstance(exit_, DebugExit):
-                    self._finish(Outcome("error", f"unexpected debug exit (ESR {exit_.hsr:#x})"))
+                    self.gate.debug_exit(vcpu.index, exit_)
                 else:
                     self._finish(Outcome("error", f"vCPU {vcpu.index}: unhandled exit {exit_}"))
         except Exception as err:  # the run ends with the reason instead of a dead thread
