@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import guestmem as gm
 from conftest import LANE
-from guestmem.errors import UsageError
+from guestmem.errors import UnsupportedError, UsageError
 from guestmem.gdbstub.packets import Ack, Packet, PacketReader, escape, frame
 from guestmem.gdbstub.server import BUSY_REPLY, RemoteAddressError
 from guestmem.gdbstub.target import TARGET_XML
@@ -126,7 +126,9 @@ class FakeCpus:
         pieces = []
         at, end = va, va + length
         while at < end:
-            if not VA <= at < VA + SIZE or HOLE <= at < HOLE + PAGE:
+            if not VA <= at < VA + SIZE:  # as vmm.stage1 does: not an AddressError
+                raise UnsupportedError(f"VA {at:#x} is beyond the page tables")
+            if HOLE <= at < HOLE + PAGE:
                 raise UnmappedAddressError(f"VA {at:#x} is not mapped", va=va, length=length)
             n = min(end, (at // PAGE + 1) * PAGE) - at
             pieces.append((BASE + at - VA, n))
@@ -182,7 +184,7 @@ class FakeCpus:
     def _fetch(self, pc: int) -> bytes:
         try:
             (ipa, _), *_ = self.translate(0, pc, 4)
-        except UnmappedAddressError:
+        except gm.GuestMemoryError:
             return b""
         return self.mem.read(ipa, 4, access=gm.Access.DEBUG)
 

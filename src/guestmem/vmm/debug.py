@@ -203,7 +203,8 @@ class RunControl(Protocol):
         """``[va, va + length)`` through ``cpu``'s stage 1: (IPA, length) pieces in order.
 
         All or nothing: a range not wholly mapped raises a GuestMemoryError
-        subclass (:class:`UnmappedAddressError` for choice).
+        subclass (:class:`UnmappedAddressError` for choice); whichever it is,
+        the client is told the address is not mapped (``E0e``).
         """
 
 
@@ -442,7 +443,12 @@ class DebugSession:
     def _translate(self, va: int, length: int) -> list[tuple[int, int]]:
         if va + length > 1 << 64:
             raise UnmappedAddressError("range wraps past 2**64", va=va, length=length)
-        pieces = self.run.translate(self.cpu, va, length)
+        try:
+            pieces = self.run.translate(self.cpu, va, length)
+        except AddressError:
+            raise
+        except GuestMemoryError as error:  # e.g. vmm.stage1's TranslationError: still E0e
+            raise UnmappedAddressError(str(error), va=va, length=length) from error
         if sum(n for _, n in pieces) != length:
             raise UnmappedAddressError("translation pieces do not add up", va=va, length=length)
         return pieces
