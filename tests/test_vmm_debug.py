@@ -67,6 +67,7 @@ class FakeCpus:
         self.refused: int | None = None  # a register set_register refuses
         self.running = False
         self.resumes: list[frozenset[int]] = []
+        self.detached = 0  # detach() calls
         self._active: tuple[int, ...] = ()
         self._stepping = False
         self._event: StopEvent | None = None
@@ -118,6 +119,9 @@ class FakeCpus:
             raise UsageError("a watchpoint longer than 8 bytes")
         with self._cond:
             self.hw_breakpoints, self.watchpoints = tuple(breakpoints), tuple(watchpoints)
+
+    def detach(self) -> None:
+        self.detached += 1
 
     def hw_slots(self) -> tuple[int, int]:
         return self.slots
@@ -610,6 +614,7 @@ def test_every_ending_takes_the_breakpoints_out(
     assert image(mem) == before
     assert cpus.hw_breakpoints == () and cpus.watchpoints == ()
     assert cpus.running  # the guest runs on
+    assert cpus.detached == 1  # the VMM was told before the last resume
     client.close()
 
 

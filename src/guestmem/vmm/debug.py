@@ -207,6 +207,14 @@ class RunControl(Protocol):
         the client is told the address is not mapped (``E0e``).
         """
 
+    def detach(self) -> None:
+        """The session is over: stop trapping for the debugger before the guest runs on.
+
+        Called with the guest stopped, after every software breakpoint is out
+        and before the last :meth:`resume`; the guest's own BRKs, breakpoints
+        and steps are its own business again.
+        """
+
 
 def canonical(va: int) -> int:
     """``va`` without its tag byte: bits 63:56 copied from bit 55 (TTBR0 or TTBR1 half)."""
@@ -935,6 +943,7 @@ class GuestDebugServer(GdbStub):
             with contextlib.suppress(OSError):
                 self._wake_writer.send(b"x")
         else:
+            _attempt(self.run.detach)
             _attempt(lambda: self.run.resume(frozenset()))
 
     def _stop_running(self) -> StopEvent | None:
