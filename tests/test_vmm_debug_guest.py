@@ -11,13 +11,16 @@ then finds its tags and bytes unchanged and powers off.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import guestmem as gm
 from conftest import LANE
+from guestmem.gdbstub.packets import PacketReader
 from test_vmm_boot import APPEND, DONE, READY, Console, guest_file
 from test_vmm_debug import Client
 
@@ -31,6 +34,17 @@ pytestmark = [
 
 RELEASE_OFFSET, RELEASE = 2048, 0x60D60D  # tests/guest/mte_probe.c
 PC = 32
+
+
+class UnixClient(Client):
+    """The RSP client over a Unix socket: the lane's VM has no network, not even loopback."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(path)
+        self.reader = PacketReader(limit=1 << 22)
+        self.pending = []
 
 
 def registers(client: Client, tid: int) -> list[int]:
@@ -66,7 +80,7 @@ def find_the_probe(client: Client, cpus: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("tags", [gm.TagMode.HARDWARE, gm.TagMode.KVM], ids=lambda m: m.name)
 def test_gdb_stops_steps_and_breaks_the_guest_and_reads_its_tags_by_virtual_address(
-    tags: gm.TagMode,
+    tags: gm.TagMode, tmp_path: Path
 ) -> None:
     from guestmem.vmm.debug import GuestDebugServer
     from guestmem.vmm.machine import Machine, MachineConfig, Outcome
@@ -84,14 +98,15 @@ def test_gdb_stops_steps_and_breaks_the_guest_and_reads_its_tags_by_virtual_addr
         outcome: list[Outcome] = []
         runner = threading.Thread(target=lambda: outcome.append(machine.run()), daemon=True)
         runner.start()
-        server = GuestDebugServer(machine.memory, KvmRunControl(machine), port=0)
+        where = str(tmp_path / "gdb.sock")
+        server = GuestDebugServer(machine.memory, KvmRunControl(machine), unix_path=where)
         serving = threading.Thread(target=server.serve, daemon=True)
         serving.start()
         try:
             ready = console.wait_for(READY)
             va, granules = int(ready[1], 16), int(ready[3])
             expected_tags = bytes(int(c, 16) for c in ready[4].decode())
-            client = Client(server.address)
+            client = UnixClient(where)
             assert client.ask(b"?")[:1] == b"T"
             assert client.ask(b"qfThreadInfo") == b"m1,2"
             tid, pc = find_the_probe(client, 2)

@@ -25,16 +25,18 @@ TG0 = {12: 0, 16: 1, 14: 2}  # granule shift -> TCR_EL1.TG0
 TG1 = {14: 1, 12: 2, 16: 3}  # granule shift -> TCR_EL1.TG1
 # The lowest VA bit each level resolves, by granule: written out, not derived.
 LOW_BIT = {
-    12: {0: 39, 1: 30, 2: 21, 3: 12},
+    12: {-1: 48, 0: 39, 1: 30, 2: 21, 3: 12},
     14: {0: 47, 1: 36, 2: 25, 3: 14},
     16: {1: 42, 2: 29, 3: 16},
 }
 START_LEVEL = {(12, 48): 0, (12, 39): 1, (14, 48): 0, (14, 47): 1, (16, 48): 1, (16, 42): 2}
+START_LEVEL |= {(12, 52): -1, (14, 52): 0}  # with TCR_EL1.DS (FEAT_LPA2)
 # Attribute bits the walker must look past: NSTable, APTable, UXN/PXNTable on
 # tables; software bits, UXN, PXN, nG, AF, SH, AP and AttrIndx on leaves.
 TABLE = 0xF8 << 56 | 0b11
 PAGE = 0xF << 55 | 1 << 54 | 1 << 53 | 1 << 11 | 1 << 10 | 3 << 8 | 1 << 6 | 4 << 2 | 0b11
 BLOCK = PAGE & ~0b10
+LPA2_PAGE = PAGE & ~(3 << 8)  # with TCR_EL1.DS, bits 9:8 are output address bits 51:50
 
 
 def tcr(
@@ -66,8 +68,10 @@ def tcr(
 class Tables:
     """Stage-1 tables for one half of the address space, built in guest memory."""
 
-    def __init__(self, mem: gm.GuestMemory, shift: int, input_bits: int, pool: int) -> None:
-        self.mem, self.shift, self.input_bits = mem, shift, input_bits
+    def __init__(
+        self, mem: gm.GuestMemory, shift: int, input_bits: int, pool: int, page: int = PAGE
+    ) -> None:
+        self.mem, self.shift, self.input_bits, self.page = mem, shift, input_bits, page
         self.start = START_LEVEL[shift, input_bits]
         self._next, self._end = pool, pool + POOL_SIZE
         self.root = self._new_table()
@@ -104,7 +108,7 @@ class Tables:
 
     def map(self, va: int, pa: int, level: int = 3) -> None:
         """Map ``va``'s page (or its block, at a level above 3) to ``pa``."""
-        self.write(self.slot(va, level, grow=True), pa | (PAGE if level == 3 else BLOCK))
+        self.write(self.slot(va, level, grow=True), pa | (self.page if level == 3 else BLOCK))
 
 
 @pytest.fixture
@@ -154,11 +158,13 @@ CONFIGS = [  # (granule shift, input bits, TTBR1's half?)
 def setup(
     mem: gm.GuestMemory, shift: int, input_bits: int, upper: bool
 ) -> tuple[Tables, TranslationRegs]:
-    tables = Tables(mem, shift, input_bits, POOL1 if upper else POOL0)
+    lpa2 = input_bits > 48  # 52-bit addresses need TCR_EL1.DS and its descriptor format
+    tables = Tables(mem, shift, input_bits, POOL1 if upper else POOL0, LPA2_PAGE if lpa2 else PAGE)
     if upper:
-        value = tcr(t1sz=64 - input_bits, shift1=shift, epd0=True)
+        value = tcr(t1sz=64 - input_bits, shift1=shift, epd0=True, ds=lpa2)
         return tables, regs(value, ttbr1=tables.root)
-    return tables, regs(tcr(t0sz=64 - input_bits, shift0=shift, epd1=True), ttbr0=tables.root)
+    value = tcr(t0sz=64 - input_bits, shift0=shift, epd1=True, ds=lpa2)
+    return tables, regs(value, ttbr0=tables.root)
 
 
 @pytest.mark.parametrize(("shift", "input_bits", "upper"), CONFIGS)
@@ -400,13 +406,53 @@ def test_epd_disables_walks_of_its_half(mem: gm.GuestMemory) -> None:
     assert translate(mem, no_kernel, 0x1001) == 0x5001
 
 
-def test_lpa2_and_52_bit_virtual_addresses_are_unsupported(mem: gm.GuestMemory) -> None:
+def test_52_bit_virtual_addresses_need_lpa2(mem: gm.GuestMemory) -> None:
     tables = Tables(mem, 12, 48, POOL0)
     tables.map(0x1000, 0x5000)
-    with pytest.raises(gm.UnsupportedError, match=r"TCR_EL1\.DS"):
-        translate(mem, regs(tcr(ds=True), tables.root), 0x1000)
-    with pytest.raises(gm.UnsupportedError, match="T0SZ = 12"):
+    with pytest.raises(gm.UnsupportedError, match=r"T0SZ = 12.*FEAT_LPA2"):
         translate(mem, regs(tcr(t0sz=12), tables.root), 0x1000)
+    with pytest.raises(gm.UnsupportedError, match="T0SZ = 11"):
+        translate(mem, regs(tcr(t0sz=11, ds=True), tables.root), 0x1000)
+
+
+@pytest.mark.parametrize(("shift", "upper"), [(12, False), (12, True), (14, False), (14, True)])
+def test_lpa2_walks_52_bit_addresses(mem: gm.GuestMemory, shift: int, upper: bool) -> None:
+    # Linux 6.12 built for 52-bit addresses, on a CPU with FEAT_LPA2: DS set, TnSZ 12.
+    page = 1 << shift
+    tables = Tables(mem, shift, 52, POOL1 if upper else POOL0, page=LPA2_PAGE)
+    low = (1 << 51) + 5 * page  # VA bit 51: only a 52-bit walk resolves it
+    va = upper_va(52, low) if upper else low
+    if upper:
+        r = regs(tcr(t1sz=12, shift1=shift, epd0=True, ds=True), ttbr1=tables.root)
+    else:
+        r = regs(tcr(t0sz=12, shift0=shift, epd1=True, ds=True), ttbr0=tables.root)
+    with pytest.raises(TranslationError) as info:
+        translate(mem, r, va)
+    assert info.value.level == START_LEVEL[shift, 52]  # -1 for 4 KiB: a 5-level walk
+    tables.map(va, 0x8765_4321_0000)
+    tables.map(va + page, 0x1000_0000 | 0b10 << 8)  # descriptor bits 9:8 -> OA bits 51:50
+    assert translate(mem, r, va + 0x10) == 0x8765_4321_0010
+    assert translate(mem, r, va + page + 1) == 1 << 51 | 0x1000_0001
+
+
+def test_lpa2_takes_the_table_base_bits_51_48_from_ttbr_bits_5_2(mem: gm.GuestMemory) -> None:
+    tables = Tables(mem, 12, 48, POOL0, page=LPA2_PAGE)
+    tables.map(0x1000, 0x5000)
+    value = tcr(ds=True)
+    assert translate(mem, regs(value, ttbr0=tables.root), 0x1234) == 0x5234
+    with pytest.raises(TranslationError, match="outside guest RAM") as info:
+        translate(mem, regs(value, ttbr0=tables.root | 0b0001 << 2), 0x1234)  # base + 2**48
+    assert info.value.level == 0
+
+
+def test_lpa2_allows_a_level_0_block_for_4k(mem: gm.GuestMemory) -> None:
+    tables = Tables(mem, 12, 48, POOL0, page=LPA2_PAGE)
+    tables.write(tables.slot(0x80_0000_1234, 0), 1 << 39 | BLOCK & ~(3 << 8))
+    assert translate(mem, regs(tcr(ds=True), ttbr0=tables.root), 0x80_0000_1234) == (
+        1 << 39 | 0x1234
+    )
+    with pytest.raises(TranslationError, match="block"):
+        translate(mem, regs(tcr(), ttbr0=tables.root), 0x80_0000_1234)
 
 
 def test_a_reserved_granule_or_input_size_faults(mem: gm.GuestMemory) -> None:

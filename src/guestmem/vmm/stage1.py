@@ -1,11 +1,15 @@
 """Guest virtual to guest physical: a walk of the guest's AArch64 stage-1 tables.
 
 The GDB stub is handed guest virtual addresses. This module walks the EL1&0
-regime's translation tables (VMSAv8-64: 4, 16 and 64 KiB granules, 48-bit
-output addresses) in guest RAM, reading each descriptor through guestmem as a
-DEBUG access, so a walk never trips a tag check. Permissions, the access flag
-and the contiguous hint do not change where an address goes and are ignored;
-the 52-bit forms (TCR_EL1.DS, FEAT_LVA) are refused as unsupported.
+regime's translation tables (VMSAv8-64: 4, 16 and 64 KiB granules) in guest
+RAM, reading each descriptor through guestmem as a DEBUG access, so a walk
+never trips a tag check. With TCR_EL1.DS (FEAT_LPA2, 4 and 16 KiB granules:
+what Linux 6.12 built for 52-bit addresses sets on a CPU that has it) input
+addresses reach 52 bits, a 4 KiB walk starts at level -1, output addresses
+take bits 51:50 from descriptor bits 9:8 and the table base's from TTBR bits
+5:2. Permissions, the access flag and the contiguous hint do not change
+where an address goes and are ignored; 52-bit output addresses with a 64 KiB
+granule (FEAT_LPA) are not decoded.
 """
 
 from __future__ import annotations
@@ -26,14 +30,18 @@ VA_LIMIT = 1 << 64
 PA_BITS = 48
 _PA_MASK = (1 << PA_BITS) - 1
 _TTBR_BADDR = _PA_MASK & ~1  # bits 47:1; ASID above, CnP in bit 0
+_LPA2_TTBR_BADDR = _PA_MASK & ~0x3F  # bits 47:6; 51:48 sit in bits 5:2
+_LPA2_OA_LOW = (1 << 50) - 1  # descriptor bits 49:granule; 51:50 sit in bits 9:8
 _MIN_TXSZ = 16
+_LPA2_MIN_TXSZ = 12
 _MAX_TXSZ = {12: 48, 14: 47, 16: 47}  # by granule shift, as with FEAT_TTST
 _TG0_SHIFTS = {0: 12, 1: 16, 2: 14}
 _TG1_SHIFTS = {2: 12, 3: 16, 1: 14}
 _BLOCK_LEVELS = {12: (1, 2), 14: (2,), 16: (2,)}
+_LPA2_BLOCK_LEVELS = {12: (0, 1, 2), 14: (1, 2)}
 # Each half's TCR_EL1 fields: EPDn bit, TnSZ and TGn positions, TGn encodings.
 _HALVES = {0: (7, 0, 14, _TG0_SHIFTS), 1: (23, 16, 30, _TG1_SHIFTS)}
-_LEVELS = 4  # a walk reads at most one descriptor per level 0..3
+_LEVELS = 4  # a walk ends by level 3 (it may start at -1)
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class _Walk:
     table: int
     shift: int
     input_bits: int
+    lpa2: bool = False
 
     @property
     def stride(self) -> int:
@@ -76,6 +85,16 @@ class _Walk:
     def start_level(self) -> int:
         levels = -(-(self.input_bits - self.shift) // self.stride)
         return 4 - levels
+
+    @property
+    def block_levels(self) -> tuple[int, ...]:
+        return _LPA2_BLOCK_LEVELS[self.shift] if self.lpa2 else _BLOCK_LEVELS[self.shift]
+
+    def output(self, desc: int, size: int) -> int:
+        """The output address in a table, page or block descriptor, aligned to ``size``."""
+        if self.lpa2:
+            return (desc & _LPA2_OA_LOW | (desc >> 8 & 3) << 50) & ~(size - 1)
+        return desc & _PA_MASK & ~(size - 1)
 
 
 def translate(mem: GuestMemory, regs: TranslationRegs, va: int) -> int:
@@ -153,10 +172,6 @@ def _translate(mem: GuestMemory, regs: TranslationRegs, va: int) -> tuple[int, i
 def _walk_for(regs: TranslationRegs, va: int, upper: int) -> _Walk:
     """The walk of the half of the address space that bit 55 of ``va`` selects."""
     tcr = regs.tcr
-    if tcr >> 59 & 1:
-        raise UnsupportedError(
-            "TCR_EL1.DS is set: 52-bit output addresses (FEAT_LPA2) are not supported"
-        )
     epd_bit, txsz_bit, tg_bit, shifts = _HALVES[upper]
     name, field = f"TTBR{upper}", f"T{upper}SZ"
     txsz, tg = tcr >> txsz_bit & 63, tcr >> tg_bit & 3
@@ -173,10 +188,12 @@ def _walk_for(regs: TranslationRegs, va: int, upper: int) -> _Walk:
             "is a reserved granule",
             address=va,
         )
-    if txsz < _MIN_TXSZ:
+    lpa2 = bool(tcr >> 59 & 1) and shift in _LPA2_BLOCK_LEVELS
+    if txsz < (_LPA2_MIN_TXSZ if lpa2 else _MIN_TXSZ):
         raise UnsupportedError(
-            f"TCR_EL1.{field} = {txsz}: virtual addresses wider than 48 bits "
-            "(FEAT_LVA) are not supported"
+            f"TCR_EL1.{field} = {txsz}: virtual addresses wider than "
+            f"{64 - (_LPA2_MIN_TXSZ if lpa2 else _MIN_TXSZ)} bits are not supported"
+            + ("" if lpa2 else " without TCR_EL1.DS (FEAT_LPA2)")
         )
     if txsz > _MAX_TXSZ[shift]:
         raise TranslationError(
@@ -185,6 +202,9 @@ def _walk_for(regs: TranslationRegs, va: int, upper: int) -> _Walk:
             address=va,
         )
     ttbr = regs.ttbr1 if upper else regs.ttbr0
+    if lpa2:
+        table = ttbr & _LPA2_TTBR_BADDR | (ttbr >> 2 & 0xF) << 48
+        return _Walk(name, table, shift, 64 - txsz, lpa2=True)
     return _Walk(name, ttbr & _TTBR_BADDR, shift, 64 - txsz)
 
 
@@ -198,12 +218,12 @@ def _walk_tables(mem: GuestMemory, walk: _Walk, va: int) -> tuple[int, int]:
         desc = _descriptor(mem, table + 8 * index, va, level)
         kind = desc & 3
         if kind == 3 and level < 3:
-            table = desc & _PA_MASK & ~((1 << shift) - 1)
+            table = walk.output(desc, 1 << shift)
             continue
-        if (kind == 3 and level == 3) or (kind == 1 and level in _BLOCK_LEVELS[shift]):
+        if (kind == 3 and level == 3) or (kind == 1 and level in walk.block_levels):
             size = 1 << low
             offset = va & (size - 1)
-            return (desc & _PA_MASK & ~(size - 1)) + offset, size - offset
+            return walk.output(desc, size) + offset, size - offset
         reason = (
             f"is a block, which a {_kib(shift)} KiB granule does not allow at this level"
             if kind == 1 and level < 3
