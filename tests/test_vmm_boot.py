@@ -15,15 +15,19 @@ import faulthandler
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import guestmem as gm
 from conftest import FIGURES, LANE
+from guestmem.gdbstub.packets import PacketReader
+from test_vmm_debug import Client
 
 pytestmark = [
     pytest.mark.kernel,
@@ -73,6 +77,17 @@ class Console:
                     pytest.fail(f"no {pattern.pattern!r} on the guest console:\n{self.text!r}")
                 self._changed.wait(left)
         return match
+
+
+class UnixClient(Client):
+    """The RSP client over a Unix socket: the lane's VM has no network, not even loopback."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(path)
+        self.reader = PacketReader(limit=1 << 22)
+        self.pending = []
 
 
 @pytest.fixture(scope="module")
@@ -143,27 +158,40 @@ def test_a_guest_tags_its_memory_and_the_vmm_reads_the_tags_while_it_runs(
 
 
 @pytest.mark.parametrize("tags", ["hardware", "kvm"])
-def test_the_command_line_boots_the_guest_to_power_off(
-    guest: tuple[bytes, bytes], tags: str
+def test_the_command_line_boots_the_guest_and_serves_it_to_gdb(
+    guest: tuple[bytes, bytes], tags: str, tmp_path: Path
 ) -> None:
     kernel = os.environ["GUESTMEM_GUEST_KERNEL"]
     initrd = os.environ["GUESTMEM_GUEST_INITRD"]
+    where = str(tmp_path / "gdb.sock")
     command = [sys.executable, "-m", "guestmem", "vmm", "run", "--kernel", kernel, "--initrd",
-               initrd, "--append", APPEND, "--memory", "192M", "--tags", tags]  # fmt: skip
+               initrd, "--append", APPEND, "--memory", "192M", "--tags", tags,
+               "--gdb", f"unix:{where}"]  # fmt: skip
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE) as vmm:  # fmt: skip
         assert vmm.stdin is not None and vmm.stdout is not None
         seen = b""
         deadline = time.monotonic() + BOOT_TIMEOUT
-        while b"PROBE-READY" not in seen and time.monotonic() < deadline:
+        while READY.search(seen) is None and time.monotonic() < deadline:
             chunk = os.read(vmm.stdout.fileno(), 4096)
             if not chunk:
                 break
             seen += chunk
+        ready = READY.search(seen)
+        assert ready is not None, seen
+        # --gdb serves the running guest: stop it, read a vCPU's registers,
+        # detach; the guest runs on (test_vmm_debug_guest.py goes further).
+        client = UnixClient(where)
+        assert client.ask(b"?")[:1] == b"T"
+        assert client.ask(b"qfThreadInfo") == b"m1"
+        assert len(client.ask(b"g")) == 2 * (33 * 8 + 4 + 8)  # x0..pc, cpsr, tag_ctl
+        assert client.ask(b"D") == b"OK"
+        client.close()
         vmm.stdin.write(b"go\n")
         vmm.stdin.flush()
         out, err = vmm.communicate(timeout=BOOT_TIMEOUT)
     seen += out
     assert vmm.returncode == 0, (seen, err)
-    assert READY.search(seen) and b"PROBE-DONE intact=yes fault=SEGV_MTESERR" in seen, seen
+    assert b"GDB: target remote " + where.encode() in err
+    assert b"PROBE-DONE intact=yes fault=SEGV_MTESERR" in seen, seen
     assert b"GUEST-PROBE-EXIT 0" in seen

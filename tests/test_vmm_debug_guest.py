@@ -11,7 +11,6 @@ then finds its tags and bytes unchanged and powers off.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -20,8 +19,7 @@ import pytest
 
 import guestmem as gm
 from conftest import LANE
-from guestmem.gdbstub.packets import PacketReader
-from test_vmm_boot import APPEND, DONE, READY, Console, guest_file
+from test_vmm_boot import APPEND, DONE, READY, Console, UnixClient, guest_file
 from test_vmm_debug import Client
 
 pytestmark = [
@@ -34,17 +32,6 @@ pytestmark = [
 
 RELEASE_OFFSET, RELEASE = 2048, 0x60D60D  # tests/guest/mte_probe.c
 PC = 32
-
-
-class UnixClient(Client):
-    """The RSP client over a Unix socket: the lane's VM has no network, not even loopback."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(60)
-        self.sock.connect(path)
-        self.reader = PacketReader(limit=1 << 22)
-        self.pending = []
 
 
 def registers(client: Client, tid: int) -> list[int]:
@@ -107,6 +94,7 @@ def test_gdb_stops_steps_and_breaks_the_guest_and_reads_its_tags_by_virtual_addr
             va, granules = int(ready[1], 16), int(ready[3])
             expected_tags = bytes(int(c, 16) for c in ready[4].decode())
             client = UnixClient(where)
+            assert b"hwbreak+" in client.ask(b"qSupported:swbreak+;hwbreak+")
             assert client.ask(b"?")[:1] == b"T"
             assert client.ask(b"qfThreadInfo") == b"m1,2"
             tid, pc = find_the_probe(client, 2)
@@ -119,11 +107,14 @@ def test_gdb_stops_steps_and_breaks_the_guest_and_reads_its_tags_by_virtual_addr
             tagged_va = va | expected_tags[1] << 56 | 16  # a tagged pointer to granule 1
             assert bytes.fromhex(client.ask(b"m%x,10" % tagged_va).decode()) == b"\x41" * 16
 
-            # One instruction of the probe's loop, on its vCPU alone.
+            # One instruction on the probe's vCPU alone: the next one of its
+            # loop, or, if an interrupt was pending, the kernel's vector (KVM
+            # does not mask interrupts for a single step).
             client.send(b"vCont;s:%x" % tid)
             stepped = stop_reply(client)
             assert stepped[b"signal"] == b"05" and int(stepped[b"thread"], 16) == tid
-            assert is_user(registers(client, tid)[PC])
+            after = registers(client, tid)[PC]
+            assert after != pc and (not is_user(after) or abs(after - pc) <= 64)
 
             # A hardware breakpoint at the loop's pc is hit as the loop comes round.
             assert client.ask(b"Z1,%x,4" % pc) == b"OK"

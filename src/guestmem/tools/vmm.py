@@ -139,8 +139,8 @@ def _pump_stdin(machine: object) -> None:
         if not data:
             return
         if os.isatty(0):
-            if escape and data[:1] == _QUIT_KEY:
+            if _QUIT_PREFIX + _QUIT_KEY in (_QUIT_PREFIX if escape else b"") + data:
                 machine.stop("quit")
                 return
-            escape = data[-1:] == _QUIT_PREFIX
+            escape = data.endswith(_QUIT_PREFIX)
         machine.console_input(data)
