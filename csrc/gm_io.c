@@ -28,13 +28,16 @@ static int tag_runs(const struct gm_span *span, struct iovec *iov, int n)
     return n;
 }
 
-static ssize_t transfer(int fd, int direction, const struct iovec *iov, int n)
+static ssize_t transfer(int fd, int direction, const struct iovec *iov, int n, int64_t offset)
 {
-    return direction == GM_IO_INTO_GUEST ? readv(fd, iov, n) : writev(fd, iov, n);
+    if (offset < 0)
+        return direction == GM_IO_INTO_GUEST ? readv(fd, iov, n) : writev(fd, iov, n);
+    return direction == GM_IO_INTO_GUEST ? preadv(fd, iov, n, (off_t)offset)
+                                         : pwritev(fd, iov, n, (off_t)offset);
 }
 
 int64_t gm_io(int fd, int direction, int mode, int route,
-              const struct gm_span *spans, size_t nspans)
+              const struct gm_span *spans, size_t nspans, int64_t offset)
 {
     struct iovec iov[GM_IO_MAX_IOV];
     int n = 0;
@@ -57,13 +60,13 @@ int64_t gm_io(int fd, int direction, int mode, int route,
         }
     }
     if (route == GM_ROUTE_MATCH_ALL) {
-        ssize_t done = transfer(fd, direction, iov, n);
+        ssize_t done = transfer(fd, direction, iov, n, offset);
         return done < 0 ? GM_ERR_ERRNO : (int64_t)done;
     }
     int status = gm_unchecked_thread_enter();
     if (status != GM_OK)
         return status;
-    ssize_t done = transfer(fd, direction, iov, n);
+    ssize_t done = transfer(fd, direction, iov, n, offset);
     int saved = errno;
     status = gm_unchecked_thread_exit();
     if (status != GM_OK)

@@ -21,8 +21,10 @@ enum gm_io_direction {
 };
 
 /* Bytes moved (>= 0), or GM_ERR_ERRNO with errno set, or GM_ERR_UNSUPPORTED
- * for a route other than MATCH_ALL and UNCHECKED_THREAD. */
+ * for a route other than MATCH_ALL and UNCHECKED_THREAD. ``offset`` < 0:
+ * readv/writev at the file's position; else preadv/pwritev at ``offset``
+ * (a disk image, whose position a device model must not share). */
 int64_t gm_io(int fd, int direction, int mode, int route,
-              const struct gm_span *spans, size_t nspans);
+              const struct gm_span *spans, size_t nspans, int64_t offset);
 
 #endif

@@ -161,3 +161,42 @@ def test_checked_io_with_the_right_and_the_wrong_tag(tmem: gm.GuestMemory) -> No
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize("route", SAFE, ids=lambda r: r.name)
+def test_positioned_file_io_leaves_the_file_position_alone(
+    mem: gm.GuestMemory, route: gm.Route, tmp_path: object
+) -> None:
+    striped(mem)
+    tags = mem.get_tags(BASE, 2 * REGION)
+    image = bytes(range(256)) * 64  # a 16 KiB "disk"
+    path = os.path.join(str(tmp_path), "disk.img")
+    with open(path, "wb") as f:
+        f.write(image)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.lseek(fd, 7, os.SEEK_SET)
+        ranges = [(BASE + REGION - 600, 1000), (BASE + 16, 24)]  # across regions and tag runs
+        assert mem.dma.io.preadv_from(fd, ranges, 4096, route=route) == 1024
+        assert mem.readv(ranges) == image[4096:5120]
+        mem.write(BASE + 16, b"W" * 24)
+        assert mem.dma.io.pwritev_to(fd, ranges, 8192, route=route) == 1024
+        assert os.pread(fd, 1024, 8192) == image[4096:5096] + b"W" * 24
+        assert mem.dma.io.preadv_from(fd, [(BASE, 64)], len(image) - 10, route=route) == 10
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 7  # never moved
+    finally:
+        os.close(fd)
+    np.testing.assert_array_equal(mem.get_tags(BASE, 2 * REGION), tags)
+
+
+@pytest.mark.parametrize("offset", [-1, 1 << 63, "0"])
+def test_a_bad_file_offset_is_refused_before_any_io(mem: gm.GuestMemory, offset: object) -> None:
+    r, w = os.pipe()
+    try:
+        before = snapshot(mem)
+        with pytest.raises((gm.LengthError, gm.ArgumentTypeError)):
+            mem.dma.io.preadv_from(r, [(BASE, 16)], offset)  # type: ignore[arg-type]
+        assert_unchanged(mem, before)
+    finally:
+        os.close(r)
+        os.close(w)

@@ -26,7 +26,7 @@ import numpy as np
 from guestmem._args import as_int
 from guestmem._native import check, ffi, lib, spans
 from guestmem.dma_mapping import STAGE_PLAN, DmaMapping
-from guestmem.errors import ArgumentTypeError, WouldBlockError, from_os_error
+from guestmem.errors import ArgumentTypeError, LengthError, WouldBlockError, from_os_error
 from guestmem.kinds import Direction, Lending, Route
 
 if TYPE_CHECKING:
@@ -117,6 +117,52 @@ class DmaIO:
             ranges, Direction.TO_DEVICE, route, tag, lambda b: os.writev(n, b), native_fd=n
         )
 
+    def preadv_from(
+        self,
+        fd: int | HasFileno,
+        ranges: Ranges,
+        offset: int,
+        *,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """Scatter one ``preadv`` from ``fd`` at ``offset`` over the guest ranges.
+
+        The file's position is neither used nor moved: what a disk image
+        behind a device model needs. Returns the count (short at end of file).
+        """
+        n, at = _fd(fd), _offset(offset)
+        return self._transfer(
+            ranges,
+            Direction.FROM_DEVICE,
+            route,
+            tag,
+            lambda b: os.preadv(n, b, at),
+            native_fd=n,
+            offset=at,
+        )
+
+    def pwritev_to(
+        self,
+        fd: int | HasFileno,
+        ranges: Ranges,
+        offset: int,
+        *,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """Gather the guest ranges into one ``pwritev`` to ``fd`` at ``offset``."""
+        n, at = _fd(fd), _offset(offset)
+        return self._transfer(
+            ranges,
+            Direction.TO_DEVICE,
+            route,
+            tag,
+            lambda b: os.pwritev(n, b, at),
+            native_fd=n,
+            offset=at,
+        )
+
     def recv_into(
         self,
         sock: socket.socket,
@@ -167,6 +213,7 @@ class DmaIO:
         tag: int | None,
         call: Transfer,
         native_fd: int | None = None,
+        offset: int = -1,
     ) -> int:
         memory = self._memory
         chosen = memory._io_plan(route, tag).route
@@ -175,21 +222,23 @@ class DmaIO:
             if chosen.lending is Lending.STAGING:
                 return self._bounce(pieces, direction, call)
             if native_fd is not None and chosen.native_iovec:
-                return self._native(native_fd, pieces, direction, chosen)
+                return self._native(native_fd, pieces, direction, chosen, offset)
             checked = [(region.gpa + offset, n) for region, offset, n in pieces]
             with DmaMapping(memory, checked, direction, chosen, tag) as buffers:
                 return call(buffers[:IOV_MAX])
         except OSError as err:
             raise from_os_error(err, f"{chosen.name} system-call I/O") from err
 
-    def _native(self, fd: int, pieces: list[Piece], direction: Direction, route: Route) -> int:
-        """One readv/writev whose iovec the core builds (tag runs under MATCH_ALL)."""
+    def _native(
+        self, fd: int, pieces: list[Piece], direction: Direction, route: Route, offset: int
+    ) -> int:
+        """One readv/writev (preadv/pwritev at ``offset`` >= 0) whose iovec the core builds."""
         memory = self._memory
         span_array = spans(pieces)
         into_guest = direction is Direction.FROM_DEVICE
         way = lib.GM_IO_INTO_GUEST if into_guest else lib.GM_IO_FROM_GUEST
         while True:
-            count = int(lib.gm_io(fd, way, memory.tag_mode, route, span_array, len(pieces)))
+            count = int(lib.gm_io(fd, way, memory.tag_mode, route, span_array, len(pieces), offset))
             if count >= 0:
                 break
             code = ffi.errno
@@ -215,6 +264,14 @@ class DmaIO:
         count = call([memoryview(staging)])
         memory._move(STAGE_PLAN, lib.GM_OP_WRITE, _prefix_pieces(pieces, count), buf)
         return count
+
+
+def _offset(offset: object) -> int:
+    """A file offset: an int in [0, 2**63)."""
+    value = as_int(offset, "offset")
+    if not 0 <= value < 1 << 63:
+        raise LengthError(f"file offset {value} is outside [0, 2**63)")
+    return value
 
 
 def _require_socket(sock: object, flags: object) -> None:
