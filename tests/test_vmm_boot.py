@@ -14,6 +14,7 @@ import ctypes
 import faulthandler
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -88,6 +89,22 @@ class UnixClient(Client):
         self.sock.connect(path)
         self.reader = PacketReader(limit=1 << 22)
         self.pending = []
+
+
+def read_until(vmm: subprocess.Popen[bytes], pattern: re.Pattern[bytes]) -> bytes:
+    """The VMM's stdout up to a line matching ``pattern`` (fails after BOOT_TIMEOUT)."""
+    assert vmm.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while pattern.search(seen) is None:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([vmm.stdout], [], [], max(left, 0))
+        chunk = os.read(vmm.stdout.fileno(), 4096) if ready else b""
+        if not chunk:
+            vmm.kill()
+            pytest.fail(f"no {pattern.pattern!r} from the VMM (exit {vmm.poll()}): {seen!r}")
+        seen += chunk
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -170,15 +187,7 @@ def test_the_command_line_boots_the_guest_and_serves_it_to_gdb(
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE) as vmm:  # fmt: skip
         assert vmm.stdin is not None and vmm.stdout is not None
-        seen = b""
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while READY.search(seen) is None and time.monotonic() < deadline:
-            chunk = os.read(vmm.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            seen += chunk
-        ready = READY.search(seen)
-        assert ready is not None, seen
+        seen = read_until(vmm, READY)
         # --gdb serves the running guest: stop it, read a vCPU's registers,
         # detach; the guest runs on (test_vmm_debug_guest.py goes further).
         client = UnixClient(where)
