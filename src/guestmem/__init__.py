@@ -25,6 +25,7 @@ from guestmem.errors import (
     TagRaceError,
     UnsupportedError,
     UsageError,
+    VirtqueueError,
 )
 from guestmem.kinds import Access, Direction, Policy, Route, TagMode
 from guestmem.kvm import KvmVm, kvm_mte_available
@@ -79,6 +80,7 @@ __all__ = [
     "TagRaceError",
     "UnsupportedError",
     "UsageError",
+    "VirtqueueError",
     "__version__",
     "available_tag_modes",
     "has_mte",

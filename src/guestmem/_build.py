@@ -20,6 +20,7 @@ BOUND_HEADERS = [
     "gm_io.h",
     "gm_kvm.h",
     "gm_stream.h",
+    "gm_virtq.h",
 ]
 SOURCES = [
     "gm_platform.c",
@@ -31,6 +32,7 @@ SOURCES = [
     "gm_io.c",
     "gm_kvm.c",
     "gm_stream.c",
+    "gm_virtq.c",
 ]
 
 

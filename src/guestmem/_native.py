@@ -26,6 +26,7 @@ __all__ = [
     "raise_for",
     "spans",
     "stream_regions",
+    "virtqueue",
 ]
 
 
@@ -60,6 +61,35 @@ def stream_regions(mode: int, regions: Sequence[tuple[Any, Any, int, int]]) -> A
         entry.size = size
         entry.vm_fd = -1
     return out
+
+
+def virtqueue(
+    mode: int,
+    size: int,
+    event_idx: bool,
+    regions: Sequence[tuple[int, int, Any]],
+    rings: tuple[int, int, int],
+) -> tuple[Any, Any, Any]:
+    """A native ``struct gm_virtq``, its region table and its output words.
+
+    ``regions`` are ``(gpa, size, base pointer)``; keep all three results,
+    and the regions' owners, alive while the queue is used.
+    """
+    table = ffi.new("struct gm_virtq_region[]", len(regions))
+    for entry, (gpa, length, base) in zip(table, regions, strict=True):
+        entry.gpa = gpa
+        entry.size = length
+        entry.base = base
+    out = ffi.new("uint64_t[]", lib.GM_VIRTQ_HEADER + 2 * size)
+    queue = ffi.new("struct gm_virtq *")
+    queue.mode = mode
+    queue.size = size
+    queue.event_idx = 1 if event_idx else 0
+    queue.regions = table
+    queue.nregions = len(regions)
+    queue.desc_gpa, queue.avail_gpa, queue.used_gpa = rings
+    queue.out = out
+    return queue, table, out
 
 
 def access_request(

@@ -110,6 +110,21 @@ def from_os_error(err: OSError, what: str) -> NativeOSError:
     return NativeOSError(err.errno or errno.EIO, f"{what}: {reason}")
 
 
+class VirtqueueError(GuestMemoryError, ValueError):
+    """A malformed virtqueue: the driver broke the ring's rules.
+
+    ``reason`` names the rule, ``index`` is the offending descriptor, ring
+    entry or index value, ``gpa`` where it was found (None if nowhere). The
+    queue then needs a reset.
+    """
+
+    def __init__(self, message: str, *, reason: str, index: int, gpa: int | None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.index = index
+        self.gpa = gpa
+
+
 class ProtocolError(GuestMemoryError, ValueError):
     """A malformed GDB remote protocol packet (bad framing, hex or arguments)."""
 
