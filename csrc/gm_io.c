@@ -74,3 +74,10 @@ int64_t gm_io(int fd, int direction, int mode, int route,
     errno = saved;
     return done < 0 ? GM_ERR_ERRNO : (int64_t)done;
 }
+
+int64_t gm_io_span(int fd, int direction, int mode, int route,
+                   uint8_t *guest, uint64_t gpa, size_t len, int64_t offset)
+{
+    struct gm_span span = { .gpa = gpa, .guest = guest, .table = NULL, .len = len };
+    return gm_io(fd, direction, mode, route, &span, 1, offset);
+}

@@ -26,5 +26,9 @@ enum gm_io_direction {
  * (a disk image, whose position a device model must not share). */
 int64_t gm_io(int fd, int direction, int mode, int route,
               const struct gm_span *spans, size_t nspans, int64_t offset);
+/* The same over one span given by its scalars: the binding's fast path (no
+ * span array to allocate from Python). */
+int64_t gm_io_span(int fd, int direction, int mode, int route,
+                   uint8_t *guest, uint64_t gpa, size_t len, int64_t offset);
 
 #endif

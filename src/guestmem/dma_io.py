@@ -234,11 +234,23 @@ class DmaIO:
     ) -> int:
         """One readv/writev (preadv/pwritev at ``offset`` >= 0) whose iovec the core builds."""
         memory = self._memory
-        span_array = spans(pieces)
+        mode = memory.tag_mode
         into_guest = direction is Direction.FROM_DEVICE
         way = lib.GM_IO_INTO_GUEST if into_guest else lib.GM_IO_FROM_GUEST
+        if len(pieces) == 1:  # a block request's data buffer: no span array to allocate
+            region, start, length = pieces[0]
+            guest, gpa = region._base + start, region.gpa + start
+
+            def transfer() -> int:
+                return int(lib.gm_io_span(fd, way, mode, route, guest, gpa, length, offset))
+        else:
+            span_array = spans(pieces)
+
+            def transfer() -> int:
+                return int(lib.gm_io(fd, way, mode, route, span_array, len(pieces), offset))
+
         while True:
-            count = int(lib.gm_io(fd, way, memory.tag_mode, route, span_array, len(pieces), offset))
+            count = transfer()
             if count >= 0:
                 break
             code = ffi.errno
