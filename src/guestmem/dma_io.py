@@ -47,6 +47,8 @@ class HasFileno(Protocol):
 
 
 def _fd(target: int | HasFileno) -> int:
+    if type(target) is int:
+        return target
     if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
         return as_int(target, "a file descriptor")
     fileno = getattr(target, "fileno", None)
@@ -219,10 +221,10 @@ class DmaIO:
         chosen = memory._io_plan(route, tag).route
         pieces = memory._pieces(ranges, None)  # every range valid before any system call
         try:
-            if chosen.lending is Lending.STAGING:
-                return self._bounce(pieces, direction, call)
             if native_fd is not None and chosen.native_iovec:
                 return self._native(native_fd, pieces, direction, chosen, offset)
+            if chosen.lending is Lending.STAGING:
+                return self._bounce(pieces, direction, call)
             checked = [(region.gpa + offset, n) for region, offset, n in pieces]
             with DmaMapping(memory, checked, direction, chosen, tag) as buffers:
                 return call(buffers[:IOV_MAX])
@@ -237,20 +239,17 @@ class DmaIO:
         mode = memory.tag_mode
         into_guest = direction is Direction.FROM_DEVICE
         way = lib.GM_IO_INTO_GUEST if into_guest else lib.GM_IO_FROM_GUEST
-        if len(pieces) == 1:  # a block request's data buffer: no span array to allocate
+        one = len(pieces) == 1  # a block request's data buffer: no span array to allocate
+        if one:
             region, start, length = pieces[0]
             guest, gpa = region._base + start, region.gpa + start
-
-            def transfer() -> int:
-                return int(lib.gm_io_span(fd, way, mode, route, guest, gpa, length, offset))
         else:
             span_array = spans(pieces)
-
-            def transfer() -> int:
-                return int(lib.gm_io(fd, way, mode, route, span_array, len(pieces), offset))
-
         while True:
-            count = transfer()
+            if one:
+                count = int(lib.gm_io_span(fd, way, mode, route, guest, gpa, length, offset))
+            else:
+                count = int(lib.gm_io(fd, way, mode, route, span_array, len(pieces), offset))
             if count >= 0:
                 break
             code = ffi.errno
@@ -280,7 +279,7 @@ class DmaIO:
 
 def _offset(offset: object) -> int:
     """A file offset: an int in [0, 2**63)."""
-    value = as_int(offset, "offset")
+    value = offset if type(offset) is int else as_int(offset, "offset")
     if not 0 <= value < 1 << 63:
         raise LengthError(f"file offset {value} is outside [0, 2**63)")
     return value

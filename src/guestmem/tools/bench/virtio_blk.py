@@ -33,7 +33,7 @@ HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 VIRTIO_BLK_T_IN = 0
 NEXT, WRITE = 1, 2
 DESCRIPTOR = struct.Struct("<QIHH")
-OK = b"\x00"
+VIRTIO_BLK_S_OK = 0
 
 
 @dataclass(frozen=True)
@@ -103,18 +103,16 @@ class _Device:
         self.mem = mem
         self.queue = queue
         self.fd = fd
-        self.header = bytearray(16)
 
     def serve(self) -> int:
         """Serve every available request; return how many."""
-        mem, queue, io, fd, header = self.mem, self.queue, self.mem.dma.io, self.fd, self.header
+        mem, queue, io, fd = self.mem, self.queue, self.mem.dma.io, self.fd
         served = 0
         while (chain := queue.pop()) is not None:
-            mem.readinto(chain.readable[0][0], header)
-            _, _, sector = HEADER.unpack(header)
+            _, _, sector = HEADER.unpack(mem.read(chain.readable[0][0], HEADER.size))
             *data, (status, _) = chain.writable
             got = io.preadv_from(fd, data, sector * SECTOR)
-            mem.write(status, OK)
+            mem.fill(status, 1, VIRTIO_BLK_S_OK)
             queue.push(chain.head, got + 1)
             served += 1
         return served
@@ -122,7 +120,7 @@ class _Device:
     def serve_timed(self, clock: list[int]) -> int:
         """:meth:`serve` with the clock read around each part: ``clock`` gets ring, copy, io."""
         now = time.perf_counter_ns
-        mem, queue, io, fd, header = self.mem, self.queue, self.mem.dma.io, self.fd, self.header
+        mem, queue, io, fd = self.mem, self.queue, self.mem.dma.io, self.fd
         served = 0
         while True:
             t0 = now()
@@ -131,14 +129,14 @@ class _Device:
             clock[0] += t1 - t0
             if chain is None:
                 return served
-            mem.readinto(chain.readable[0][0], header)
+            header = mem.read(chain.readable[0][0], HEADER.size)
             t2 = now()
             _, _, sector = HEADER.unpack(header)
             *data, (status, _) = chain.writable
             t3 = now()
             got = io.preadv_from(fd, data, sector * SECTOR)
             t4 = now()
-            mem.write(status, OK)
+            mem.fill(status, 1, VIRTIO_BLK_S_OK)
             t5 = now()
             queue.push(chain.head, got + 1)
             t6 = now()
