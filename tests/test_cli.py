@@ -235,3 +235,14 @@ def test_figures_say_where_they_came_from(monkeypatch: pytest.MonkeyPatch) -> No
         assert where.startswith("emulated aarch64 (QEMU's CPU"), where
     else:
         assert where == f"native {os.uname().machine} host"
+
+
+def test_bench_virtio_blk_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "virtio.json"
+    args = ["bench", "--virtio-blk", "--requests", "64", "--repeats", "11", "--modes", "software"]
+    assert cli.main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == "guestmem-bench-virtio-blk/1" and report["tag_mode"] == "SOFTWARE"
+    assert [f["depth"] for f in report["figures"]] == [1, 32]
+    assert all(f["device_rate"] > 0 for f in report["figures"])
+    assert "virtio-blk" in capsys.readouterr().out

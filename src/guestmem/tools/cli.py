@@ -13,6 +13,7 @@ from guestmem.tools import bench
 from guestmem.tools import gdbserve as gdbstub_cli
 from guestmem.tools import migrate as migration_cli
 from guestmem.tools import vmm as vmm_cli
+from guestmem.tools.bench import virtio_blk
 from guestmem.tools.info import info_rows
 
 Progress = Callable[[int, int, str], None]
@@ -53,6 +54,8 @@ def _plain_progress(done: int, total: int, what: str) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     modes = [gm.TagMode[m.strip().upper()] for m in args.modes.split(",")] if args.modes else None
+    if args.virtio_blk:
+        return _bench_virtio_blk(args, modes)
     if args.plot:
         import importlib.util
 
@@ -69,6 +72,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f.write("\n")
     if args.plot:
         bench.plot(report, args.plot)
+    return 0
+
+
+def _bench_virtio_blk(args: argparse.Namespace, modes: list[gm.TagMode] | None) -> int:
+    """The virtio-blk request rate instead of the route comparison."""
+    mode: gm.TagMode | str = modes[0] if modes else "auto"
+    report = virtio_blk.run(requests=args.requests, repeats=args.repeats, mode=mode)
+    virtio_blk.print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
     return 0
 
 
@@ -107,6 +122,14 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--sizes", type=_sizes, help="sizes in bytes (comma-separated), all cold too")
     b.add_argument("--modes", type=_modes, help="tag modes (comma-separated); default: all here")
+    b.add_argument(
+        "--virtio-blk",
+        action="store_true",
+        help="instead: 4 KiB read requests/s of a Python virtio-blk at queue depth 1 and 32",
+    )
+    b.add_argument(
+        "--requests", type=int, default=32768, help="--virtio-blk: requests per run and depth"
+    )
     b.set_defaults(run=_cmd_bench)
     migration_cli.add_commands(commands)
     gdbstub_cli.add_commands(commands)
