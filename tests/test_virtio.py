@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import guestmem as gm
-from conftest import BASE, HOLE, LAYOUT, REGION
+from conftest import BASE, HOLE, LAYOUT, REGION, died_of_sigsegv, needs_mte, run_child
 from guestmem.virtio import DescriptorChain, SplitQueue, chain_read, chain_write
 from virtq_driver import INDIRECT, NEXT, NO_INTERRUPT, WRITE, Driver
 
@@ -158,6 +158,63 @@ def test_sixteen_bit_indices_wrap(driver: Driver) -> None:
     assert results == [False, True, False, False]
     assert driver.avail_event() == 2
     assert driver.used_elem(0xFFFF) == (1, 2)  # the second push, in slot 7 of 8
+
+
+@pytest.mark.kernel
+def test_the_callers_tco_survives_pops_and_pushes(driver: Driver) -> None:
+    """The walk sets TCO for itself and puts back what it found, on every path."""
+    q = driver.queue()
+    driver.add([(BUF, 4, False)])
+    with gm.unchecked():
+        chain = q.pop()
+        assert gm.thread_tco() is True
+        assert chain is not None and q.push(chain.head, 0) is True
+        assert q.pop() is None and gm.thread_tco() is True
+        driver.publish(SIZE)  # malformed: the error path restores it too
+        with pytest.raises(gm.VirtqueueError):
+            q.pop()
+        assert gm.thread_tco() is True
+    assert gm.thread_tco() is False
+
+
+@pytest.mark.kernel  # the fault also arrives from a real kernel
+@needs_mte
+def test_tagged_rings_are_walked_and_checks_stay_on_after() -> None:
+    """Rings whose every granule carries another tag: the walk never faults, and a
+    plain access afterwards still does (TCO was put back)."""
+    result = run_child(
+        """
+import struct
+import numpy as np
+import guestmem as gm
+from guestmem.virtio import SplitQueue
+mem = gm.GuestMemory.anonymous(0x10000, gpa=0x40000000, tags="hardware")
+mem.set_tags(0x40000000, 0x10000, (np.arange(0x1000) * 7 + 1) % 16)
+desc, avail, used = 0x40000000, 0x40000100, 0x40000200
+mem.write(desc, struct.pack("<QIHH", 0x40004000, 64, 1, 1))
+mem.write(desc + 16, struct.pack("<QIHH", 0x40005000, 8, 2, 0))
+mem.write(avail + 4, struct.pack("<H", 0))
+mem.write(avail + 2, struct.pack("<H", 1))
+q = SplitQueue(mem, 8, desc, avail, used, event_idx=True)
+chain = q.pop()
+assert chain.readable == ((0x40004000, 64),) and chain.writable == ((0x40005000, 8),)
+q.push(chain.head, 8)
+mem.write(avail + 4 + 2, struct.pack("<H", 9))
+mem.write(avail + 2, struct.pack("<H", 2))
+try:
+    q.pop()
+except gm.VirtqueueError:
+    print("raised", flush=True)
+assert struct.unpack("<H", mem.read(used + 2, 2))[0] == 1
+assert not gm.thread_tco()
+print("walked ok", flush=True)
+mem.view(used, 16)[3]
+print("not reached", flush=True)
+"""
+    )
+    assert "raised" in result.stdout and "walked ok" in result.stdout, result.stderr
+    assert "not reached" not in result.stdout
+    assert died_of_sigsegv(result), (result.returncode, result.stderr)
 
 
 # ---- malformed rings ------------------------------------------------------------------

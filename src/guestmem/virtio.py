@@ -106,6 +106,7 @@ class SplitQueue:
     used ring (4); each must lie inside one region. ``event_idx`` is
     VIRTIO_F_EVENT_IDX as negotiated. A malformed ring raises
     :class:`VirtqueueError` and leaves the queue in :attr:`needs_reset`.
+    One thread at a time serves a queue, as one device does.
     """
 
     def __init__(
