@@ -120,20 +120,29 @@ void gm_virtq_reset(struct gm_virtq *q)
     q->error_gpa = 0;
 }
 
+/* Avail idx, and (acquire) the ring entries and descriptors it publishes. */
+static inline uint16_t load_avail_idx(const struct gm_virtq *q)
+{
+    return le16toh(__atomic_load_n((uint16_t *)(q->avail + AVAIL_IDX), __ATOMIC_ACQUIRE));
+}
+
 /* The walk itself, rings already reachable (TCO set under HARDWARE). */
 static int pop(struct gm_virtq *q)
 {
     const uint32_t size = q->size;
-    uint16_t avail_idx = __atomic_load_n((uint16_t *)(q->avail + AVAIL_IDX), __ATOMIC_ACQUIRE);
-    avail_idx = le16toh(avail_idx);
+    uint16_t avail_idx = load_avail_idx(q);
+    if (avail_idx == q->last_avail && q->event_idx) {
+        /* Ask for a kick at the next entry, then look again: the driver may
+         * have added one after our load and read avail_event before our store. */
+        store16(q->used + USED_RING + USED_ELEM * size, q->last_avail);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        avail_idx = load_avail_idx(q);
+    }
     uint16_t pending = (uint16_t)(avail_idx - q->last_avail);
     if (pending > size)
         return fail(q, GM_VQ_AVAIL_AHEAD, avail_idx, q->avail_gpa + AVAIL_IDX);
-    if (pending == 0) {
-        if (q->event_idx)
-            store16(q->used + USED_RING + USED_ELEM * size, q->last_avail);
+    if (pending == 0)
         return 0;
-    }
     uint32_t slot = q->last_avail & (size - 1);
     uint32_t head = load16(q->avail + AVAIL_RING + 2 * slot);
     if (head >= size)
