@@ -112,6 +112,8 @@ def test_chain_write_fills_from_the_first_buffer_and_refuses_too_much(driver: Dr
     assert mem.read(BUF, 4) == b"abcd" and mem.read(BUF + 32, 8) == b"ef" + b"\xee" * 6
     with pytest.raises(gm.LengthError):
         chain_write(mem, chain, b"x" * 13)
+    with pytest.raises(gm.BufferTypeError):
+        chain_write(mem, chain, "text")
     assert chain_read(mem, chain) == b""
 
 

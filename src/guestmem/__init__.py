@@ -41,6 +41,7 @@ from guestmem.platform import summary as platform_summary
 from guestmem.region import PAGE_SIZE, Backing, GuestRegion, SharedRegion
 from guestmem.scopes import unchecked, unchecked_thread
 from guestmem.units import GRANULE, HOST_PAGE, STREAM_PAGE, Frames
+from guestmem.virtio import DescriptorChain, SplitQueue
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "BufferTypeError",
     "CheckMode",
     "ClosedError",
+    "DescriptorChain",
     "Direction",
     "Dma",
     "DmaIO",
@@ -73,6 +75,7 @@ __all__ = [
     "Route",
     "SharedRegion",
     "SharedTableError",
+    "SplitQueue",
     "StreamError",
     "TagCheckError",
     "TagError",

@@ -17,7 +17,13 @@ from typing import Any
 
 from guestmem._args import GPA_LIMIT, as_int
 from guestmem._native import ffi, lib, virtqueue
-from guestmem.errors import ClosedError, LengthError, UsageError, VirtqueueError
+from guestmem.errors import (
+    BufferTypeError,
+    ClosedError,
+    LengthError,
+    UsageError,
+    VirtqueueError,
+)
 from guestmem.kinds import Access
 from guestmem.memory import GuestMemory
 
@@ -275,7 +281,10 @@ def chain_write(
     ``data`` may be shorter than the buffers (the rest stays as it was), not
     longer (LengthError).
     """
-    size = memoryview(data).nbytes
+    try:
+        size = memoryview(data).nbytes
+    except TypeError:
+        raise BufferTypeError(f"expected a bytes-like object, not {type(data).__name__}") from None
     if size > chain.writable_len:
         raise LengthError(f"{size} bytes do not fit the chain's {chain.writable_len}")
     ranges = []
