@@ -94,6 +94,12 @@ def _repeats(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"a positive integer, not {text!r}")
+    return int(text)
+
+
 def _sizes(text: str) -> str:
     if not all(part.strip().isdigit() and int(part) > 0 for part in text.split(",")):
         raise argparse.ArgumentTypeError("sizes are positive integers, comma-separated")
@@ -128,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
         help="instead: 4 KiB read requests/s of a Python virtio-blk at queue depth 1 and 32",
     )
     b.add_argument(
-        "--requests", type=int, default=32768, help="--virtio-blk: requests per run and depth"
+        "--requests", type=_positive, default=32768, help="--virtio-blk: requests per run"
     )
     b.set_defaults(run=_cmd_bench)
     migration_cli.add_commands(commands)
