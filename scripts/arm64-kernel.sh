@@ -5,9 +5,10 @@
 #   6.12      bookworm-backports' linux-image-arm64        (4 KiB pages)
 #   6.12-16k  bookworm-backports' linux-image-arm64-16k    (16 KiB pages)
 # The packages come from Debian's archive through apt inside the arm64
-# userland: the meta package and the versioned linux-image it depends on. Only
-# the kernel image and its config are kept; everything the lane needs (KVM,
-# MTE, devtmpfs, tmpfs, memfd) is built in, which the config is checked for.
+# userland: the meta package and the versioned linux-image it depends on. Kept:
+# the kernel image, its config (checked for what the lane needs built in: KVM,
+# MTE, devtmpfs, tmpfs, memfd), and the few modules the reference VMM's nested
+# guest loads (virtio_mmio, virtio_blk, minix; uncompressed, in modules/).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 name=${1:?usage: arm64-kernel.sh 6.1|6.12|6.12-16k}
@@ -17,7 +18,7 @@ case $name in
     6.12-16k) meta=linux-image-arm64-16k suite=bookworm-backports page=16384 ;;
     *) echo "arm64-kernel.sh: no kernel named $name (6.1, 6.12, 6.12-16k)" >&2; exit 2 ;;
 esac
-cache=${GUESTMEM_KERNEL_CACHE:-/var/cache/guestmem/kernels.v2}/$name
+cache=${GUESTMEM_KERNEL_CACHE:-/var/cache/guestmem/kernels.v3}/$name
 
 if [ ! -f "$cache/vmlinuz" ]; then
     root=$(bash "$here/arm64-userland.sh")
@@ -45,6 +46,16 @@ if [ ! -f "$cache/vmlinuz" ]; then
     cp "$root"/tmp/kernel/tree/boot/vmlinuz-* "$cache.tmp/vmlinuz"
     cp "$root"/tmp/kernel/tree/boot/config-* "$cache.tmp/config"
     cp "$root/tmp/kernel/package" "$cache.tmp/package"
+    mkdir -p "$cache.tmp/modules"
+    for module in virtio_mmio virtio_blk minix; do
+        found=$(find "$root/tmp/kernel/tree" -path '*/modules/*' -name "$module.ko*" | head -n 1)
+        [ -n "$found" ] || { echo "kernel $name has no module $module" >&2; exit 1; }
+        case $found in
+            *.xz) xz -dc "$found" ;;
+            *.zst) zstd -dcq "$found" ;;
+            *) cat "$found" ;;
+        esac > "$cache.tmp/modules/$module.ko"
+    done
     echo "$page" > "$cache.tmp/page-size"
     rm -rf "$root/tmp/kernel" "$cache"
     mv "$cache.tmp" "$cache"

@@ -56,7 +56,10 @@ for arg in "$@"; do printf '%s\n' "$arg"; done > "$overlay/pytest-args"
 # The reference VMM's nested guest: this same kernel, and its own initramfs.
 mkdir -p "$overlay/opt/guest"
 cp "$vmlinuz" "$overlay/opt/guest/Image"
-cp "$guest_initrd" "$overlay/opt/guest/initrd"
+mkdir -p "$work/guest-modules/lib/modules"
+cp "$(dirname "$vmlinuz")"/modules/*.ko "$work/guest-modules/lib/modules/"
+(cd "$work/guest-modules" && find . | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) \
+    | cat "$guest_initrd" - > "$overlay/opt/guest/initrd"
 cp "$top/scripts/kernel-init.sh" "$overlay/init"
 chmod 755 "$overlay/init"
 (cd "$overlay" && find . | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) > "$work/overlay.cpio"

@@ -59,6 +59,17 @@ def test_the_device_tree_describes_ram_cpus_gic_timer_uart_and_chosen() -> None:
     assert timer[1::3] == (13, 14, 11, 10)
 
 
+def test_each_virtio_transport_has_a_node_with_its_own_interrupt() -> None:
+    blob = libfdt.Fdt(fdt.build(fdt.BootTree(layout.RAM, 64 * MIB, 1, "x", virtio_devices=2)))
+    for index in range(2):
+        base = layout.VIRTIO + index * layout.VIRTIO_SIZE
+        node = blob.path_offset(f"/virtio_mmio@{base:x}")
+        assert bytes(blob.getprop(node, "compatible")) == b"virtio,mmio\0"
+        assert struct.unpack(">QQ", bytes(blob.getprop(node, "reg"))) == (base, layout.VIRTIO_SIZE)
+        spi = struct.unpack(">3I", bytes(blob.getprop(node, "interrupts")))[1]
+        assert spi == layout.VIRTIO_SPI + index
+
+
 def test_without_an_initrd_chosen_names_none() -> None:
     blob = libfdt.Fdt(fdt.build(fdt.BootTree(layout.RAM, 64 * MIB, 1, "x")))
     with pytest.raises(libfdt.FdtException):
@@ -184,8 +195,16 @@ def test_a_file_that_is_no_kernel_is_one_line_and_status_1(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     "args",
-    [["--memory", "lots"], ["--cpus", "0"], ["--tags", "software"], []],
-    ids=["memory", "cpus", "tags", "no-kernel"],
+    [
+        ["--memory", "lots"],
+        ["--cpus", "0"],
+        ["--tags", "software"],
+        [],
+        ["--disk", ",ro"],
+        ["--disk", "a.img,rw"],
+        ["--gdb", "nowhere"],
+    ],
+    ids=["memory", "cpus", "tags", "no-kernel", "disk-no-path", "disk-option", "gdb"],
 )
 def test_bad_flags_get_a_usage_error(tmp_path: Path, args: list[str]) -> None:
     kernel = ["--kernel", str(tmp_path / "Image")] if args else []

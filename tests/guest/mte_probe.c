@@ -33,7 +33,7 @@
 #define GRANULES 64
 #define RELEASE_OFFSET 2048 /* an untagged word of the page */
 #define RELEASE 0x60d60dU
-#define MMIO_HOLE 0x0a000000UL /* no device there (vmm/layout.py) */
+#define MMIO_HOLE 0x0c000000UL /* no device there (vmm/layout.py) */
 
 static unsigned pattern(size_t i) { return (unsigned)((i * 7 + 3) & 0xf); }
 

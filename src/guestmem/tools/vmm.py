@@ -42,6 +42,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="hardware: the VMM maps guest RAM with PROT_MTE; kvm: untagged, tags via KVM",
     )
     run.add_argument(
+        "--disk",
+        metavar="PATH[,ro]",
+        action="append",
+        type=_disk,
+        default=[],
+        help="a disk image as virtio-blk (repeatable; ,ro: read-only)",
+    )
+    run.add_argument(
         "--gdb",
         metavar="HOST:PORT",
         type=endpoint,
@@ -51,8 +59,16 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.set_defaults(run=_cmd_run)
 
 
+def _disk(text: str) -> tuple[str, bool]:
+    """``PATH`` or ``PATH,ro``."""
+    path, _, option = text.partition(",")
+    if not path or option not in ("", "ro"):
+        raise argparse.ArgumentTypeError(f"not PATH or PATH,ro: {text!r}")
+    return path, option == "ro"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from guestmem.vmm.machine import Machine, MachineConfig
+    from guestmem.vmm.machine import Disk, Machine, MachineConfig
 
     config = MachineConfig(
         kernel=args.kernel.read_bytes(),
@@ -61,6 +77,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         memory=args.memory,
         cpus=args.cpus,
         tags=gm.TagMode[args.tags.upper()],
+        disks=tuple(Disk(path, read_only) for path, read_only in args.disk),
     )
     with (
         Machine(config, _write_stdout) as machine,

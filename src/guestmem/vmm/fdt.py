@@ -5,7 +5,8 @@ of dtc, maintained beside the kernel's own dtc and used by QEMU, U-Boot and
 crosvm's C predecessors: the blob it writes is the one Linux's early code
 expects, and the project need not own an encoder. The tree describes what
 the VMM serves: RAM, the vCPUs (PSCI 0.2 through HVC), the vGICv3, the arch
-timer's PPIs, the PL011 and its clock, and ``/chosen``.
+timer's PPIs, the PL011 and its clock, the virtio-mmio transports, and
+``/chosen``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class BootTree:
     cpus: int
     command_line: str
     initrd: tuple[int, int] | None = None  # (start, end) guest physical
+    virtio_devices: int = 0  # virtio-mmio transports at layout.VIRTIO onwards
 
 
 def _cells(*values: int) -> bytes:
@@ -68,6 +70,8 @@ def build(tree: BootTree) -> bytes:
     _gic(sw, tree.cpus)
     _timer(sw)
     _uart(sw)
+    for index in range(tree.virtio_devices):
+        _virtio_mmio(sw, index)
     sw.end_node()
     return bytes(sw.as_fdt().as_bytearray())
 
@@ -146,4 +150,14 @@ def _uart(sw: Any) -> None:
     sw.property("interrupts", _cells(_SPI, layout.UART_SPI, _LEVEL_HIGH))
     sw.property("clocks", _cells(CLOCK_PHANDLE, CLOCK_PHANDLE))
     sw.property("clock-names", b"uartclk\0apb_pclk\0")
+    sw.end_node()
+
+
+def _virtio_mmio(sw: Any, index: int) -> None:
+    base = layout.VIRTIO + index * layout.VIRTIO_SIZE
+    sw.begin_node(f"virtio_mmio@{base:x}")
+    sw.property_string("compatible", "virtio,mmio")
+    sw.property("reg", _pairs(base, layout.VIRTIO_SIZE))
+    sw.property("interrupts", _cells(_SPI, layout.VIRTIO_SPI + index, _LEVEL_HIGH))
+    sw.property("dma-coherent", b"")
     sw.end_node()

@@ -19,5 +19,11 @@ UART_SIZE = 0x1000
 UART_SPI = 1  # SPI 1: INTID 33
 UART_CLOCK_HZ = 24_000_000
 
+VIRTIO = 0x0A00_0000  # virtio-mmio transports, one window each
+VIRTIO_SIZE = 0x200
+VIRTIO_SPI = 16  # the first transport's SPI; the next ones follow
+MAX_VIRTIO = 32
+# Nothing lives at 0x0C00_0000: the guest's MTE probe times MMIO exits there.
+
 RAM = 0x4000_0000
 SPI_COUNT = 64  # INTIDs 32..95 exist

@@ -38,13 +38,23 @@ from guestmem.vmm.vcpu import (
     Vcpu,
     install_kick_handler,
 )
+from guestmem.vmm.virtio_blk import VirtioBlock
+from guestmem.vmm.virtio_mmio import MmioTransport
 
 TAG_MODES = (gm.TagMode.HARDWARE, gm.TagMode.KVM)
 
 
 @dataclass(frozen=True)
+class Disk:
+    """A disk image file, served as virtio-blk (read-only with ``read_only``)."""
+
+    path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class MachineConfig:
-    """What to run: the kernel and initrd (bytes), command line, RAM, vCPUs, tag mode."""
+    """What to run: kernel and initrd (bytes), command line, RAM, vCPUs, tag mode, disks."""
 
     kernel: bytes
     command_line: str = "console=ttyAMA0"
@@ -52,6 +62,7 @@ class MachineConfig:
     memory: int = 256 << 20
     cpus: int = 1
     tags: gm.TagMode = gm.TagMode.HARDWARE
+    disks: tuple[Disk, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,8 +113,12 @@ class Machine:
         kernel = boot.KernelImage.parse(config.kernel)
         placed = boot.plan(layout.RAM, config.memory, kernel, _size(config.initrd))
         self.config = config
+        if len(config.disks) > layout.MAX_VIRTIO:
+            raise gm.UsageError(f"at most {layout.MAX_VIRTIO} disks, not {len(config.disks)}")
         self._vcpus: list[Vcpu] = []
         self._gic: Gic | None = None
+        self.disks: list[VirtioBlock] = []
+        self.transports: list[MmioTransport] = []
         self.vm = KvmVm.create()
         self.memory: gm.GuestMemory | None = None
         try:
@@ -146,6 +161,24 @@ class Machine:
             memory.close()
             raise
         return memory
+
+    def _add_disks(self, disks: tuple[Disk, ...], gic: Gic) -> list[_Device]:
+        """A virtio-blk device behind a virtio-mmio transport for each disk."""
+        assert self.memory is not None
+        windows = []
+        for index, disk in enumerate(disks):
+            device = VirtioBlock(self.memory, disk.path, read_only=disk.read_only)
+            self.disks.append(device)
+            spi = layout.VIRTIO_SPI + index
+
+            def set_irq(level: bool, spi: int = spi) -> None:
+                gic.set_spi(spi, level)
+
+            transport = MmioTransport(self.memory, device, set_irq)
+            self.transports.append(transport)
+            base = layout.VIRTIO + index * layout.VIRTIO_SIZE
+            windows.append(_Device(base, layout.VIRTIO_SIZE, transport.read, transport.write))
+        return windows
 
     @property
     def vcpus(self) -> tuple[Vcpu, ...]:
@@ -226,6 +259,8 @@ class Machine:
         """Release the vCPUs, the vGIC, guest RAM and the VM (after :meth:`run` returned)."""
         for vcpu in self._vcpus:
             vcpu.close()
+        for disk in self.disks:
+            disk.close()
         if self._gic is not None:
             self._gic.close()
         if self.memory is not None:
