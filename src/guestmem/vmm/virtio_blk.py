@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import guestmem as gm
 from guestmem.virtio import DescriptorChain, SplitQueue
@@ -30,6 +30,7 @@ F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH = 1 << 2, 1 << 5, 1 << 6, 1 << 9
 SEG_MAX = 126
 ID_BYTES = 20
 _HEADER = struct.Struct("<IIQ")
+Transfer = Callable[[int, list[tuple[int, int]], int], int]
 
 
 class VirtioBlock:
@@ -40,12 +41,26 @@ class VirtioBlock:
 
     def __init__(self, memory: gm.GuestMemory, path: str, *, read_only: bool = False) -> None:
         """Open the image; its size, rounded down to sectors, is the disk's capacity."""
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self._setup(memory, fd, read_only, os.path.basename(path).encode())
+
+    @classmethod
+    def over_fd(
+        cls, memory: gm.GuestMemory, fd: int, *, read_only: bool = False, serial: bytes = b""
+    ) -> VirtioBlock:
+        """A device over an open image file (it becomes the device's to close)."""
+        device = cls.__new__(cls)
+        device._setup(memory, fd, read_only, serial)
+        return device
+
+    def _setup(self, memory: gm.GuestMemory, fd: int, read_only: bool, serial: bytes) -> None:
         self._memory = memory
+        self._io = memory.dma.io
         self.read_only = read_only
-        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        self.size = os.fstat(self.fd).st_size // SECTOR * SECTOR
+        self.fd = fd
+        self.size = os.fstat(fd).st_size // SECTOR * SECTOR
         self.features = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | (F_RO if read_only else 0)
-        self.serial = os.path.basename(path).encode()[:ID_BYTES]
+        self.serial = serial[:ID_BYTES]
         self._queue: SplitQueue | None = None
         self.requests = 0
 
@@ -81,10 +96,14 @@ class VirtioBlock:
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Carry out one request; the bytes written into the chain, status included."""
-        if not chain.writable or chain.writable_len < 1:
+        writable = chain.writable
+        if not writable or chain.writable_len < 1:
             return 0  # nowhere to put a status: the request is dropped, the chain returned
-        status_gpa = _last_byte(chain.writable)
-        data_in = _without_last_byte(chain.writable)
+        last_gpa, last_len = writable[-1]
+        if last_len == 1:  # the usual shape: the status byte in a descriptor of its own
+            status_gpa, data_in = last_gpa, list(writable[:-1])
+        else:
+            status_gpa, data_in = _last_byte(writable), _without_last_byte(writable)
         header = self._header(chain.readable)
         written = 0
         if header is None:
@@ -93,13 +112,16 @@ class VirtioBlock:
             kind, sector = header
             data_out = _skip(chain.readable, _HEADER.size)
             status, written = self._request(kind, sector, data_out, data_in)
-        self._memory.write(status_gpa, bytes([status]), access=gm.Access.DMA)
+        self._memory.fill(status_gpa, 1, status, access=gm.Access.DMA)
         return written + 1
 
     def _header(self, readable: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
-        if sum(n for _, n in readable) < _HEADER.size:
+        if readable and readable[0][1] >= _HEADER.size:  # the usual shape: one descriptor
+            raw = self._memory.read(readable[0][0], _HEADER.size, access=gm.Access.DMA)
+        elif sum(n for _, n in readable) < _HEADER.size:
             return None
-        raw = self._memory.readv(_take(readable, _HEADER.size), access=gm.Access.DMA)
+        else:
+            raw = self._memory.readv(_take(readable, _HEADER.size), access=gm.Access.DMA)
         kind, _reserved, sector = _HEADER.unpack(raw)
         return kind, sector
 
@@ -111,7 +133,7 @@ class VirtioBlock:
         data_in: list[tuple[int, int]],
     ) -> tuple[int, int]:
         """(status, bytes written into the guest) for one request."""
-        io = self._memory.dma.io
+        io = self._io
         try:
             if kind == T_IN:
                 length = sum(n for _, n in data_in)
@@ -140,9 +162,8 @@ class VirtioBlock:
         return length % SECTOR == 0 and sector * SECTOR + length <= self.size
 
 
-def _whole(call: object, fd: int, ranges: list[tuple[int, int]], offset: int) -> int:
+def _whole(call: Transfer, fd: int, ranges: list[tuple[int, int]], offset: int) -> int:
     """Repeat a positioned transfer until every byte moved (short counts continue)."""
-    assert callable(call)
     total = sum(n for _, n in ranges)
     done = 0
     while done < total:
