@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/.." && pwd)
 root=$(bash "$here/arm64-userland.sh")
 cache=/var/cache/guestmem
-key=$( (cat "$top/tests/guest/init" "$top"/tests/guest/*.c "$0"; ls -a "$root" | grep '^\.[a-z]') \
+key=$( (cat "$top/tests/guest/init" "$top"/tests/guest/*.[ch] "$0"; ls -a "$root" | grep '^\.[a-z]') \
     | sha256sum | cut -c1-16)
 out=$cache/guest-initramfs-$key.cpio
 if [ ! -f "$out" ]; then
@@ -19,7 +19,7 @@ if [ ! -f "$out" ]; then
     rm -rf "$build"
     mkdir -p "$build"
     for probe in mte_probe blk_probe; do
-        cp "$top/tests/guest/$probe.c" "$build/"
+        cp "$top/tests/guest/$probe.c" "$top/tests/guest/mte.h" "$build/"
         GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" gcc -static -O2 -Wall -Werror \
             -march=armv8.5-a+memtag -o "/tmp/guest-build/$probe" "/tmp/guest-build/$probe.c" >&2
     done

@@ -12,26 +12,15 @@
  * BLK-RATE qd1_4k_reads_per_second=N */
 #define _GNU_SOURCE
 #include <fcntl.h>
-#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
-#ifndef PROT_MTE
-#define PROT_MTE 0x20
-#endif
-#ifndef PR_MTE_TCF_SYNC
-#define PR_MTE_TCF_SYNC (1UL << 1)
-#define PR_MTE_TAG_SHIFT 3
-#endif
-#ifndef SEGV_MTESERR
-#define SEGV_MTESERR 9
-#endif
+#include "mte.h"
+
 #define SIZE (64 * 1024)
 #define READ_AT (1024 * 1024)
 #define WRITE_AT (12 * 1024 * 1024) /* above what mkfs.minix and one file touch later */
@@ -39,44 +28,6 @@
 static unsigned tag_of(size_t granule) { return (unsigned)((granule * 5 + 1) & 0xf); }
 static uint8_t in_byte(uint64_t offset) { return (uint8_t)(offset * 13 + (offset >> 9)); }
 static uint8_t out_byte(uint64_t offset) { return (uint8_t)(offset * 29 + 7); }
-
-static uint8_t *with_tag(uint8_t *p, unsigned tag)
-{
-    return (uint8_t *)(((uintptr_t)p & ~(0xfUL << 56)) | ((uintptr_t)tag << 56));
-}
-
-static void store_tag(uint8_t *p) { __asm__ volatile("stg %0, [%0]" : : "r"(p) : "memory"); }
-
-static unsigned load_tag(uint8_t *p)
-{
-    __asm__ volatile("ldg %0, [%0]" : "+r"(p));
-    return (unsigned)(((uintptr_t)p >> 56) & 0xf);
-}
-
-static void on_segv(int sig, siginfo_t *info, void *context)
-{
-    (void)sig;
-    (void)context;
-    _exit(info->si_code == SEGV_MTESERR ? 42 : 1);
-}
-
-static int wrong_tag_faults(uint8_t *buf)
-{
-    pid_t child = fork();
-    if (child == 0) {
-        struct sigaction action;
-        memset(&action, 0, sizeof action);
-        action.sa_sigaction = on_segv;
-        action.sa_flags = SA_SIGINFO;
-        sigaction(SIGSEGV, &action, NULL);
-        volatile uint8_t *wrong = with_tag(buf + 16 * 3, tag_of(3) ^ 1);
-        (void)*wrong;
-        _exit(2);
-    }
-    int status = 0;
-    waitpid(child, &status, 0);
-    return WIFEXITED(status) && WEXITSTATUS(status) == 42;
-}
 
 static int tags_intact(uint8_t *buf)
 {
@@ -102,8 +53,7 @@ static double reads_per_second(int fd, uint8_t *buf, int reads)
 
 int main(int argc, char **argv)
 {
-    if (argc != 2 || prctl(PR_SET_TAGGED_ADDR_CTRL,
-                           1UL | PR_MTE_TCF_SYNC | (0xfffeUL << PR_MTE_TAG_SHIFT), 0, 0, 0)) {
+    if (argc != 2 || enable_mte()) {
         perror("BLK-ERROR setup");
         return 1;
     }
@@ -130,7 +80,7 @@ int main(int argc, char **argv)
     tags_ok &= tags_intact(buf);
     printf("BLK-PROBE read=%s tags=%s write=%s fault=%s\n", read_ok ? "ok" : "bad",
            tags_ok ? "ok" : "bad", write_ok ? "ok" : "bad",
-           wrong_tag_faults(buf) ? "SEGV_MTESERR" : "none");
+           wrong_tag_faults(with_tag(buf + 16 * 3, tag_of(3) ^ 1)) ? "SEGV_MTESERR" : "none");
     printf("BLK-RATE qd1_4k_reads_per_second=%.0f\n", reads_per_second(fd, with_tag(buf, tag_of(0)), 500));
     return read_ok && tags_ok && write_ok ? 0 : 4;
 }

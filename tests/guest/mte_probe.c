@@ -9,71 +9,22 @@
  * that every tag and byte is still what it wrote; last, it times reads of an
  * address where no device is (each an MMIO exit to the VMM). Static, libc only. */
 #include <fcntl.h>
-#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
-#ifndef PROT_MTE
-#define PROT_MTE 0x20
-#endif
-#ifndef PR_MTE_TCF_SYNC
-#define PR_MTE_TCF_SYNC (1UL << 1)
-#define PR_MTE_TAG_SHIFT 3
-#endif
-#ifndef SEGV_MTESERR
-#define SEGV_MTESERR 9
-#endif
+#include "mte.h"
+
 #define GRANULES 64
 #define RELEASE_OFFSET 2048 /* an untagged word of the page */
 #define RELEASE 0x60d60dU
 #define MMIO_HOLE 0x0c000000UL /* no device there (vmm/layout.py) */
 
 static unsigned pattern(size_t i) { return (unsigned)((i * 7 + 3) & 0xf); }
-
-static uint8_t *with_tag(uint8_t *p, unsigned tag)
-{
-    return (uint8_t *)(((uintptr_t)p & ~(0xfUL << 56)) | ((uintptr_t)tag << 56));
-}
-
-static void store_tag(uint8_t *p) { __asm__ volatile("stg %0, [%0]" : : "r"(p) : "memory"); }
-
-static unsigned load_tag(uint8_t *p)
-{
-    __asm__ volatile("ldg %0, [%0]" : "+r"(p));
-    return (unsigned)(((uintptr_t)p >> 56) & 0xf);
-}
-
-static void on_segv(int sig, siginfo_t *info, void *context)
-{
-    (void)sig;
-    (void)context;
-    _exit(info->si_code == SEGV_MTESERR ? 42 : 1);
-}
-
-static int wrong_tag_faults(uint8_t *buf)
-{
-    pid_t child = fork();
-    if (child == 0) {
-        struct sigaction action;
-        memset(&action, 0, sizeof action);
-        action.sa_sigaction = on_segv;
-        action.sa_flags = SA_SIGINFO;
-        sigaction(SIGSEGV, &action, NULL);
-        volatile uint8_t *wrong = with_tag(buf, pattern(0) ^ 1);
-        (void)*wrong;
-        _exit(2);
-    }
-    int status = 0;
-    waitpid(child, &status, 0);
-    return WIFEXITED(status) && WEXITSTATUS(status) == 42;
-}
 
 /* Reads of a guest physical address where no device is: each one is an
  * MMIO exit the VMM's Python dispatch answers. Returns reads per second. */
@@ -111,8 +62,7 @@ static uint64_t physical(void *va, long page)
 int main(int argc, char **argv)
 {
     long page = sysconf(_SC_PAGESIZE);
-    if (prctl(PR_SET_TAGGED_ADDR_CTRL,
-              PR_TAGGED_ADDR_ENABLE | PR_MTE_TCF_SYNC | (0xfffeUL << PR_MTE_TAG_SHIFT), 0, 0, 0)) {
+    if (enable_mte()) {
         perror("PROBE-ERROR prctl");
         return 1;
     }
@@ -132,7 +82,7 @@ int main(int argc, char **argv)
     tags[GRANULES] = 0;
     printf("PROBE-READY va=%#lx pa=%#llx granules=%d tags=%s fault=%s\n", (unsigned long)buf,
            (unsigned long long)physical(buf, page), GRANULES, tags,
-           wrong_tag_faults(buf) ? "SEGV_MTESERR" : "none");
+           wrong_tag_faults(with_tag(buf, pattern(0) ^ 1)) ? "SEGV_MTESERR" : "none");
     fflush(stdout);
 
     if (argc > 1 && strcmp(argv[1], "memory") == 0) {
@@ -153,7 +103,7 @@ int main(int argc, char **argv)
             intact &= granule[b] == (uint8_t)(0x40 + i);
     }
     printf("PROBE-DONE intact=%s fault=%s\n", intact ? "yes" : "no",
-           wrong_tag_faults(buf) ? "SEGV_MTESERR" : "none");
+           wrong_tag_faults(with_tag(buf, pattern(0) ^ 1)) ? "SEGV_MTESERR" : "none");
     printf("PROBE-MMIO reads_per_second=%.0f\n", mmio_reads_per_second(MMIO_HOLE, 2000));
     return intact ? 0 : 4;
 }
