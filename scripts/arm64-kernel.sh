@@ -8,7 +8,8 @@
 # userland: the meta package and the versioned linux-image it depends on. Kept:
 # the kernel image, its config (checked for what the lane needs built in: KVM,
 # MTE, devtmpfs, tmpfs, memfd), and the few modules the reference VMM's nested
-# guest loads (virtio_mmio, virtio_blk, minix; uncompressed, in modules/).
+# guest loads (virtio_mmio, virtio_blk, virtio_console, minix; uncompressed, in
+# modules/; one the kernel has built in is left out).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 name=${1:?usage: arm64-kernel.sh 6.1|6.12|6.12-16k}
@@ -18,7 +19,7 @@ case $name in
     6.12-16k) meta=linux-image-arm64-16k suite=bookworm-backports page=16384 ;;
     *) echo "arm64-kernel.sh: no kernel named $name (6.1, 6.12, 6.12-16k)" >&2; exit 2 ;;
 esac
-cache=${GUESTMEM_KERNEL_CACHE:-/var/cache/guestmem/kernels.v3}/$name
+cache=${GUESTMEM_KERNEL_CACHE:-/var/cache/guestmem/kernels.v4}/$name
 
 if [ ! -f "$cache/vmlinuz" ]; then
     root=$(bash "$here/arm64-userland.sh")
@@ -47,9 +48,17 @@ if [ ! -f "$cache/vmlinuz" ]; then
     cp "$root"/tmp/kernel/tree/boot/config-* "$cache.tmp/config"
     cp "$root/tmp/kernel/package" "$cache.tmp/package"
     mkdir -p "$cache.tmp/modules"
-    for module in virtio_mmio virtio_blk minix; do
+    for module in virtio_mmio virtio_blk virtio_console minix; do
         found=$(find "$root/tmp/kernel/tree" -path '*/modules/*' -name "$module.ko*" | head -n 1)
-        [ -n "$found" ] || { echo "kernel $name has no module $module" >&2; exit 1; }
+        if [ -z "$found" ]; then
+            tree=$root/tmp/kernel/tree
+            if grep -qs "/$module.ko$" "$tree"/lib/modules/*/modules.builtin \
+                "$tree"/usr/lib/modules/*/modules.builtin; then
+                continue
+            fi
+            echo "kernel $name has no module $module, built in or not" >&2
+            exit 1
+        fi
         case $found in
             *.xz) xz -dc "$found" ;;
             *.zst) zstd -dcq "$found" ;;

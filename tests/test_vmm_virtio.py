@@ -5,7 +5,9 @@ O_DIRECT reads into, and writes from, a PROT_MTE buffer whose granules carry
 varied tags: the VMM's device model moves that data with guestmem's
 syscall-safe DMA route, never faulting, and the guest finds its bytes right
 and its tags unchanged, while a wrong tag still faults. Then ordinary
-page-cache I/O: mkfs, copy, drop caches, compare. Both tag modes.
+page-cache I/O: mkfs, copy, drop caches, compare. Before the disk, a
+virtio-console: the guest says hello on hvc0 and reads a line typed there.
+Both tag modes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ READ_AT, WRITE_AT, SIZE = 1 * MIB, 12 * MIB, 64 * 1024  # tests/guest/blk_probe.
 BLK = re.compile(rb"BLK-PROBE read=(\w+) tags=(\w+) write=(\w+) fault=(\S+)\r?\n")
 RATE = re.compile(rb"BLK-RATE qd1_4k_reads_per_second=(\d+)\r?\n")
 PAGECACHE = re.compile(rb"GUEST-PAGECACHE (\w+)\r?\n")
+HVC_HELLO = re.compile(rb"GUEST-HVC hello\r?\n")
+HVC_READY = re.compile(rb"GUEST-HVC-READY\r?\n")
+HVC_GOT = re.compile(rb"GUEST-HVC got=(\S*)\r?\n")
 
 
 def in_byte(offset: int) -> int:
@@ -63,6 +68,7 @@ def test_o_direct_into_tagged_pages_and_page_cache_io(tags: gm.TagMode, tmp_path
         cpus=2,
         tags=tags,
         disks=(Disk(str(image)),),
+        virtio_console=True,
     )
     install_kick_handler()
     with Machine(config, console.write) as machine:
@@ -71,7 +77,11 @@ def test_o_direct_into_tagged_pages_and_page_cache_io(tags: gm.TagMode, tmp_path
         runner.start()
         try:
             console.wait_for(re.compile(rb"PROBE-READY[^\n]*\n"))
-            machine.console_input(b"go\n")  # the MTE probe first, then the disk
+            machine.uart.receive(b"go\n")  # the MTE probe reads the UART; typing goes to hvc0
+            console.wait_for(HVC_HELLO)  # written to hvc0 only: it came through the virtqueue
+            console.wait_for(HVC_READY)
+            machine.console_input(b"ping\n")
+            hvc = console.wait_for(HVC_GOT)
             blk = console.wait_for(BLK)
             rate = console.wait_for(RATE)
             cached = console.wait_for(PAGECACHE)
@@ -88,6 +98,7 @@ def test_o_direct_into_tagged_pages_and_page_cache_io(tags: gm.TagMode, tmp_path
     written = image.read_bytes()[WRITE_AT : WRITE_AT + SIZE]
     assert written == bytes(out_byte(WRITE_AT + i) for i in range(SIZE))
     assert cached[1] == b"ok", console.text
+    assert hvc[1] == b"ping", console.text
     assert requests > 500
     FIGURES[f"vmm virtio-blk 4 KiB O_DIRECT reads/s at QD1 in the guest, {tags.name}"] = int(
         rate[1]

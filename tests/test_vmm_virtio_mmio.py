@@ -19,6 +19,7 @@ import pytest
 
 import guestmem as gm
 from guestmem.vmm import virtio_blk as blk
+from guestmem.vmm import virtio_console as hvc
 from guestmem.vmm import virtio_mmio as mmio
 from virtq_driver import Driver
 
@@ -54,13 +55,23 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-def set_up(mem: gm.GuestMemory, device: blk.VirtioBlock) -> tuple[mmio.MmioTransport, Driver, Line]:
-    """What a guest's virtio_mmio driver does before DRIVER_OK."""
+def set_up(
+    mem: gm.GuestMemory, device: mmio.VirtioDevice
+) -> tuple[mmio.MmioTransport, Driver, Line]:
+    """What a guest's virtio_mmio driver does before DRIVER_OK; the first queue's driver."""
+    transport, drivers, line = set_up_queues(mem, device)
+    return transport, drivers[0], line
+
+
+def set_up_queues(
+    mem: gm.GuestMemory, device: mmio.VirtioDevice
+) -> tuple[mmio.MmioTransport, list[Driver], Line]:
+    """The same for every queue of ``device``, each with its own rings."""
     line = Line()
     transport = mmio.MmioTransport(mem, device, line)
     assert transport.read(mmio.MAGIC_VALUE, 4) == mmio.MAGIC
     assert transport.read(mmio.VERSION_REG, 4) == 2
-    assert transport.read(mmio.DEVICE_ID, 4) == blk.DEVICE_ID
+    assert transport.read(mmio.DEVICE_ID, 4) == device.device_id
     transport.write(mmio.STATUS, 4, mmio.S_ACKNOWLEDGE | mmio.S_DRIVER)
     transport.write(mmio.DEVICE_FEATURES_SEL, 4, 1)
     assert transport.read(mmio.DEVICE_FEATURES, 4) & 1  # VERSION_1
@@ -70,22 +81,25 @@ def set_up(mem: gm.GuestMemory, device: blk.VirtioBlock) -> tuple[mmio.MmioTrans
     transport.write(mmio.DRIVER_FEATURES, 4, 1)
     transport.write(mmio.STATUS, 4, mmio.S_ACKNOWLEDGE | mmio.S_DRIVER | mmio.S_FEATURES_OK)
     assert transport.read(mmio.STATUS, 4) & mmio.S_FEATURES_OK
-    driver = Driver(mem, SIZE, RINGS)
-    transport.write(mmio.QUEUE_SEL, 4, 0)
-    assert transport.read(mmio.QUEUE_NUM_MAX, 4) >= SIZE
-    transport.write(mmio.QUEUE_NUM, 4, SIZE)
-    for (low, high), gpa in zip(
-        [(mmio.QUEUE_DESC_LOW, mmio.QUEUE_DESC_HIGH),
-         (mmio.QUEUE_DRIVER_LOW, mmio.QUEUE_DRIVER_HIGH),
-         (mmio.QUEUE_DEVICE_LOW, mmio.QUEUE_DEVICE_HIGH)],
-        driver.rings(),
-        strict=True,
-    ):  # fmt: skip
-        transport.write(low, 4, gpa & 0xFFFF_FFFF)
-        transport.write(high, 4, gpa >> 32)
-    transport.write(mmio.QUEUE_READY, 4, 1)
+    drivers = []
+    for queue in range(device.queue_count):
+        driver = Driver(mem, SIZE, RINGS + 0x4000 * queue)
+        drivers.append(driver)
+        transport.write(mmio.QUEUE_SEL, 4, queue)
+        assert transport.read(mmio.QUEUE_NUM_MAX, 4) >= SIZE
+        transport.write(mmio.QUEUE_NUM, 4, SIZE)
+        for (low, high), gpa in zip(
+            [(mmio.QUEUE_DESC_LOW, mmio.QUEUE_DESC_HIGH),
+             (mmio.QUEUE_DRIVER_LOW, mmio.QUEUE_DRIVER_HIGH),
+             (mmio.QUEUE_DEVICE_LOW, mmio.QUEUE_DEVICE_HIGH)],
+            driver.rings(),
+            strict=True,
+        ):  # fmt: skip
+            transport.write(low, 4, gpa & 0xFFFF_FFFF)
+            transport.write(high, 4, gpa >> 32)
+        transport.write(mmio.QUEUE_READY, 4, 1)
     transport.write(mmio.STATUS, 4, 0xF)
-    return transport, driver, line
+    return transport, drivers, line
 
 
 def request(
@@ -209,3 +223,36 @@ def test_unknown_registers_read_zero_and_ignore_writes(mem: gm.GuestMemory, imag
     transport.write(mmio.QUEUE_SEL, 4, 7)  # no such queue
     assert transport.read(mmio.QUEUE_NUM_MAX, 4) == 0
     device.close()
+
+
+def test_the_console_sends_what_the_guest_writes_and_delivers_what_is_typed(
+    mem: gm.GuestMemory,
+) -> None:
+    out: list[bytes] = []
+    device = hvc.VirtioConsole(mem, out.append)
+    transport, (receiveq, transmitq), line = set_up_queues(mem, device)
+    device.interrupt = lambda: transport.raise_interrupt(mmio.INT_USED)
+    mem.write(DATA, b"hello, hvc0\n", access=gm.Access.DEBUG)
+    transmitq.add([(DATA, 12, False)])
+    transport.write(mmio.QUEUE_NOTIFY, 4, hvc.TRANSMIT)
+    assert out == [b"hello, hvc0\n"] and transmitq.used_idx() == 1
+
+    device.receive(b"typed before any buffer")  # waits in the backlog
+    assert receiveq.used_idx() == 0
+    receiveq.add([(DATA + 0x100, 8, True)])
+    transport.write(mmio.QUEUE_NOTIFY, 4, hvc.RECEIVE)
+    assert receiveq.used_elem(0) == (0, 8)
+    assert mem.read(DATA + 0x100, 8, access=gm.Access.DEBUG) == b"typed be"
+    transport.write(mmio.INTERRUPT_ACK, 4, mmio.INT_USED)
+    assert not line.level
+    receiveq.add([(DATA + 0x200, 64, True)])
+    transport.write(mmio.QUEUE_NOTIFY, 4, hvc.RECEIVE)
+    assert mem.read(DATA + 0x200, 15, access=gm.Access.DEBUG) == b"fore any buffer"
+    receiveq.add([(DATA + 0x300, 64, True)])
+    transport.write(mmio.QUEUE_NOTIFY, 4, hvc.RECEIVE)  # nothing typed: the buffer waits
+    assert receiveq.used_idx() == 2
+    transport.write(mmio.INTERRUPT_ACK, 4, mmio.INT_USED)
+    receiveq.set_used_event(receiveq.used_idx())  # EVENT_IDX: the driver asks for the next one
+    device.receive(b"late")  # arrives outside a kick: the device raises the interrupt
+    assert receiveq.used_idx() == 3 and line.level
+    assert mem.read(DATA + 0x300, 4, access=gm.Access.DEBUG) == b"late"

@@ -50,6 +50,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="a disk image as virtio-blk (repeatable; ,ro: read-only)",
     )
     run.add_argument(
+        "--virtio-console",
+        action="store_true",
+        help="add a virtio-console (the guest's hvc0), which then takes stdin",
+    )
+    run.add_argument(
         "--gdb",
         metavar="HOST:PORT",
         type=endpoint,
@@ -78,6 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         tags=gm.TagMode[args.tags.upper()],
         disks=tuple(Disk(path, read_only) for path, read_only in args.disk),
+        virtio_console=args.virtio_console,
     )
     with (
         Machine(config, _write_stdout) as machine,

@@ -39,7 +39,8 @@ from guestmem.vmm.vcpu import (
     install_kick_handler,
 )
 from guestmem.vmm.virtio_blk import VirtioBlock
-from guestmem.vmm.virtio_mmio import MmioTransport
+from guestmem.vmm.virtio_console import VirtioConsole
+from guestmem.vmm.virtio_mmio import INT_USED, MmioTransport, VirtioDevice
 
 TAG_MODES = (gm.TagMode.HARDWARE, gm.TagMode.KVM)
 
@@ -63,6 +64,7 @@ class MachineConfig:
     cpus: int = 1
     tags: gm.TagMode = gm.TagMode.HARDWARE
     disks: tuple[Disk, ...] = ()
+    virtio_console: bool = False  # a virtio-console (hvc0) beside the UART
 
 
 @dataclass(frozen=True)
@@ -113,11 +115,12 @@ class Machine:
         kernel = boot.KernelImage.parse(config.kernel)
         placed = boot.plan(layout.RAM, config.memory, kernel, _size(config.initrd))
         self.config = config
-        if len(config.disks) > layout.MAX_VIRTIO:
-            raise gm.UsageError(f"at most {layout.MAX_VIRTIO} disks, not {len(config.disks)}")
+        if len(config.disks) + config.virtio_console > layout.MAX_VIRTIO:
+            raise gm.UsageError(f"at most {layout.MAX_VIRTIO} virtio devices")
         self._vcpus: list[Vcpu] = []
         self._gic: Gic | None = None
         self.disks: list[VirtioBlock] = []
+        self.hvc: VirtioConsole | None = None
         self.transports: list[MmioTransport] = []
         self.vm = KvmVm.create()
         self.memory: gm.GuestMemory | None = None
@@ -162,13 +165,20 @@ class Machine:
             raise
         return memory
 
-    def _add_disks(self, disks: tuple[Disk, ...], gic: Gic) -> list[_Device]:
-        """A virtio-blk device behind a virtio-mmio transport for each disk."""
+    def _add_virtio(
+        self, config: MachineConfig, console: Callable[[bytes], None], gic: Gic
+    ) -> list[_Device]:
+        """virtio-blk for each disk, then the virtio-console: each behind its transport."""
         assert self.memory is not None
+        devices: list[VirtioDevice] = []
+        for disk in config.disks:
+            self.disks.append(VirtioBlock(self.memory, disk.path, read_only=disk.read_only))
+            devices.append(self.disks[-1])
+        if config.virtio_console:
+            self.hvc = VirtioConsole(self.memory, console)
+            devices.append(self.hvc)
         windows = []
-        for index, disk in enumerate(disks):
-            device = VirtioBlock(self.memory, disk.path, read_only=disk.read_only)
-            self.disks.append(device)
+        for index, device in enumerate(devices):
             spi = layout.VIRTIO_SPI + index
 
             def set_irq(level: bool, spi: int = spi) -> None:
@@ -178,6 +188,9 @@ class Machine:
             self.transports.append(transport)
             base = layout.VIRTIO + index * layout.VIRTIO_SIZE
             windows.append(_Device(base, layout.VIRTIO_SIZE, transport.read, transport.write))
+        if self.hvc is not None:
+            transport = self.transports[-1]
+            self.hvc.interrupt = lambda: transport.raise_interrupt(INT_USED)
         return windows
 
     @property
@@ -186,8 +199,15 @@ class Machine:
         return tuple(self._vcpus)
 
     def console_input(self, data: bytes) -> None:
-        """Bytes typed at the guest's console (dropped once the run has ended)."""
-        if not self._done.is_set():
+        """Bytes typed at the guest's console: hvc0 if there is one, else the UART.
+
+        Dropped once the run has ended.
+        """
+        if self._done.is_set():
+            return
+        if self.hvc is not None:
+            self.hvc.receive(data)
+        else:
             self.uart.receive(data)
 
     def run(self) -> Outcome:

@@ -1,0 +1,102 @@
+"""virtio-console (virtio 1.x, section 5.3), one port: the guest's ``hvc0``.
+
+The transmit queue carries what the guest writes: each chain's readable
+bytes are read through the DMA access class and handed to ``output`` at
+once. The receive queue holds buffers the guest posted for input: typed
+bytes go into them as they come (:meth:`VirtioConsole.receive`, from any
+thread); what finds no buffer waits in a backlog until the guest posts more.
+No MULTIPORT, no SIZE: the configuration space is all zeros.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import guestmem as gm
+from guestmem.virtio import SplitQueue
+
+DEVICE_ID = 3
+RECEIVE, TRANSMIT = 0, 1
+
+
+class VirtioConsole:
+    """A virtio-console device: ``output`` gets the guest's bytes as it writes them.
+
+    ``interrupt`` (set by whoever wires the device to its transport) raises
+    the used-buffer interrupt when input lands outside a guest's kick.
+    """
+
+    device_id = DEVICE_ID
+    features = 0
+    queue_count = 2
+
+    def __init__(self, memory: gm.GuestMemory, output: Callable[[bytes], None]) -> None:
+        """A console port with nothing typed yet."""
+        self._memory = memory
+        self._output = output
+        self._lock = threading.Lock()
+        self._backlog: deque[bytes] = deque()
+        self._queues: Sequence[SplitQueue] = ()
+        self.interrupt: Callable[[], None] = lambda: None
+
+    def config(self) -> bytes:
+        """cols, rows, max_nr_ports, emerg_wr: unused without SIZE and MULTIPORT."""
+        return bytes(12)
+
+    def activate(self, queues: Sequence[SplitQueue], features: int) -> None:
+        """Serve the receive and transmit queues."""
+        with self._lock:
+            self._queues = queues
+
+    def reset(self) -> None:
+        """Forget the queues; typed input waits for the next driver."""
+        with self._lock:
+            self._queues = ()
+
+    def notify(self, queue: int) -> bool:
+        """The guest wrote (transmit) or posted input buffers (receive)."""
+        with self._lock:
+            if not self._queues:
+                return False
+            if queue == TRANSMIT:
+                return self._transmit(self._queues[TRANSMIT])
+            return self._deliver(self._queues[RECEIVE])
+
+    def receive(self, data: bytes) -> None:
+        """Bytes typed at the console, for the guest to read from hvc0 (any thread)."""
+        with self._lock:
+            self._backlog.append(data)
+            delivered = bool(self._queues) and self._deliver(self._queues[RECEIVE])
+        if delivered:
+            self.interrupt()
+
+    def _transmit(self, ring: SplitQueue) -> bool:
+        interrupt = False
+        while (chain := ring.pop()) is not None:
+            data = self._memory.readv(chain.readable, access=gm.Access.DMA)
+            if data:
+                self._output(data)
+            interrupt |= ring.push(chain.head, 0)
+        return interrupt
+
+    def _deliver(self, ring: SplitQueue) -> bool:
+        """Fill posted buffers from the backlog; True if any was returned to the guest."""
+        interrupt = False
+        while self._backlog and (chain := ring.pop()) is not None:
+            room = chain.writable_len
+            data = b"".join(self._backlog)
+            now, rest = data[:room], data[room:]
+            self._backlog.clear()
+            if rest:
+                self._backlog.append(rest)
+            ranges, left = [], len(now)
+            for gpa, n in chain.writable:
+                if left <= 0:
+                    break
+                ranges.append((gpa, min(n, left)))
+                left -= n
+            self._memory.writev(ranges, now, access=gm.Access.DMA)
+            interrupt |= ring.push(chain.head, len(now))
+        return interrupt
