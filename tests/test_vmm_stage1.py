@@ -155,7 +155,7 @@ CONFIGS = [  # (granule shift, input bits, TTBR1's half?)
 ]
 
 
-def setup(
+def make_tables(
     mem: gm.GuestMemory, shift: int, input_bits: int, upper: bool
 ) -> tuple[Tables, TranslationRegs]:
     lpa2 = input_bits > 48  # 52-bit addresses need TCR_EL1.DS and its descriptor format
@@ -174,7 +174,7 @@ def test_pages_translate_for_each_granule_and_input_size(
     page = 1 << shift
     low = (1 << (input_bits - 1)) + 5 * page  # a high address: every index bit in play
     va = upper_va(input_bits, low) if upper else low
-    tables, r = setup(mem, shift, input_bits, upper)
+    tables, r = make_tables(mem, shift, input_bits, upper)
     tables.map(va, 0x8765_4321_0000)
     tables.map(va + page, 0x1000_0000)
     assert translate(mem, r, va) == 0x8765_4321_0000
@@ -190,7 +190,7 @@ def test_pages_translate_for_each_granule_and_input_size(
 def test_an_empty_root_faults_at_the_start_level(
     mem: gm.GuestMemory, shift: int, input_bits: int, upper: bool
 ) -> None:
-    _, r = setup(mem, shift, input_bits, upper)
+    _, r = make_tables(mem, shift, input_bits, upper)
     va = upper_va(input_bits, 0x1000) if upper else 0x1000
     with pytest.raises(TranslationError) as info:
         translate(mem, r, va)
@@ -225,7 +225,7 @@ def test_the_ttbr_asid_and_cnp_bits_are_not_the_table_address(mem: gm.GuestMemor
 def test_a_block_maps_its_whole_size(
     mem: gm.GuestMemory, shift: int, input_bits: int, level: int, size: int
 ) -> None:
-    tables, r = setup(mem, shift, input_bits, upper=False)
+    tables, r = make_tables(mem, shift, input_bits, upper=False)
     va, pa = 3 * size, 0x80 * size
     tables.map(va, pa, level)
     tables.map(va + size, 0x4000_0000)
@@ -240,7 +240,7 @@ def test_a_block_maps_its_whole_size(
 def test_a_block_where_the_granule_allows_none_faults(
     mem: gm.GuestMemory, shift: int, input_bits: int, level: int
 ) -> None:
-    tables, r = setup(mem, shift, input_bits, upper=False)
+    tables, r = make_tables(mem, shift, input_bits, upper=False)
     tables.map(0, 0, level)
     with pytest.raises(TranslationError, match=f"level {level} descriptor is a block") as info:
         translate(mem, r, 0x10)
@@ -249,7 +249,7 @@ def test_a_block_where_the_granule_allows_none_faults(
 
 def test_64k_descriptors_bits_15_12_are_not_address_bits(mem: gm.GuestMemory) -> None:
     # With FEAT_LPA they would carry bits 51:48 of a 52-bit address: unsupported, so ignored.
-    tables, r = setup(mem, 16, 48, upper=False)
+    tables, r = make_tables(mem, 16, 48, upper=False)
     tables.map(0x12_3456_0000, 0x4_0000)
     tables.map(0x12_3457_0000, 0x5_0000)
     for va in (0x12_3456_0000, 0x12_3457_0000):
@@ -261,7 +261,7 @@ def test_64k_descriptors_bits_15_12_are_not_address_bits(mem: gm.GuestMemory) ->
 
 
 def test_a_level_3_descriptor_of_block_form_is_invalid(mem: gm.GuestMemory) -> None:
-    tables, r = setup(mem, 12, 48, upper=False)
+    tables, r = make_tables(mem, 12, 48, upper=False)
     tables.map(0x7000, 0x9000)
     tables.write(tables.slot(0x7000, 3), 0x9000 | BLOCK)
     with pytest.raises(TranslationError, match="level 3 descriptor invalid") as info:
@@ -355,7 +355,7 @@ def test_with_the_mmu_off_tbi_still_drops_the_tag(mem: gm.GuestMemory) -> None:
 def test_an_invalid_descriptor_faults_at_its_level(
     mem: gm.GuestMemory, level: int, bad: int
 ) -> None:
-    tables, r = setup(mem, 12, 48, upper=False)
+    tables, r = make_tables(mem, 12, 48, upper=False)
     va = 0x0000_7F12_3456_7000
     tables.map(va, 0x4000_0000)
     assert translate(mem, r, va + 8) == 0x4000_0008
@@ -372,7 +372,7 @@ def test_an_invalid_descriptor_faults_at_its_level(
 
 
 def test_a_table_outside_guest_ram_faults(mem: gm.GuestMemory) -> None:
-    tables, r = setup(mem, 12, 48, upper=False)
+    tables, r = make_tables(mem, 12, 48, upper=False)
     tables.map(0x2000, 0x3000)
     tables.write(tables.slot(0x2000, 1), 0x1_0000_0000 | TABLE)  # level 2 table not in RAM
     with pytest.raises(TranslationError, match="level 2 descriptor at IPA 0x100000000") as info:
@@ -483,7 +483,7 @@ def test_a_non_integer_address_is_refused(mem: gm.GuestMemory) -> None:
 
 
 def test_ranges_split_where_pages_end_and_merge_contiguous_frames(mem: gm.GuestMemory) -> None:
-    tables, r = setup(mem, 12, 48, upper=False)
+    tables, r = make_tables(mem, 12, 48, upper=False)
     tables.map(0x10_0000, 0x4000_5000)
     tables.map(0x10_1000, 0x4000_6000)  # follows the first frame
     tables.map(0x10_2000, 0x4000_1000)  # does not
@@ -495,7 +495,7 @@ def test_ranges_split_where_pages_end_and_merge_contiguous_frames(mem: gm.GuestM
 
 
 def test_ranges_fault_at_the_first_unmapped_page(mem: gm.GuestMemory) -> None:
-    tables, r = setup(mem, 16, 48, upper=False)
+    tables, r = make_tables(mem, 16, 48, upper=False)
     tables.map(0x3_0000, 0x4001_0000)
     with pytest.raises(TranslationError) as info:
         ranges(mem, r, 0x3_FFF0, 0x20)
@@ -538,7 +538,7 @@ def test_random_pages_translate_to_their_frames(
         return upper_va(input_bits, vpn << shift) if upper else vpn << shift
 
     with gm.GuestMemory.anonymous(RAM, gpa=BASE, tags=gm.TagMode.SOFTWARE) as memory:
-        tables, r = setup(memory, shift, input_bits, upper)
+        tables, r = make_tables(memory, shift, input_bits, upper)
         for vpn, pfn in mapping.items():
             tables.map(va_of(vpn), pfn << shift)
         for vpn, pfn in mapping.items():
