@@ -2,7 +2,7 @@
 whether a call takes the fast path (an int GPA, a bytes or bytearray buffer, a
 route known without resolving, inside the region used last) or the general one
 (here forced with an int subclass and memoryviews, which the fast path leaves
-alone); and the fast path's per-thread scratch is never shared."""
+alone); and no two reads share the fast path's scratch buffers."""
 
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -416,9 +415,8 @@ class GuestMemory(ClosesOnExit):
             if route is not None and fast is not None:
                 fast = route if type(route) is Route else None
             if fast is not None:
-                free = _SCRATCH.free
                 try:
-                    pair = free.pop()
+                    pair = _SCRATCH.pop()
                 except IndexError:
                     pair = scratch()
                 try:
@@ -427,9 +425,9 @@ class GuestMemory(ClosesOnExit):
                     status = _MISS
                 if status == _OK:
                     data: bytes = pair[1][:length]
-                    free.append(pair)
+                    _SCRATCH.append(pair)
                     return data
-                free.append(pair)
+                _SCRATCH.append(pair)
                 if status != _MISS:
                     raise_for(status, f"{fast.name} access", [gpa])
         plan = self._plan(access, route, tag)
@@ -766,19 +764,12 @@ def _hot(region: GuestRegion, native: Any) -> _Hot:
 _CLOSED: _Hot = (1, 0, None, None, None, closed_hot())
 
 
-class _Scratch(threading.local):
-    """Each thread's buffers for read()'s fast path.
-
-    A stack, not one buffer: a read re-entered on the same thread (from a
-    signal handler or a finalizer, between the native call and the copy
-    out) takes a buffer of its own.
-    """
-
-    def __init__(self) -> None:
-        self.free: list[tuple[Any, Any]] = []  # (char[] cdata, its ffi.buffer)
-
-
-_SCRATCH = _Scratch()
+# read()'s fast path copies into a scratch buffer taken from this pool and
+# gives it back once its bytes are out: list.pop and list.append are atomic,
+# so no two calls hold one buffer, whether on two threads or on one thread
+# re-entered between the native call and the copy out (by a signal handler
+# or a finalizer). The pool grows to the most reads in flight at once.
+_SCRATCH: list[tuple[Any, Any]] = []  # (char[] cdata, its ffi.buffer)
 _CHECKED = Route.CHECKED
 # A route named without a tag resolves to the same plan every time (CHECKED,
 # which needs a tag, is absent: resolve() refuses it); so does CHECKED with
