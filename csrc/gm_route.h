@@ -73,6 +73,7 @@ int gm_access(struct gm_access *access);
 int gm_hot_read(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, uint8_t *buf);
 int gm_hot_write(const struct gm_hot *hot, int route, uint64_t gpa, size_t len,
                  const uint8_t *buf);
+int gm_hot_fill(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, int byte);
 int gm_move(int mode, int route, int op, uint8_t *region, uint8_t *table, uint64_t region_gpa,
             size_t offset, size_t len, uint8_t *buf, int fill_byte, int logical_tag,
             struct gm_pool *pool, int vm_fd);

@@ -60,7 +60,7 @@ BOUNCE_BUFFER_SIZE = 64 << 10
 BOUNCE_BUFFERS = 8
 _MODE_NAMES = "'auto', 'hardware', 'software', 'kvm' or 'none'"
 _OK, _MISS = lib.GM_OK, lib.GM_MISS
-_hot_read, _hot_write = lib.gm_hot_read, lib.gm_hot_write
+_hot_read, _hot_write, _hot_fill = lib.gm_hot_read, lib.gm_hot_write, lib.gm_hot_fill
 # The fast path's view of the region used last: (first GPA, end GPA, base
 # pointer, tag table pointer, the region, its native struct gm_hot). One
 # attribute, swapped whole, so a thread never sees half of it; empty (first >
@@ -523,6 +523,21 @@ class GuestMemory(ClosesOnExit):
         tag: int | None = None,
     ) -> None:
         """Set ``length`` bytes at ``gpa`` to ``byte``, all or nothing; tags stay."""
+        if tag is None and type(gpa) is int and type(length) is int and type(byte) is int:
+            fast = self._fast_route(access, route)  # the fast path: see read()
+            if fast is not None and length >= 0 and 0 <= byte <= 255:
+                hot = self._hot
+                try:
+                    status = _hot_fill(hot[5], fast, gpa, length, byte)
+                except OverflowError:
+                    status = _MISS
+                if status == _OK:
+                    region = hot[4]
+                    if region is not None and self.dirty.active:
+                        self.dirty.mark_region(region, gpa - hot[0], length)
+                    return
+                if status != _MISS:
+                    raise_for(status, f"{fast.name} access", [gpa])
         value = check_byte(byte)
         plan = self._plan(access, route, tag)
         gpa, n, where = self._where(gpa, length)
