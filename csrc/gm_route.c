@@ -398,6 +398,33 @@ int gm_move(int mode, int route, int op, uint8_t *region, uint8_t *table, uint64
     return gm_access(&a);
 }
 
+static int hot_move(const struct gm_hot *hot, int route, int op, uint64_t gpa, size_t len,
+                    uint8_t *buf, int fill_byte)
+{
+    if (!hot->base || route == GM_ROUTE_CHECKED || gpa < hot->gpa || len > hot->size ||
+        gpa - hot->gpa > hot->size - len)
+        return GM_MISS;
+    return gm_move(hot->mode, route, op, hot->base, hot->table, hot->gpa, gpa - hot->gpa, len,
+                   buf, fill_byte, 0, hot->pool, -1);
+}
+
+int gm_hot_read(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, uint8_t *buf)
+{
+    return hot_move(hot, route, GM_OP_READ, gpa, len, buf, 0);
+}
+
+int gm_hot_write(const struct gm_hot *hot, int route, uint64_t gpa, size_t len,
+                 const uint8_t *buf)
+{
+    /* A write only reads buf (gm_access's buf serves reads too, so it is not const). */
+    return hot_move(hot, route, GM_OP_WRITE, gpa, len, (uint8_t *)buf, 0);
+}
+
+int gm_hot_fill(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, int byte)
+{
+    return hot_move(hot, route, GM_OP_FILL, gpa, len, NULL, byte);
+}
+
 void gm_last_fault(struct gm_fault *out)
 {
     *out = last_fault;

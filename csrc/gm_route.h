@@ -53,7 +53,27 @@ struct gm_access {
     struct gm_fault fault;  /* out, on GM_ERR_TAG_CHECK */
 };
 
+/* One region of a guest memory, and what that memory's accesses need: the
+ * binding's fast path. Built once per region and never changed, so any
+ * number of threads may use one at once. */
+struct gm_hot {
+    int mode;
+    uint8_t *base;          /* the region's first byte, untagged; NULL: always GM_MISS */
+    uint8_t *table;         /* SOFTWARE: the tag of its first granule; else NULL */
+    uint64_t gpa;           /* the region's first GPA */
+    uint64_t size;
+    struct gm_pool *pool;   /* BOUNCE */
+};
+
 int gm_access(struct gm_access *access);
+/* gm_access on [gpa, gpa + len) as one span when the range lies inside hot's
+ * region and route is not CHECKED (which needs a tag and, under KVM, the VM);
+ * else GM_MISS, having done nothing. buf is not tagged guest memory (no
+ * GM_OP_STAGE: the caller knows), though it may overlap the range (memmove). */
+int gm_hot_read(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, uint8_t *buf);
+int gm_hot_write(const struct gm_hot *hot, int route, uint64_t gpa, size_t len,
+                 const uint8_t *buf);
+int gm_hot_fill(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, int byte);
 int gm_move(int mode, int route, int op, uint8_t *region, uint8_t *table, uint64_t region_gpa,
             size_t offset, size_t len, uint8_t *buf, int fill_byte, int logical_tag,
             struct gm_pool *pool, int vm_fd);

@@ -8,7 +8,8 @@ enum gm_status {
     GM_ERR_TAG_CHECK = -2,   /* a checked access met another allocation tag */
     GM_ERR_UNSUPPORTED = -3, /* the route or operation does not exist in this mode */
     GM_ERR_RACE = -4,        /* tags kept changing under a MATCH_ALL access */
-    GM_ERR_VIRTQ = -5        /* a malformed virtqueue: the queue says what */
+    GM_ERR_VIRTQ = -5,       /* a malformed virtqueue: the queue says what */
+    GM_MISS = 1              /* gm_hot_*: not a case for the fast path; nothing was done */
 };
 
 enum gm_mode {

@@ -20,10 +20,13 @@ from guestmem.errors import NativeOSError, TagCheckError, TagRaceError, Unsuppor
 __all__ = [
     "access_request",
     "check",
+    "closed_hot",
     "ffi",
+    "hot_region",
     "lib",
     "pointer_keeping",
     "raise_for",
+    "scratch",
     "spans",
     "stream_regions",
     "virtqueue",
@@ -116,6 +119,37 @@ def access_request(
     request.pool = pool
     request.vm_fd = -1  # set inside KvmVm.in_use() where CHECKED needs it
     return request
+
+
+def hot_region(
+    mode: int, base: Any, table: Any, gpa: int, size: int, pool: Any, owner: object
+) -> Any:
+    """A native ``struct gm_hot`` for one region; it keeps ``owner`` alive as long as it lives.
+
+    ``owner`` must hold what ``base``, ``table`` and ``pool`` point into.
+    """
+    hot = ffi.new("struct gm_hot *")
+    hot.mode = mode
+    hot.base = base
+    hot.table = table
+    hot.gpa = gpa
+    hot.size = size
+    hot.pool = pool
+    return ffi.gc(hot, _holding(owner))
+
+
+def closed_hot() -> Any:
+    """A ``struct gm_hot`` no access fits in (the fast path always misses it)."""
+    return ffi.new("struct gm_hot *")
+
+
+SCRATCH_SIZE = 4096
+
+
+def scratch() -> tuple[Any, Any]:
+    """A ``char[SCRATCH_SIZE]`` to read into, and its buffer: ``buffer[:n]`` is its bytes."""
+    buf = ffi.new("char[]", SCRATCH_SIZE)
+    return buf, ffi.buffer(buf)
 
 
 def raise_for(status: int, what: str, span_gpas: Sequence[int] = ()) -> None:

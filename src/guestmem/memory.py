@@ -17,7 +17,18 @@ import numpy.typing as npt
 from guestmem._args import as_int, check_byte, require_gpa_range, require_length
 from guestmem._args import check_tag as check_tag
 from guestmem._closing import ClosesOnExit
-from guestmem._native import access_request, check, ffi, lib, raise_for, spans
+from guestmem._native import (
+    SCRATCH_SIZE,
+    access_request,
+    check,
+    closed_hot,
+    ffi,
+    hot_region,
+    lib,
+    raise_for,
+    scratch,
+    spans,
+)
 from guestmem.dirty import DirtyLog
 from guestmem.dma import Dma
 from guestmem.errors import (
@@ -48,10 +59,13 @@ _ADDRESS_MASK = (1 << 56) - 1  # a host address without its tag byte
 BOUNCE_BUFFER_SIZE = 64 << 10
 BOUNCE_BUFFERS = 8
 _MODE_NAMES = "'auto', 'hardware', 'software', 'kvm' or 'none'"
+_OK, _MISS = lib.GM_OK, lib.GM_MISS
+_hot_read, _hot_write, _hot_fill = lib.gm_hot_read, lib.gm_hot_write, lib.gm_hot_fill
 # The fast path's view of the region used last: (first GPA, end GPA, base
-# pointer, tag table pointer, the region). One attribute, swapped whole, so a thread
-# never sees half of it; empty (first > end) once closed.
-_Hot = tuple[int, int, Any, Any, "GuestRegion | None"]
+# pointer, tag table pointer, the region, its native struct gm_hot). One
+# attribute, swapped whole, so a thread never sees half of it; empty (first >
+# end, a gm_hot nothing fits in) once closed.
+_Hot = tuple[int, int, Any, Any, "GuestRegion | None", Any]
 
 
 def resolve_tag_mode(tags: str | TagMode) -> TagMode:
@@ -145,7 +159,11 @@ class GuestMemory(ClosesOnExit):
                 if kvm is None:
                     self._kvm.close()
                 raise
-        self._hot: _Hot = _hot(ordered[0])
+        self._hots: dict[GuestRegion, _Hot] = {
+            r: _hot(r, hot_region(r.tag_mode, r._base, r._table_base, r.gpa, r.size, self._pool, r))
+            for r in ordered
+        }
+        self._hot: _Hot = self._hots[ordered[0]]
         self.dirty = DirtyLog(self)
         self._closed = False
 
@@ -220,6 +238,8 @@ class GuestMemory(ClosesOnExit):
         self._policy = policy
         self._defaults = defaults(policy)
         self._io_default = Plan(policy.io)
+        # The fast path's default route per access class (never CHECKED).
+        self._fast_routes = {access: plan.route for access, plan in self._defaults.items()}
 
     @property
     def closed(self) -> bool:
@@ -236,6 +256,7 @@ class GuestMemory(ClosesOnExit):
         """
         self._closed = True
         self._hot = _CLOSED
+        self._hots = {}
         self._table = ((), [])
         if self._kvm is not None:
             self._kvm.close()
@@ -382,6 +403,33 @@ class GuestMemory(ClosesOnExit):
         The range is checked before anything is allocated: a bad request
         costs nothing whatever its length.
         """
+        if tag is None and type(gpa) is int and type(length) is int and 0 <= length <= SCRATCH_SIZE:
+            # The fast path: a small read inside the region used last, by a
+            # route known without resolving. Anything else, a miss included,
+            # takes the general path, which validates and says what is wrong.
+            # _fast_route() inlined: the call would cost ~50 ns of ~600.
+            try:
+                fast = self._fast_routes[access]
+            except (KeyError, TypeError):
+                fast = None
+            if route is not None and fast is not None:
+                fast = route if type(route) is Route else None
+            if fast is not None:
+                try:
+                    pair = _SCRATCH.pop()
+                except IndexError:
+                    pair = scratch()
+                try:
+                    status = _hot_read(self._hot[5], fast, gpa, length, pair[0])
+                except OverflowError:  # gpa past 2**64
+                    status = _MISS
+                if status == _OK:
+                    data: bytes = pair[1][:length]
+                    _SCRATCH.append(pair)
+                    return data
+                _SCRATCH.append(pair)
+                if status != _MISS:
+                    raise_for(status, f"{fast.name} access", [gpa])
         plan = self._plan(access, route, tag)
         gpa, length, where = self._where(gpa, length)
         out = bytearray(length)
@@ -402,6 +450,18 @@ class GuestMemory(ClosesOnExit):
         ``buffer`` may overlap the range read (memmove semantics), and may be
         guest memory itself.
         """
+        if type(buffer) is bytearray and tag is None and type(gpa) is int:
+            fast = self._fast_route(access, route)  # see read()
+            if fast is not None:
+                n = len(buffer)
+                try:
+                    status = _hot_read(self._hot[5], fast, gpa, n, ffi.from_buffer(buffer))
+                except OverflowError:
+                    status = _MISS
+                if status == _OK:
+                    return n
+                if status != _MISS:
+                    raise_for(status, f"{fast.name} access", [gpa])
         target = _writable(buffer)
         plan = self._plan(access, route, tag)
         gpa, n, where = self._where(gpa, target.nbytes)
@@ -424,6 +484,27 @@ class GuestMemory(ClosesOnExit):
         ``data`` may overlap the range written (memmove semantics), and may be
         guest memory itself.
         """
+        kind = type(data)
+        if (kind is bytes or kind is bytearray) and tag is None and type(gpa) is int:
+            # The fast path (see read()). A bytes object goes to the core as it
+            # is; neither kind is ever guest memory, so nothing needs staging.
+            fast = self._fast_route(access, route)
+            if fast is not None:
+                hot = self._hot
+                n = len(data)
+                try:
+                    status = _hot_write(
+                        hot[5], fast, gpa, n, data if kind is bytes else ffi.from_buffer(data)
+                    )
+                except OverflowError:
+                    status = _MISS
+                if status == _OK:
+                    region = hot[4]
+                    if region is not None and self.dirty.active:
+                        self.dirty.mark_region(region, gpa - hot[0], n)
+                    return
+                if status != _MISS:
+                    raise_for(status, f"{fast.name} access", [gpa])
         source = _readable(data)
         plan = self._plan(access, route, tag)
         gpa, n, where = self._where(gpa, source.nbytes)
@@ -442,6 +523,21 @@ class GuestMemory(ClosesOnExit):
         tag: int | None = None,
     ) -> None:
         """Set ``length`` bytes at ``gpa`` to ``byte``, all or nothing; tags stay."""
+        if tag is None and type(gpa) is int and type(length) is int and type(byte) is int:
+            fast = self._fast_route(access, route)  # the fast path: see read()
+            if fast is not None and length >= 0 and 0 <= byte <= 255:
+                hot = self._hot
+                try:
+                    status = _hot_fill(hot[5], fast, gpa, length, byte)
+                except OverflowError:
+                    status = _MISS
+                if status == _OK:
+                    region = hot[4]
+                    if region is not None and self.dirty.active:
+                        self.dirty.mark_region(region, gpa - hot[0], length)
+                    return
+                if status != _MISS:
+                    raise_for(status, f"{fast.name} access", [gpa])
         value = check_byte(byte)
         plan = self._plan(access, route, tag)
         gpa, n, where = self._where(gpa, length)
@@ -520,10 +616,24 @@ class GuestMemory(ClosesOnExit):
         gpa, length = pair
         if type(gpa) is not int or type(length) is not int or length < 0:
             return None
-        lo, end, _, _, region = self._hot
+        lo, end, _, _, region, _ = self._hot
         if region is None or not lo <= gpa <= end - length or nbytes not in (None, length):
             return None
         return [(region, gpa - lo, length)]
+
+    def _fast_route(self, access: Access, route: Route | None) -> Route | None:
+        """The route of a tagless access for the fast path, if it needs no resolving.
+
+        None sends the call down the general path (which validates it). The
+        core itself refuses CHECKED to the fast path.
+        """
+        try:
+            fast = self._fast_routes[access]
+        except (KeyError, TypeError):
+            return None
+        if route is None:
+            return fast
+        return route if type(route) is Route else None
 
     def _plan(self, access: Access, route: Route | None, tag: int | None) -> Plan:
         """The access resolved (see guestmem.plan); the common plans are kept ready."""
@@ -557,7 +667,7 @@ class GuestMemory(ClosesOnExit):
         pieces = self._split(gpa, length)
         if len(pieces) != 1:
             return gpa, length, pieces
-        hot = self._hot = _hot(pieces[0][0])
+        hot = self._hot = self._hots.get(pieces[0][0], _CLOSED)
         if self._closed:  # close() ran meanwhile: do not bring the region back
             self._hot = _CLOSED
         return gpa, length, hot
@@ -591,7 +701,7 @@ class GuestMemory(ClosesOnExit):
         if isinstance(where, list):
             self._move(plan, op, where, buf, fill)
             return
-        lo, _, base, table, region = where
+        lo, _, base, table, region, hot = where
         route, tag = plan.route, plan.tag
         if route is _CHECKED and self._kvm is not None:
             with self._kvm.in_use() as vm_fd:
@@ -599,6 +709,10 @@ class GuestMemory(ClosesOnExit):
                     self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
                     self._pool, vm_fd,
                 )  # fmt: skip
+        elif route is not _CHECKED and op in (_OP_READ, _OP_WRITE):
+            # No tag, no fill byte, no staging: the region's gm_hot says the rest
+            # (five arguments instead of thirteen; the range fits, so no miss).
+            status = (_hot_read if op == _OP_READ else _hot_write)(hot, route, gpa, length, buf)
         else:
             status = lib.gm_move(
                 self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
@@ -662,11 +776,19 @@ class GuestMemory(ClosesOnExit):
         return f"GuestMemory({self.tag_mode.name}: {state})"
 
 
-def _hot(region: GuestRegion) -> _Hot:
-    return (region.gpa, region.end, region._base, region._table_base, region)
+def _hot(region: GuestRegion, native: Any) -> _Hot:
+    return (region.gpa, region.end, region._base, region._table_base, region, native)
 
 
-_CLOSED: _Hot = (1, 0, None, None, None)
+_CLOSED: _Hot = (1, 0, None, None, None, closed_hot())
+
+
+# read()'s fast path copies into a scratch buffer taken from this pool and
+# gives it back once its bytes are out: list.pop and list.append are atomic,
+# so no two calls hold one buffer, whether on two threads or on one thread
+# re-entered between the native call and the copy out (by a signal handler
+# or a finalizer). The pool grows to the most reads in flight at once.
+_SCRATCH: list[tuple[Any, Any]] = []  # (char[] cdata, its ffi.buffer)
 _CHECKED = Route.CHECKED
 # A route named without a tag resolves to the same plan every time (CHECKED,
 # which needs a tag, is absent: resolve() refuses it); so does CHECKED with
