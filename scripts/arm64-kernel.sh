@@ -8,8 +8,9 @@
 # userland: the meta package and the versioned linux-image it depends on. Kept:
 # the kernel image, its config (checked for what the lane needs built in: KVM,
 # MTE, devtmpfs, tmpfs, memfd), and the few modules the reference VMM's nested
-# guest loads (virtio_mmio, virtio_blk, virtio_console, minix; uncompressed, in
-# modules/; one the kernel has built in is left out).
+# guest loads (virtio_mmio, virtio_blk, virtio_console, and fat, msdos and
+# nls_cp437 for busybox's mkdosfs; uncompressed, in modules/; one the kernel
+# has built in is left out).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 name=${1:?usage: arm64-kernel.sh 6.1|6.12|6.12-16k}
@@ -19,7 +20,7 @@ case $name in
     6.12-16k) meta=linux-image-arm64-16k suite=bookworm-backports page=16384 ;;
     *) echo "arm64-kernel.sh: no kernel named $name (6.1, 6.12, 6.12-16k)" >&2; exit 2 ;;
 esac
-cache=${GUESTMEM_KERNEL_CACHE:-/var/cache/guestmem/kernels.v4}/$name
+cache=${GUESTMEM_KERNEL_CACHE:-/var/cache/guestmem/kernels.v5}/$name
 
 if [ ! -f "$cache/vmlinuz" ]; then
     root=$(bash "$here/arm64-userland.sh")
@@ -48,7 +49,7 @@ if [ ! -f "$cache/vmlinuz" ]; then
     cp "$root"/tmp/kernel/tree/boot/config-* "$cache.tmp/config"
     cp "$root/tmp/kernel/package" "$cache.tmp/package"
     mkdir -p "$cache.tmp/modules"
-    for module in virtio_mmio virtio_blk virtio_console minix; do
+    for module in virtio_mmio virtio_blk virtio_console fat msdos nls_cp437; do
         found=$(find "$root/tmp/kernel/tree" -path '*/modules/*' -name "$module.ko*" | head -n 1)
         if [ -z "$found" ]; then
             tree=$root/tmp/kernel/tree

@@ -23,7 +23,7 @@
 
 #define SIZE (64 * 1024)
 #define READ_AT (1024 * 1024)
-#define WRITE_AT (12 * 1024 * 1024) /* above what mkfs.minix and one file touch later */
+#define WRITE_AT (12 * 1024 * 1024) /* above what mkdosfs and one file touch later */
 
 static unsigned tag_of(size_t granule) { return (unsigned)((granule * 5 + 1) & 0xf); }
 static uint8_t in_byte(uint64_t offset) { return (uint8_t)(offset * 13 + (offset >> 9)); }

@@ -134,11 +134,15 @@ class Machine:
             self._gic.finish()
             gic = self._gic
             self.uart = Pl011(console, lambda level: gic.set_spi(layout.UART_SPI, level))
-            self._devices = [
-                _Device(layout.UART, layout.UART_SIZE, self.uart.read, self.uart.write)
-            ]
+            uart = _Device(layout.UART, layout.UART_SIZE, self.uart.read, self.uart.write)
+            self._devices = [uart, *self._add_virtio(config, console, gic)]
             tree = fdt.BootTree(
-                layout.RAM, config.memory, config.cpus, config.command_line, placed.initrd
+                layout.RAM,
+                config.memory,
+                config.cpus,
+                config.command_line,
+                placed.initrd,
+                virtio_devices=len(self.transports),
             )
             boot.load(self.memory, placed, kernel, config.initrd, fdt.build(tree))
             self._vcpus[0].set(k.REG_PC, placed.entry)
