@@ -99,7 +99,7 @@ _EVENTS = {
 
 
 class Machine:
-    """A guest ready to run; ``console`` receives what it writes on its UART."""
+    """A guest ready to run; ``console`` receives what it writes on its UART (and hvc0)."""
 
     def __init__(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
         """Build the VM, its RAM and devices, and load the guest (see the module's docstring)."""
