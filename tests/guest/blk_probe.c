@@ -7,11 +7,12 @@
  * checks every byte and tag; fills the buffer with out_byte() and writes it
  * at 12 MiB (the host checks it after the run); checks that the tags are
  * still the guest's and that a wrong tag still faults; last, times 4 KiB
- * O_DIRECT reads one at a time. Prints two lines:
+ * O_DIRECT reads at queue depth 1 and 32 (threads). Prints two lines:
  * BLK-PROBE read=ok|bad tags=ok|bad write=ok|bad fault=SEGV_MTESERR|none
- * BLK-RATE qd1_4k_reads_per_second=N */
+ * BLK-RATE qd1_4k_reads_per_second=N qd32_4k_reads_per_second=N */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -39,16 +40,47 @@ static int tags_intact(uint8_t *buf)
 
 static int full(ssize_t done) { return done == SIZE; }
 
-static double reads_per_second(int fd, uint8_t *buf, int reads)
+struct reader {
+    int fd;
+    int reads;
+    int failed;
+    uint8_t *buf;
+};
+
+static void *read_blocks(void *arg)
 {
+    struct reader *r = arg;
+    for (int i = 0; i < r->reads; i++)
+        if (pread(r->fd, r->buf, 4096, (off_t)(i % 256) * 4096) != 4096)
+            r->failed = 1;
+    return NULL;
+}
+
+/* 4 KiB O_DIRECT reads per second with ``depth`` threads each keeping one in
+ * flight (queue depth ``depth``), ``reads`` in all; 0 if any read failed. */
+static double reads_per_second(int fd, int depth, int reads)
+{
+    pthread_t threads[32];
+    struct reader readers[32];
+    uint8_t *bufs = mmap(NULL, 4096 * (size_t)depth, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (depth > 32 || bufs == MAP_FAILED)
+        return 0;
     struct timespec start, end;
     clock_gettime(CLOCK_MONOTONIC, &start);
-    for (int i = 0; i < reads; i++)
-        if (pread(fd, buf, 4096, (off_t)(i % 256) * 4096) != 4096)
-            return 0;
+    for (int t = 0; t < depth; t++) {
+        readers[t] = (struct reader){fd, reads / depth, 0, bufs + 4096 * t};
+        pthread_create(&threads[t], NULL, read_blocks, &readers[t]);
+    }
+    int failed = 0;
+    for (int t = 0; t < depth; t++) {
+        pthread_join(threads[t], NULL);
+        failed |= readers[t].failed;
+    }
     clock_gettime(CLOCK_MONOTONIC, &end);
+    munmap(bufs, 4096 * (size_t)depth);
     double seconds = (double)(end.tv_sec - start.tv_sec) + (double)(end.tv_nsec - start.tv_nsec) / 1e9;
-    return seconds > 0 ? reads / seconds : 0;
+    return failed || seconds <= 0 ? 0 : (reads / depth * depth) / seconds;
 }
 
 int main(int argc, char **argv)
@@ -81,6 +113,7 @@ int main(int argc, char **argv)
     printf("BLK-PROBE read=%s tags=%s write=%s fault=%s\n", read_ok ? "ok" : "bad",
            tags_ok ? "ok" : "bad", write_ok ? "ok" : "bad",
            wrong_tag_faults(with_tag(buf + 16 * 3, tag_of(3) ^ 1)) ? "SEGV_MTESERR" : "none");
-    printf("BLK-RATE qd1_4k_reads_per_second=%.0f\n", reads_per_second(fd, with_tag(buf, tag_of(0)), 500));
+    printf("BLK-RATE qd1_4k_reads_per_second=%.0f qd32_4k_reads_per_second=%.0f\n",
+           reads_per_second(fd, 1, 500), reads_per_second(fd, 32, 1024));
     return read_ok && tags_ok && write_ok ? 0 : 4;
 }
