@@ -18,9 +18,13 @@ import threading
 import tty
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import guestmem as gm
 from guestmem.tools.migrate import endpoint, memory_size, positive_int
+
+if TYPE_CHECKING:  # the VMM (and libfdt) load only when a machine is built
+    from guestmem.vmm.machine import Machine
 
 _QUIT_PREFIX, _QUIT_KEY = b"\x01", b"x"
 
@@ -105,16 +109,15 @@ def _write_stdout(data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def _debugger(machine: object, where: tuple[str, object] | None) -> Iterator[None]:
+def _debugger(machine: Machine, where: tuple[str, object] | None) -> Iterator[None]:
     """Serve ``machine`` to GDB from a thread while the block runs; breakpoints out after."""
     if where is None:
         yield
         return
     from guestmem.vmm.debug import GuestDebugServer
-    from guestmem.vmm.machine import Machine
     from guestmem.vmm.run_control import KvmRunControl
 
-    assert isinstance(machine, Machine) and machine.memory is not None
+    assert machine.memory is not None
     family, address = where
     if family == "unix":
         assert isinstance(address, str)
@@ -134,7 +137,7 @@ def _debugger(machine: object, where: tuple[str, object] | None) -> Iterator[Non
 
 
 @contextlib.contextmanager
-def _console_input(machine: object) -> Iterator[None]:
+def _console_input(machine: Machine) -> Iterator[None]:
     """Feed stdin to the guest's UART from a thread; a terminal is raw meanwhile."""
     saved = None
     if os.isatty(0):
@@ -149,10 +152,7 @@ def _console_input(machine: object) -> Iterator[None]:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
-def _pump_stdin(machine: object) -> None:
-    from guestmem.vmm.machine import Machine
-
-    assert isinstance(machine, Machine)
+def _pump_stdin(machine: Machine) -> None:
     escape = False
     while True:
         try:

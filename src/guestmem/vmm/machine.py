@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import guestmem as gm
 from guestmem._native import lib
@@ -88,7 +88,6 @@ class _Device:
 @dataclass
 class _Counters:
     mmio_exits: int = 0
-    unclaimed: set[int] = field(default_factory=set)
 
 
 _EVENTS = {
@@ -275,7 +274,6 @@ class Machine:
                     vcpu.complete_read(exit_, device.read(offset, exit_.size))
                 return
         # Nothing there: reads give 0 and writes vanish, as on an empty bus.
-        self._counters.unclaimed.add(exit_.address)
         if not exit_.is_write:
             vcpu.complete_read(exit_, 0)
 

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import guestmem as gm
-from guestmem.virtio import SplitQueue
+from guestmem.virtio import SplitQueue, chain_read, chain_write
 
 DEVICE_ID = 3
 RECEIVE, TRANSMIT = 0, 1
@@ -75,7 +75,7 @@ class VirtioConsole:
     def _transmit(self, ring: SplitQueue) -> bool:
         interrupt = False
         while (chain := ring.pop()) is not None:
-            data = self._memory.readv(chain.readable, access=gm.Access.DMA)
+            data = chain_read(self._memory, chain)
             if data:
                 self._output(data)
             interrupt |= ring.push(chain.head, 0)
@@ -91,12 +91,5 @@ class VirtioConsole:
             self._backlog.clear()
             if rest:
                 self._backlog.append(rest)
-            ranges, left = [], len(now)
-            for gpa, n in chain.writable:
-                if left <= 0:
-                    break
-                ranges.append((gpa, min(n, left)))
-                left -= n
-            self._memory.writev(ranges, now, access=gm.Access.DMA)
-            interrupt |= ring.push(chain.head, len(now))
+            interrupt |= ring.push(chain.head, chain_write(self._memory, chain, now))
         return interrupt
