@@ -70,6 +70,29 @@ def accept(listener: socket.socket) -> socket.socket | None:
         return None
 
 
+DRAIN_LIMIT = 1 << 20  # unread bytes hang_up discards before it closes anyway
+
+
+def hang_up(conn: socket.socket) -> None:
+    """Close ``conn`` so the peer reads end-of-stream, not a reset.
+
+    Linux answers a close with unread bytes in the receive queue (half a
+    packet the session never read) with RST, which the peer may see as
+    ECONNRESET instead of the orderly end of the session. So send FIN, read
+    what is already queued (up to DRAIN_LIMIT, never waiting), then close.
+    """
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        conn.setblocking(False)
+        drained = 0
+        while drained < DRAIN_LIMIT:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    conn.close()
+
+
 class _Refusal:
     """A client that came while a session runs: it gets ``E.busy`` for its first packet."""
 
@@ -248,7 +271,7 @@ class GdbStub(ClosesOnExit):
             log.info("session ended: %s", error)
         finally:
             self._active = None
-            conn.close()
+            hang_up(conn)
 
     def _run(self, session: Session, conn: socket.socket) -> None:
         with selectors.DefaultSelector() as selector:

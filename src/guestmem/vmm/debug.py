@@ -905,7 +905,7 @@ class GuestDebugServer(GdbStub):
             log.exception("session ended by a failure")  # RunControl's, or a bug: serve on
         finally:
             self._active = None
-            conn.close()
+            hang_up(conn)
 
     def _debug(self, conn: socket.socket) -> None:
         session = DebugSession(self.memory, self.run, self.pid)
