@@ -17,12 +17,17 @@ sources() {
 key=$(cd "$top" && sources | sort | xargs sha256sum | sha256sum | cut -c1-16)
 out=$root/wheelhouse/$key
 if ! ls "$out"/guestmem-*manylinux*_aarch64.whl >/dev/null 2>&1; then
-    rm -rf "$root/wheelhouse" "$root/build-src"
-    mkdir -p "$root/build-src"
-    (cd "$top" && sources | tr '\n' '\0' | xargs -0 cp --parents -t "$root/build-src")
+    # Wheels of other checkouts stay an hour: two checkouts testing at once
+    # (a worktree beside main) must not delete each other's wheel in use.
+    mkdir -p "$root/wheelhouse"
+    find "$root/wheelhouse" -mindepth 1 -maxdepth 1 -mmin +60 -exec rm -rf {} +
+    src=build-src-$key
+    rm -rf "${root:?}/$src" "$root/tmp/dist-$key"
+    mkdir -p "$root/$src"
+    (cd "$top" && sources | tr '\n' '\0' | xargs -0 cp --parents -t "$root/$src")
     echo "arm64: building the arm64 wheel (native gcc under qemu-aarch64)" >&2
-    bash "$top/scripts/in-arm64.sh" sh -c "cd /build-src && python3 -m pip wheel --quiet --no-build-isolation --no-deps -w /tmp/dist . \
-        && auditwheel repair --wheel-dir /wheelhouse/$key /tmp/dist/guestmem-*.whl && rm -rf /tmp/dist" >&2
-    rm -rf "$root/build-src"
+    bash "$top/scripts/in-arm64.sh" sh -c "cd /$src && python3 -m pip wheel --quiet --no-build-isolation --no-deps -w /tmp/dist-$key . \
+        && auditwheel repair --wheel-dir /wheelhouse/$key /tmp/dist-$key/guestmem-*.whl && rm -rf /tmp/dist-$key" >&2
+    rm -rf "${root:?}/$src"
 fi
 ls "$out"/guestmem-*manylinux*_aarch64.whl
