@@ -48,6 +48,7 @@ from guestmem.gdbstub.server import (
     _Refusal,
     _Refusals,
     accept,
+    hang_up,
 )
 from guestmem.gdbstub.session import _xfer, parse_hex, split_fields
 from guestmem.kinds import Access, TagMode
