@@ -66,8 +66,9 @@ def test_each_virtio_transport_has_a_node_with_its_own_interrupt() -> None:
         node = blob.path_offset(f"/virtio_mmio@{base:x}")
         assert bytes(blob.getprop(node, "compatible")) == b"virtio,mmio\0"
         assert struct.unpack(">QQ", bytes(blob.getprop(node, "reg"))) == (base, layout.VIRTIO_SIZE)
-        spi = struct.unpack(">3I", bytes(blob.getprop(node, "interrupts")))[1]
-        assert spi == layout.VIRTIO_SPI + index
+        kind, spi, trigger = struct.unpack(">3I", bytes(blob.getprop(node, "interrupts")))
+        assert (kind, spi) == (0, layout.VIRTIO_SPI + index)
+        assert trigger == 1, "an irqfd pulses the line: the guest must take it as an edge"
 
 
 def test_without_an_initrd_chosen_names_none() -> None:

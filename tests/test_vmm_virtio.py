@@ -7,7 +7,10 @@ syscall-safe DMA route, never faulting, and the guest finds its bytes right
 and its tags unchanged, while a wrong tag still faults. Then ordinary
 page-cache I/O: mkfs, copy, drop caches, compare. Before the disk, a
 virtio-console: the guest says hello on hvc0 and reads a line typed there.
-Both tag modes.
+Both tag modes, with the guest's kicks on ioeventfds served by the VMM's I/O
+thread and its interrupts on irqfds; once more with neither (every kick an
+MMIO exit, every interrupt a KVM_IRQ_LINE call), the fallback the VMM takes
+where KVM lacks them.
 """
 
 from __future__ import annotations
@@ -49,8 +52,14 @@ def out_byte(offset: int) -> int:
     return (offset * 29 + 7) & 0xFF
 
 
-@pytest.mark.parametrize("tags", [gm.TagMode.HARDWARE, gm.TagMode.KVM], ids=lambda m: m.name)
-def test_o_direct_into_tagged_pages_and_page_cache_io(tags: gm.TagMode, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("tags", "eventfds"),
+    [(gm.TagMode.HARDWARE, True), (gm.TagMode.KVM, True), (gm.TagMode.KVM, False)],
+    ids=["HARDWARE", "KVM", "KVM-mmio-exits"],
+)
+def test_o_direct_into_tagged_pages_and_page_cache_io(
+    tags: gm.TagMode, eventfds: bool, tmp_path: Path
+) -> None:
     from guestmem.vmm.machine import Disk, Machine, MachineConfig, Outcome
     from guestmem.vmm.vcpu import install_kick_handler
 
@@ -69,6 +78,7 @@ def test_o_direct_into_tagged_pages_and_page_cache_io(tags: gm.TagMode, tmp_path
         tags=tags,
         disks=(Disk(str(image)),),
         virtio_console=True,
+        eventfds=eventfds,
     )
     install_kick_handler()
     with Machine(config, console.write) as machine:
@@ -91,6 +101,10 @@ def test_o_direct_into_tagged_pages_and_page_cache_io(tags: gm.TagMode, tmp_path
         finally:
             runner.join(timeout=BOOT_TIMEOUT)
         requests = machine.disks[0].requests
+        wired = machine.eventfds
+        kicks = [(t.kicks_by_eventfd, t.kicks_by_exit) for t in machine.transports]
+        edges = [line.edges for line in machine.interrupts]
+        line_ioctls = [machine.gic.line_ioctls.get(line.spi, 0) for line in machine.interrupts]
     assert [o.reason for o in outcome] == ["power-off"], (outcome, console.text)
     assert blk[1] == b"ok", "O_DIRECT read into tagged pages brought the wrong bytes"
     assert blk[2] == b"ok", "the guest's tags changed under the device's DMA"
@@ -100,8 +114,17 @@ def test_o_direct_into_tagged_pages_and_page_cache_io(tags: gm.TagMode, tmp_path
     assert cached[1] == b"ok", console.text
     assert hvc[1] == b"ping", console.text
     assert requests > 500
+    assert wired is eventfds, "KVM in the lane offers irqfd and ioeventfd: the VMM must use them"
+    assert all(edge > 0 for edge in edges), (edges, "each device interrupted the guest")
+    if eventfds:  # the guest's kicks never reached the VMM as exits, its interrupts never ioctls
+        assert all(by_eventfd > 0 and by_exit == 0 for by_eventfd, by_exit in kicks), kicks
+        assert line_ioctls == [0] * len(edges), line_ioctls
+    else:
+        assert all(by_eventfd == 0 and by_exit > 0 for by_eventfd, by_exit in kicks), kicks
+        assert line_ioctls == [2 * edge for edge in edges], (line_ioctls, edges)
+    label = tags.name if eventfds else f"{tags.name}, kicks as MMIO exits"
     for depth, figure in (("QD1", rate[1]), ("QD32", rate[2])):
-        FIGURES[f"vmm virtio-blk 4 KiB O_DIRECT reads/s at {depth} in the guest, {tags.name}"] = (
-            int(figure)
+        FIGURES[f"vmm virtio-blk 4 KiB O_DIRECT reads/s at {depth} in the guest, {label}"] = int(
+            figure
         )
         assert int(figure) > 0, "a timed O_DIRECT read failed in the guest"

@@ -256,3 +256,19 @@ def test_the_console_sends_what_the_guest_writes_and_delivers_what_is_typed(
     device.receive(b"late")  # arrives outside a kick: the device raises the interrupt
     assert receiveq.used_idx() == 3 and line.level
     assert mem.read(DATA + 0x300, 4, access=gm.Access.DEBUG) == b"late"
+
+
+def test_a_kick_through_an_eventfd_is_served_like_a_queue_notify_write(
+    mem: gm.GuestMemory, image: Path
+) -> None:
+    device = blk.VirtioBlock(mem, str(image))
+    transport, driver, line = set_up(mem, device)
+    request(driver, blk.T_IN, 1, 512, writable=True)
+    transport.notify_queue(0)
+    assert status(mem) == blk.S_OK and driver.used_idx() == 1
+    assert line.level and transport.read(mmio.INTERRUPT_STATUS, 4) == mmio.INT_USED
+    assert (transport.kicks_by_eventfd, transport.kicks_by_exit) == (1, 0)
+    transport.notify_queue(7)  # no such queue: ignored, as the register write is
+    kick(transport)
+    assert (transport.kicks_by_eventfd, transport.kicks_by_exit) == (2, 1)
+    device.close()

@@ -21,7 +21,7 @@ from guestmem.vmm import layout
 GIC_PHANDLE = 1
 CLOCK_PHANDLE = 2
 _SPI, _PPI = 0, 1
-_LEVEL_HIGH = 4
+_EDGE_RISING, _LEVEL_HIGH = 1, 4
 # Secure and non-secure physical, virtual, and hypervisor timer PPIs.
 _TIMER_PPIS = (13, 14, 11, 10)
 
@@ -158,6 +158,7 @@ def _virtio_mmio(sw: Any, index: int) -> None:
     sw.begin_node(f"virtio_mmio@{base:x}")
     sw.property_string("compatible", "virtio,mmio")
     sw.property("reg", _pairs(base, layout.VIRTIO_SIZE))
-    sw.property("interrupts", _cells(_SPI, layout.VIRTIO_SPI + index, _LEVEL_HIGH))
+    # Edge: an irqfd pulses its line, which a level-triggered SPI would not hold.
+    sw.property("interrupts", _cells(_SPI, layout.VIRTIO_SPI + index, _EDGE_RISING))
     sw.property("dma-coherent", b"")
     sw.end_node()

@@ -1,4 +1,9 @@
-"""The in-kernel vGICv3: its distributor and redistributors, and lines into it."""
+"""The in-kernel vGICv3: its distributor and redistributors, and lines into it.
+
+Level lines (the UART's) are driven with KVM_IRQ_LINE; the virtio devices'
+lines are edge-triggered (:class:`EdgeInterrupt`), through an irqfd where
+KVM offers one.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ class Gic:
         """Create the vGIC on ``vm_fd`` and place it for ``cpus`` redistributors."""
         if not 1 <= cpus <= layout.MAX_CPUS:
             raise ValueError(f"the vGIC layout holds 1 to {layout.MAX_CPUS} vCPUs, not {cpus}")
-        self._vm_fd = vm_fd
+        self.vm_fd = vm_fd
+        self.line_ioctls: dict[int, int] = {}  # KVM_IRQ_LINE calls, by SPI
         request = bytearray(k.CREATE_DEVICE.pack(k.DEV_VGIC_V3, 0, 0))
         k.ioctl(vm_fd, k.KVM_CREATE_DEVICE, request, "KVM_CREATE_DEVICE(vGICv3)")
         self.fd = k.CREATE_DEVICE.unpack(request)[1]
@@ -40,10 +46,54 @@ class Gic:
         """Drive shared peripheral interrupt ``spi`` (INTID 32 + spi) to ``level``."""
         irq = k.IRQ_TYPE_SPI << 24 | (32 + spi)
         request = bytearray(k.IRQ_LEVEL.pack(irq, int(level)))
-        k.ioctl(self._vm_fd, k.KVM_IRQ_LINE, request, f"KVM_IRQ_LINE SPI {spi}")
+        self.line_ioctls[spi] = self.line_ioctls.get(spi, 0) + 1
+        k.ioctl(self.vm_fd, k.KVM_IRQ_LINE, request, f"KVM_IRQ_LINE SPI {spi}")
 
     def close(self) -> None:
         """Close the device fd (the VM keeps the vGIC until it closes)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class EdgeInterrupt:
+    """A device's edge-triggered shared interrupt, raised through an irqfd where KVM has one.
+
+    The transport drives it like a level (up when InterruptStatus becomes
+    non-zero, down when it clears); each rise is one edge for the guest,
+    which the device tree declares edge-triggered. With an irqfd the edge is
+    one eventfd write, which KVM turns into an interrupt without an ioctl;
+    without one, two KVM_IRQ_LINE calls (up, then down).
+    """
+
+    def __init__(self, gic: Gic, spi: int, *, irqfd: bool) -> None:
+        """The line of ``spi``; ``irqfd`` asks for an irqfd (KVM_IRQFD) on it."""
+        self._gic = gic
+        self.spi = spi
+        self.edges = 0
+        self.fd = -1
+        if irqfd:
+            fd = os.eventfd(0, os.EFD_CLOEXEC)
+            try:
+                k.assign_irqfd(gic.vm_fd, fd, spi)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+
+    def set(self, level: bool) -> None:
+        """Follow the device's interrupt condition: a rise is an edge, a fall nothing."""
+        if not level:
+            return
+        self.edges += 1
+        if self.fd >= 0:
+            os.eventfd_write(self.fd, 1)
+        else:
+            self._gic.set_spi(self.spi, True)
+            self._gic.set_spi(self.spi, False)
+
+    def close(self) -> None:
+        """Close the irqfd (KVM drops its side when the eventfd goes)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

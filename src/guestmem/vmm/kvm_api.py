@@ -28,11 +28,15 @@ CREATE_DEVICE = struct.Struct("<III")
 DEVICE_ATTR = struct.Struct("<IIQQ")
 IRQ_LEVEL = struct.Struct("<II")
 GUEST_DEBUG = struct.Struct("<II64Q")
+IRQFD = struct.Struct("<IIII16x")  # fd, gsi, flags, resamplefd
+IOEVENTFD = struct.Struct("<QQIiI36x")  # datamatch, addr, len, fd, flags
 
 KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_CREATE_VCPU = _io(0x41)
 KVM_IRQ_LINE = _io(0x61, _WRITE, IRQ_LEVEL.size)
+KVM_IRQFD = _io(0x76, _WRITE, IRQFD.size)
+KVM_IOEVENTFD = _io(0x79, _WRITE, IOEVENTFD.size)
 KVM_RUN = _io(0x80)
 KVM_SET_GUEST_DEBUG = _io(0x9B, _WRITE, GUEST_DEBUG.size)
 KVM_GET_ONE_REG = _io(0xAB, _WRITE, ONE_REG.size)
@@ -43,8 +47,12 @@ KVM_CREATE_DEVICE = _io(0xE0, _READ | _WRITE, CREATE_DEVICE.size)
 KVM_SET_DEVICE_ATTR = _io(0xE1, _WRITE, DEVICE_ATTR.size)
 
 # Capabilities.
+KVM_CAP_IRQFD = 32
+KVM_CAP_IOEVENTFD = 36
 KVM_CAP_GUEST_DEBUG_HW_BPS = 119
 KVM_CAP_GUEST_DEBUG_HW_WPS = 120
+
+IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 
 # vCPU features (KVM_ARM_VCPU_INIT).
 VCPU_POWER_OFF = 0
@@ -139,6 +147,26 @@ def set_device_attr(device_fd: int, group: int, attr: int, value: int, size: int
     holder = ffi.new("uint64_t *" if size == 8 else "uint32_t *", value)
     request = bytearray(DEVICE_ATTR.pack(0, group, attr, int(ffi.cast("uintptr_t", holder))))
     ioctl(device_fd, KVM_SET_DEVICE_ATTR, request, f"KVM_SET_DEVICE_ATTR {group}/{attr}")
+
+
+def assign_irqfd(vm_fd: int, event_fd: int, spi: int) -> None:
+    """KVM_IRQFD: a write to ``event_fd`` raises an edge on shared interrupt ``spi``.
+
+    On arm64 the default routing maps GSI N to SPI N (INTID 32 + N); KVM
+    pulses the line (up, then down), so the guest must see it edge-triggered.
+    """
+    request = bytearray(IRQFD.pack(event_fd, spi, 0, 0))
+    ioctl(vm_fd, KVM_IRQFD, request, f"KVM_IRQFD SPI {spi}")
+
+
+def assign_ioeventfd(vm_fd: int, event_fd: int, address: int, size: int, value: int) -> None:
+    """KVM_IOEVENTFD: the guest's write of ``value`` at MMIO ``address`` signals ``event_fd``.
+
+    KVM completes the write itself (``size`` bytes, matching ``value``): the
+    vCPU does not exit to the VMM.
+    """
+    request = bytearray(IOEVENTFD.pack(value, address, size, event_fd, IOEVENTFD_FLAG_DATAMATCH))
+    ioctl(vm_fd, KVM_IOEVENTFD, request, f"KVM_IOEVENTFD {address:#x}={value}")
 
 
 def check_extension(fd: int, capability: int) -> int:

@@ -12,10 +12,17 @@ are checked against the guest's tags: every access the VMM makes goes
 through guestmem (the loader and the devices with the DMA access class,
 the debugger with DEBUG). ``KVM``: the VMM's mapping is untagged; tags are
 reached with KVM_ARM_MTE_COPY_TAGS.
+
+Where KVM offers them (and ``MachineConfig.eventfds``), each virtio queue's
+QueueNotify is an ioeventfd served by the I/O thread (:mod:`io_loop`), and
+each virtio interrupt an irqfd: a request then costs the guest no exit to
+the VMM and the VMM no ioctl. Otherwise kicks are MMIO exits served on the
+vCPU thread, and interrupts KVM_IRQ_LINE calls.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -28,7 +35,8 @@ from guestmem.kvm import KvmVm
 from guestmem.vmm import boot, fdt, layout
 from guestmem.vmm import kvm_api as k
 from guestmem.vmm.gate import Gate
-from guestmem.vmm.gic import Gic
+from guestmem.vmm.gic import EdgeInterrupt, Gic
+from guestmem.vmm.io_loop import IoLoop
 from guestmem.vmm.uart import Pl011
 from guestmem.vmm.vcpu import (
     DebugExit,
@@ -40,7 +48,7 @@ from guestmem.vmm.vcpu import (
 )
 from guestmem.vmm.virtio_blk import VirtioBlock
 from guestmem.vmm.virtio_console import VirtioConsole
-from guestmem.vmm.virtio_mmio import INT_USED, MmioTransport, VirtioDevice
+from guestmem.vmm.virtio_mmio import INT_USED, QUEUE_NOTIFY, MmioTransport, VirtioDevice
 
 TAG_MODES = (gm.TagMode.HARDWARE, gm.TagMode.KVM)
 
@@ -65,6 +73,7 @@ class MachineConfig:
     tags: gm.TagMode = gm.TagMode.HARDWARE
     disks: tuple[Disk, ...] = ()
     virtio_console: bool = False  # a virtio-console (hvc0) beside the UART
+    eventfds: bool = True  # ioeventfd kicks and irqfd interrupts, where KVM offers them
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,8 @@ class Machine:
         self.disks: list[VirtioBlock] = []
         self.hvc: VirtioConsole | None = None
         self.transports: list[MmioTransport] = []
+        self.interrupts: list[EdgeInterrupt] = []
+        self.io = IoLoop(lambda err: self._finish(Outcome("error", f"I/O thread: {err}")))
         self.vm = KvmVm.create()
         self.memory: gm.GuestMemory | None = None
         try:
@@ -132,6 +143,10 @@ class Machine:
             self._gic = Gic(self.vm.fd, config.cpus)
             self._gic.finish()
             gic = self._gic
+            self.eventfds = config.eventfds and all(
+                k.check_extension(self.vm.fd, cap) > 0
+                for cap in (k.KVM_CAP_IRQFD, k.KVM_CAP_IOEVENTFD)
+            )
             self.uart = Pl011(console, lambda level: gic.set_spi(layout.UART_SPI, level))
             uart = _Device(layout.UART, layout.UART_SIZE, self.uart.read, self.uart.write)
             self._devices = [uart, *self._add_virtio(config, console, gic)]
@@ -182,19 +197,26 @@ class Machine:
             devices.append(self.hvc)
         windows = []
         for index, device in enumerate(devices):
-            spi = layout.VIRTIO_SPI + index
-
-            def set_irq(level: bool, spi: int = spi) -> None:
-                gic.set_spi(spi, level)
-
-            transport = MmioTransport(self.memory, device, set_irq)
+            line = EdgeInterrupt(gic, layout.VIRTIO_SPI + index, irqfd=self.eventfds)
+            self.interrupts.append(line)
+            transport = MmioTransport(self.memory, device, line.set)
             self.transports.append(transport)
             base = layout.VIRTIO + index * layout.VIRTIO_SIZE
+            if self.eventfds:
+                for queue in range(device.queue_count):
+                    kick = self.io.eventfd(functools.partial(transport.notify_queue, queue))
+                    k.assign_ioeventfd(self.vm.fd, kick, base + QUEUE_NOTIFY, 4, queue)
             windows.append(_Device(base, layout.VIRTIO_SIZE, transport.read, transport.write))
         if self.hvc is not None:
             transport = self.transports[-1]
             self.hvc.interrupt = lambda: transport.raise_interrupt(INT_USED)
         return windows
+
+    @property
+    def gic(self) -> Gic:
+        """The vGIC."""
+        assert self._gic is not None
+        return self._gic
 
     @property
     def vcpus(self) -> tuple[Vcpu, ...]:
@@ -221,11 +243,13 @@ class Machine:
             threading.Thread(target=self._vcpu_loop, args=(v,), name=f"vcpu{v.index}", daemon=True)
             for v in self._vcpus
         ]
+        self.io.start()
         for thread in threads:
             thread.start()
         self._done.wait()
         for thread in threads:
             thread.join()
+        self.io.stop()
         assert self._outcome is not None
         return Outcome(
             self._outcome.reason,
@@ -281,6 +305,9 @@ class Machine:
         """Release the vCPUs, the vGIC, guest RAM and the VM (after :meth:`run` returned)."""
         for vcpu in self._vcpus:
             vcpu.close()
+        self.io.close()
+        for line in self.interrupts:
+            line.close()
         for disk in self.disks:
             disk.close()
         if self._gic is not None:

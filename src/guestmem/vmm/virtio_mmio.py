@@ -2,8 +2,10 @@
 
 The guest finds the device through the device tree (``virtio,mmio``), reads
 its identity and features, negotiates, places each queue's rings anywhere
-in guest RAM and kicks the device through QueueNotify; the device raises
-the transport's interrupt (level: up while InterruptStatus is not zero).
+in guest RAM and kicks the device through QueueNotify (an MMIO exit, or an
+ioeventfd the VMM's I/O thread serves: :meth:`MmioTransport.notify_queue`);
+the device raises the transport's interrupt, which ``set_irq`` follows as a
+condition (up when InterruptStatus becomes non-zero, down when it clears).
 The rings themselves are :class:`guestmem.virtio.SplitQueue` objects over
 guest memory; what the device does with a queue's requests is the
 :class:`VirtioDevice`'s business. A device the guest misuses (a ring
@@ -91,6 +93,8 @@ class MmioTransport:
         self._lock = threading.RLock()
         self._offered = device.features | F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX
         self._level = False
+        self.kicks_by_exit = 0  # QueueNotify writes that reached the VMM as MMIO exits
+        self.kicks_by_eventfd = 0  # and those KVM signalled on an ioeventfd instead
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -159,12 +163,21 @@ class MmioTransport:
                 if queue is not None:
                     queue.ready = bool(value & 1)
             elif offset == QUEUE_NOTIFY:
+                self.kicks_by_exit += 1
                 interrupt = self._notify(value)
             elif offset == INTERRUPT_ACK:
                 self._interrupt &= ~value
                 self._update_irq()
             elif offset == STATUS:
                 self._set_status(value)
+        if interrupt:
+            self.raise_interrupt(INT_USED)
+
+    def notify_queue(self, queue: int) -> None:
+        """The driver kicked ``queue`` through an ioeventfd: serve it, as a QueueNotify write."""
+        with self._lock:
+            self.kicks_by_eventfd += 1
+            interrupt = self._notify(queue)
         if interrupt:
             self.raise_interrupt(INT_USED)
 
