@@ -143,7 +143,7 @@ class _Refusals:
     def admit(self, conn: socket.socket) -> None:
         """Refuse ``conn`` once it sends a packet (at once if too many wait)."""
         if len(self._waiting) >= MAX_REFUSING:
-            conn.close()
+            hang_up(conn)
             return
         refusal = _Refusal(conn)
         self._waiting.append(refusal)
@@ -172,7 +172,7 @@ class _Refusals:
     def _drop(self, refusal: _Refusal) -> None:
         self._selector.unregister(refusal.conn)
         self._waiting.remove(refusal)
-        refusal.conn.close()
+        hang_up(refusal.conn)
 
 
 class GdbStub(ClosesOnExit):
