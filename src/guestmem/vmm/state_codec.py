@@ -191,7 +191,7 @@ def decode(data: bytes) -> dict[str, Reader]:
         at = frame._base + frame._at
         length = frame.u8("a section name's length")
         name_bytes = bytes(frame._take(length, "a section name"))
-        if not name_bytes.isascii() or not name_bytes.isprintable() or not name_bytes:
+        if not name_bytes or not name_bytes.isascii() or not name_bytes.decode().isprintable():
             raise StateError(at, f"section name {name_bytes!r} is not printable ASCII")
         name = name_bytes.decode()
         if name in sections:
