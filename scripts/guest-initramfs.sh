@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build (once per recipe, cached on this machine) the initramfs of the nested
 # guest that the reference VMM boots in the arm64-kernel lane, and print its
-# path: Debian's busybox-static, the MTE and block probes (tests/guest/*.c,
+# path: Debian's busybox-static, the MTE, block and migration probes (tests/guest/*.c,
 # compiled static by gcc in the arm64 userland) and tests/guest/init. The
 # lane appends its kernel's modules (arm64-kernel.sh) as a second archive.
 set -euo pipefail
@@ -18,7 +18,7 @@ if [ ! -f "$out" ]; then
     build=$root/tmp/guest-build
     rm -rf "$build"
     mkdir -p "$build"
-    for probe in mte_probe blk_probe; do
+    for probe in mte_probe blk_probe mig_probe; do
         cp "$top/tests/guest/$probe.c" "$top/tests/guest/mte.h" "$build/"
         GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" gcc -static -O2 -Wall -Werror \
             -march=armv8.5-a+memtag -o "/tmp/guest-build/$probe" "/tmp/guest-build/$probe.c" >&2
@@ -27,7 +27,7 @@ if [ ! -f "$out" ]; then
     mkdir -p "$stage/bin" "$stage/proc" "$stage/sys" "$stage/dev" "$stage/tmp"
     cp "$root/bin/busybox" "$stage/bin/busybox"
     ln -s busybox "$stage/bin/sh"
-    cp "$build/mte_probe" "$build/blk_probe" "$stage/bin/"
+    cp "$build/mte_probe" "$build/blk_probe" "$build/mig_probe" "$stage/bin/"
     install -m 755 "$top/tests/guest/init" "$stage/init"
     (cd "$stage" && find . | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) > "$out.tmp"
     mv "$out.tmp" "$out"
