@@ -9,10 +9,12 @@ included (a kicked KVM_RUN).
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import Any
 
 from guestmem._native import check, ffi, lib
+from guestmem.errors import NativeOSError
 
 _KVMIO = 0xAE
 _WRITE, _READ = 1, 2
@@ -30,27 +32,43 @@ IRQ_LEVEL = struct.Struct("<II")
 GUEST_DEBUG = struct.Struct("<II64Q")
 IRQFD = struct.Struct("<IIII16x")  # fd, gsi, flags, resamplefd
 IOEVENTFD = struct.Struct("<QQIiI36x")  # datamatch, addr, len, fd, flags
+MP_STATE = struct.Struct("<I")
+VCPU_EVENTS_SIZE = 64  # struct kvm_vcpu_events on arm64, saved whole
+REG_LIST_HEAD = struct.Struct("<Q")  # n, then n u64 ids
+MEMORY_REGION = struct.Struct("<IIQQQ")  # slot, flags, guest_phys_addr, memory_size, userspace
+DIRTY_LOG = struct.Struct("<IIQ")  # slot, padding, dirty_bitmap pointer
 
 KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_CREATE_VCPU = _io(0x41)
+KVM_GET_DIRTY_LOG = _io(0x42, _WRITE, DIRTY_LOG.size)
+KVM_SET_USER_MEMORY_REGION = _io(0x46, _WRITE, MEMORY_REGION.size)
 KVM_IRQ_LINE = _io(0x61, _WRITE, IRQ_LEVEL.size)
 KVM_IRQFD = _io(0x76, _WRITE, IRQFD.size)
 KVM_IOEVENTFD = _io(0x79, _WRITE, IOEVENTFD.size)
 KVM_RUN = _io(0x80)
+KVM_GET_MP_STATE = _io(0x98, _READ, MP_STATE.size)
+KVM_SET_MP_STATE = _io(0x99, _WRITE, MP_STATE.size)
+KVM_GET_VCPU_EVENTS = _io(0x9F, _READ, VCPU_EVENTS_SIZE)
+KVM_SET_VCPU_EVENTS = _io(0xA0, _WRITE, VCPU_EVENTS_SIZE)
 KVM_SET_GUEST_DEBUG = _io(0x9B, _WRITE, GUEST_DEBUG.size)
 KVM_GET_ONE_REG = _io(0xAB, _WRITE, ONE_REG.size)
 KVM_SET_ONE_REG = _io(0xAC, _WRITE, ONE_REG.size)
 KVM_ARM_VCPU_INIT = _io(0xAE, _WRITE, VCPU_INIT.size)
 KVM_ARM_PREFERRED_TARGET = _io(0xAF, _READ, VCPU_INIT.size)
+KVM_GET_REG_LIST = _io(0xB0, _READ | _WRITE, REG_LIST_HEAD.size)
 KVM_CREATE_DEVICE = _io(0xE0, _READ | _WRITE, CREATE_DEVICE.size)
 KVM_SET_DEVICE_ATTR = _io(0xE1, _WRITE, DEVICE_ATTR.size)
+KVM_GET_DEVICE_ATTR = _io(0xE2, _WRITE, DEVICE_ATTR.size)
 
 # Capabilities.
 KVM_CAP_IRQFD = 32
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_GUEST_DEBUG_HW_BPS = 119
 KVM_CAP_GUEST_DEBUG_HW_WPS = 120
+KVM_CAP_VCPU_EVENTS = 41
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
 IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 
@@ -78,8 +96,11 @@ DEBUG_EXIT = struct.Struct("<IIQ")  # hsr, hsr_high, far
 # The vGICv3 (KVM_DEV_TYPE_ARM_VGIC_V3) and its attribute groups.
 DEV_VGIC_V3 = 7
 VGIC_GRP_ADDR = 0
+VGIC_GRP_DIST_REGS = 1
 VGIC_GRP_NR_IRQS = 3
 VGIC_GRP_CTRL = 4
+VGIC_GRP_REDIST_REGS = 5
+VGIC_GRP_CPU_SYSREGS = 6
 VGIC_V3_ADDR_DIST = 2
 VGIC_V3_ADDR_REDIST = 3
 VGIC_CTRL_INIT = 0
@@ -140,6 +161,61 @@ def set_one_reg(vcpu_fd: int, reg: int, value: int) -> None:
     holder = ffi.new("uint64_t *", value)
     request = bytearray(ONE_REG.pack(reg, int(ffi.cast("uintptr_t", holder))))
     ioctl(vcpu_fd, KVM_SET_ONE_REG, request, f"KVM_SET_ONE_REG {reg:#x}")
+
+
+def get_reg(vcpu_fd: int, reg: int) -> bytes:
+    """Read one vCPU register of any size (the size is in its id) as its bytes."""
+    holder = ffi.new("uint8_t[]", reg_size(reg))
+    request = bytearray(ONE_REG.pack(reg, int(ffi.cast("uintptr_t", holder))))
+    ioctl(vcpu_fd, KVM_GET_ONE_REG, request, f"KVM_GET_ONE_REG {reg:#x}")
+    return bytes(ffi.buffer(holder))
+
+
+def set_reg(vcpu_fd: int, reg: int, value: bytes) -> None:
+    """Write one vCPU register of any size from its bytes."""
+    holder = ffi.new("uint8_t[]", bytes(value))
+    request = bytearray(ONE_REG.pack(reg, int(ffi.cast("uintptr_t", holder))))
+    ioctl(vcpu_fd, KVM_SET_ONE_REG, request, f"KVM_SET_ONE_REG {reg:#x}")
+
+
+def reg_size(reg: int) -> int:
+    """The size in bytes a register id declares (KVM_REG_SIZE)."""
+    return 1 << (reg >> 52 & 0xF)
+
+
+def reg_list(vcpu_fd: int) -> list[int]:
+    """Every register id the vCPU has (KVM_GET_REG_LIST): what a save must carry."""
+    probe = bytearray(REG_LIST_HEAD.pack(0))
+    try:
+        ioctl(vcpu_fd, KVM_GET_REG_LIST, probe, "KVM_GET_REG_LIST")
+    except NativeOSError as err:
+        if err.errno != errno.E2BIG:
+            raise
+    (count,) = REG_LIST_HEAD.unpack(probe)
+    request = bytearray(REG_LIST_HEAD.pack(count) + bytes(8 * count))
+    ioctl(vcpu_fd, KVM_GET_REG_LIST, request, "KVM_GET_REG_LIST")
+    return list(struct.unpack_from(f"<{count}Q", request, REG_LIST_HEAD.size))
+
+
+def get_device_attr(device_fd: int, group: int, attr: int, size: int = 8) -> int:
+    """A device attribute's value (a u32 or u64) the kernel writes through a pointer."""
+    holder = ffi.new("uint64_t *" if size == 8 else "uint32_t *")
+    request = bytearray(DEVICE_ATTR.pack(0, group, attr, int(ffi.cast("uintptr_t", holder))))
+    ioctl(device_fd, KVM_GET_DEVICE_ATTR, request, f"KVM_GET_DEVICE_ATTR {group}/{attr:#x}")
+    return int(holder[0])
+
+
+def set_memory_flags(vm_fd: int, slot: int, gpa: int, size: int, host: int, flags: int) -> None:
+    """Re-register memslot ``slot`` as it is, with new ``flags`` (e.g. dirty logging)."""
+    request = bytearray(MEMORY_REGION.pack(slot, flags, gpa, size, host))
+    ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, request, f"KVM_SET_USER_MEMORY_REGION {slot}")
+
+
+def get_dirty_log(vm_fd: int, slot: int, bitmap: bytearray) -> None:
+    """Fill ``bitmap`` with the pages of ``slot`` written since the last call, and re-arm it."""
+    holder = ffi.from_buffer(bitmap)
+    request = bytearray(DIRTY_LOG.pack(slot, 0, int(ffi.cast("uintptr_t", holder))))
+    ioctl(vm_fd, KVM_GET_DIRTY_LOG, request, f"KVM_GET_DIRTY_LOG slot {slot}")
 
 
 def set_device_attr(device_fd: int, group: int, attr: int, value: int, size: int = 8) -> None:

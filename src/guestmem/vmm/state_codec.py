@@ -137,6 +137,10 @@ class Reader:
         if found != wanted:
             raise self.error(f"{what} is {found} in the saved state, {wanted} here")
 
+    def whole(self) -> bytes:
+        """All the payload's bytes, wherever reading stands."""
+        return bytes(self._data)
+
     @property
     def left(self) -> int:
         """Bytes not read yet."""

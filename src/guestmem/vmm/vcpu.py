@@ -134,6 +134,17 @@ class Vcpu:
             exit_.size, "little"
         )
 
+    def complete_pending(self) -> None:
+        """Finish what KVM holds for the next KVM_RUN (an MMIO read's value), not entering.
+
+        The vCPU's thread must be parked (a kicked vCPU has ``immediate_exit``
+        set). Its registers are then whole, as a save needs them.
+        """
+        self._run[k.RUN_IMMEDIATE_EXIT] = 1
+        exit_ = self.run()
+        if not isinstance(exit_, Interrupted):  # pragma: no cover - KVM returns EINTR at once
+            raise UsageError(f"vCPU {self.index} ran instead of stopping: {exit_}")
+
     def allow_entry(self) -> None:
         """Clear ``immediate_exit``, so the next :meth:`run` enters the guest."""
         self._run[k.RUN_IMMEDIATE_EXIT] = 0
