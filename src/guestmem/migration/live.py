@@ -19,7 +19,7 @@ from guestmem.migration.stream import (
     StreamWriter,
     Totals,
 )
-from guestmem.units import STREAM_PAGE
+from guestmem.units import STREAM_PAGE, Frames
 
 if TYPE_CHECKING:
     from guestmem.memory import GuestMemory
@@ -48,6 +48,7 @@ def send_live(
     max_rounds: int = 8,
     converged_pages: int = 64,
     progress: ProgressCallback | None = None,
+    harvest: Callable[[], None] | None = None,
 ) -> Totals:
     """Migrate ``memory`` while its users keep writing to it.
 
@@ -60,8 +61,11 @@ def send_live(
     end. If the VMM already runs it (e.g. fed from KVM's dirty log),
     send_live uses it as it is: it takes from it each round, so the pages
     marked in it are sent, and leaves it running (clean as of the last
-    round) for the VMM.
+    round) for the VMM. ``harvest()``, if given, runs before each take:
+    the VMM adds to the log what only it sees (KVM's dirty log: the
+    guest's own writes and tag changes).
     """
+    take = memory.dirty.take if harvest is None else _harvested(memory, harvest)
     writer = StreamWriter(memory, sink)
     owned = not memory.dirty.active
     if owned:
@@ -71,7 +75,7 @@ def send_live(
         started = time.monotonic()
         writer.all_pages()
         writer.round()
-        dirty = memory.dirty.take().to(STREAM_PAGE)
+        dirty = take().to(STREAM_PAGE)
         for _ in range(max_rounds):
             elapsed = max(time.monotonic() - started, 1e-9)
             _report(progress, "precopy", writer.totals, len(dirty), len(dirty) / elapsed)
@@ -80,9 +84,9 @@ def send_live(
             started = time.monotonic()
             writer.pages(dirty)
             writer.round()
-            dirty = memory.dirty.take().to(STREAM_PAGE)
+            dirty = take().to(STREAM_PAGE)
         pause()
-        dirty = dirty.union(memory.dirty.take())
+        dirty = dirty.union(take())
         _report(progress, "paused", writer.totals, len(dirty), 0.0)
         writer.pages(dirty)
         writer.round()
@@ -92,6 +96,14 @@ def send_live(
     finally:
         if owned:
             memory.dirty.stop()
+
+
+def _harvested(memory: GuestMemory, harvest: Callable[[], None]) -> Callable[[], Frames]:
+    def take() -> Frames:
+        harvest()
+        return memory.dirty.take()
+
+    return take
 
 
 def receive(

@@ -150,16 +150,24 @@ class StreamReader:
     With ``memory=None`` every record is checked against the header's own
     regions and nothing is applied: the same checks as a restore (one
     parser, in the core). On a socket, ``idle_timeout`` seconds without a
-    byte is a StreamError, not a hang.
+    byte is a StreamError, not a hang. With ``trailing``, what follows the
+    end record is not the stream's business: it is left for the caller
+    (:meth:`leftover` holds what was read of it already).
     """
 
     def __init__(
-        self, memory: GuestMemory | None, source: Source, *, idle_timeout: float | None = None
+        self,
+        memory: GuestMemory | None,
+        source: Source,
+        *,
+        idle_timeout: float | None = None,
+        trailing: bool = False,
     ) -> None:
         """Prepare to read from a binary file or a socket."""
         self._memory = memory
         self._source = source
         self._idle_timeout = idle_timeout
+        self._trailing = trailing
         if isinstance(source, socket.socket):
             self._read_into = source.recv_into
         else:
@@ -226,10 +234,14 @@ class StreamReader:
                     self.offset - 16,
                     f"end record counts {value[0]} pages, the stream had {self.totals.pages}",
                 )
-            if self._have or self._more_after_end():
+            if not self._trailing and (self._have or self._more_after_end()):
                 raise StreamError(self.offset, "data after the end record")
             self.totals.bytes = self.offset
             return self.totals
+
+    def leftover(self) -> bytes:
+        """Bytes read past the end record (with ``trailing``): the start of what follows."""
+        return bytes(self._buffer[: self._have])
 
     def _native_regions(self, header: StreamHeader) -> tuple[Any, int]:
         if self._memory is not None:
