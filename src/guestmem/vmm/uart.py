@@ -13,6 +13,9 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from guestmem.vmm.state_codec import Reader, Writer
 
 DR, RSR, FR, ILPR, IBRD, FBRD, LCR_H, CR, IFLS, IMSC, RIS, MIS, ICR, DMACR = (
     0x00, 0x04, 0x18, 0x20, 0x24, 0x28, 0x2C, 0x30, 0x34, 0x38, 0x3C, 0x40, 0x44, 0x48,
@@ -25,6 +28,10 @@ ID_REGISTERS = dict(
     zip(range(0xFE0, 0x1000, 4), (0x11, 0x10, 0x14, 0x00, 0x0D, 0xF0, 0x05, 0xB1), strict=True)
 )
 _STORED = (ILPR, IBRD, FBRD, LCR_H, CR, IFLS, DMACR)
+STATE_VERSION = 1
+BACKLOG_MAX = 1 << 20  # bytes typed and not read yet that a saved state may carry
+_RAW_BITS = INT_RX | INT_TX  # the only RIS bits this model sets
+_MASK_BITS = 0x7FF
 
 
 class Pl011:
@@ -93,6 +100,31 @@ class Pl011:
             self._refill()
             self._update()
 
+    def save_state(self) -> bytes:
+        """The UART's state: FIFO, backlog, registers, RIS, IMSC and line level (versioned)."""
+        with self._lock:
+            out = Writer().u8(STATE_VERSION)
+            out.blob(bytes(self._rx)).blob(bytes(self._backlog))
+            for offset in _STORED:
+                out.u64(self._stored[offset])
+            return out.u16(self._raw).u16(self._mask).u8(self._level).bytes()
+
+    def load_state(self, data: bytes) -> None:
+        """Take the state :meth:`save_state` made, then drive the line to its level.
+
+        Only a state this model could have been in is taken; anything else is a
+        :class:`~guestmem.vmm.state_codec.StateError` and changes nothing.
+        """
+        state = _parse_state(data)
+        with self._lock:
+            self._rx = deque(state.rx)
+            self._backlog = deque(state.backlog)
+            self._stored = dict(state.stored)
+            self._raw = state.raw
+            self._mask = state.mask
+            self._level = state.level
+            self._set_irq(state.level)
+
     def _refill(self) -> None:
         while self._backlog and len(self._rx) < FIFO_DEPTH:
             self._rx.append(self._backlog.popleft())
@@ -106,3 +138,48 @@ class Pl011:
         if level != self._level:
             self._level = level
             self._set_irq(level)
+
+
+@dataclass(frozen=True)
+class _State:
+    """A parsed and checked UART state, not applied yet."""
+
+    rx: bytes
+    backlog: bytes
+    stored: dict[int, int]
+    raw: int
+    mask: int
+    level: bool
+
+
+def _parse_state(data: bytes) -> _State:
+    reader = Reader(data)
+    reader.version("the PL011", STATE_VERSION)
+    rx = reader.blob("the receive FIFO", FIFO_DEPTH)
+    backlog = reader.blob("the receive backlog", BACKLOG_MAX)
+    stored = {offset: reader.u64(f"register {offset:#x}") for offset in _STORED}
+    raw = _bits(reader, "RIS", _RAW_BITS)
+    mask = _bits(reader, "IMSC", _MASK_BITS)
+    level = reader.flag("the interrupt line's level")
+    _check_consistent(reader, rx, backlog, raw, mask, level)
+    reader.end()
+    return _State(rx, backlog, stored, raw, mask, level)
+
+
+def _bits(reader: Reader, name: str, allowed: int) -> int:
+    value = reader.u16(name)
+    if value & ~allowed:
+        raise reader.error(f"{name} is {value:#x}: bits outside {allowed:#x}")
+    return value
+
+
+def _check_consistent(
+    reader: Reader, rx: bytes, backlog: bytes, raw: int, mask: int, level: bool
+) -> None:
+    """Refuse what the UART could not have been in: it keeps these true after every access."""
+    if backlog and len(rx) < FIFO_DEPTH:
+        raise reader.error(f"a backlog of {len(backlog)} bytes behind a FIFO not full ({len(rx)})")
+    if bool(raw & INT_RX) != bool(rx):
+        raise reader.error(f"RIS.RX is {bool(raw & INT_RX)} with {len(rx)} bytes in the FIFO")
+    if level != bool(raw & mask):
+        raise reader.error(f"the line level is {level}, RIS & IMSC is {raw & mask:#x}")
