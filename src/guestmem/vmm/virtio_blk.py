@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import guestmem as gm
 from guestmem.virtio import DescriptorChain, SplitQueue
+from guestmem.vmm.state_codec import Reader, Writer
 
 DEVICE_ID = 2
 SECTOR = 512
@@ -29,6 +30,7 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH = 1 << 2, 1 << 5, 1 << 6, 1 << 9
 SEG_MAX = 126
 ID_BYTES = 20
+STATE_VERSION = 1
 _HEADER = struct.Struct("<IIQ")
 Transfer = Callable[[int, list[tuple[int, int]], int], int]
 
@@ -87,6 +89,25 @@ class VirtioBlock:
             interrupt |= ring.push(chain.head, written)
             self.requests += 1
         return interrupt
+
+    def save_state(self) -> bytes:
+        """Capacity (sectors) and read-only, which the target's disk must match, and the count."""
+        out = Writer().u8(STATE_VERSION).u64(self.size // SECTOR).u8(self.read_only)
+        return out.u64(self.requests).bytes()
+
+    def load_state(self, data: bytes) -> None:
+        """Continue the saved device's count; StateError if this disk is not the same shape.
+
+        The image is this device's own (the target is started with the same
+        disks, as with QEMU), so only its shape is compared.
+        """
+        reader = Reader(data)
+        reader.version("virtio-blk", STATE_VERSION)
+        reader.expect("the capacity in sectors", reader.u64("the capacity"), self.size // SECTOR)
+        reader.expect("read-only", reader.flag("read-only"), self.read_only)
+        requests = reader.u64("the request count")
+        reader.end()
+        self.requests = requests
 
     def close(self) -> None:
         """Close the image."""

@@ -16,9 +16,12 @@ from collections.abc import Callable, Sequence
 
 import guestmem as gm
 from guestmem.virtio import SplitQueue, chain_read, chain_write
+from guestmem.vmm.state_codec import Reader, Writer
 
 DEVICE_ID = 3
 RECEIVE, TRANSMIT = 0, 1
+STATE_VERSION = 1
+BACKLOG_MAX = 1 << 20  # bytes typed and not delivered yet that a saved state may carry
 
 
 class VirtioConsole:
@@ -71,6 +74,20 @@ class VirtioConsole:
             delivered = bool(self._queues) and self._deliver(self._queues[RECEIVE])
         if delivered:
             self.interrupt()
+
+    def save_state(self) -> bytes:
+        """The typed input not delivered yet (versioned)."""
+        with self._lock:
+            return Writer().u8(STATE_VERSION).blob(b"".join(self._backlog)).bytes()
+
+    def load_state(self, data: bytes) -> None:
+        """Take the saved backlog in place of this one; StateError if bad, nothing changed."""
+        reader = Reader(data)
+        reader.version("virtio-console", STATE_VERSION)
+        backlog = reader.blob("the input backlog", BACKLOG_MAX)
+        reader.end()
+        with self._lock:
+            self._backlog = deque([backlog] if backlog else [])
 
     def _transmit(self, ring: SplitQueue) -> bool:
         interrupt = False
