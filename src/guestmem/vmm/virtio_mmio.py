@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import guestmem as gm
 from guestmem.virtio import SplitQueue
+from guestmem.vmm.state_codec import Reader, StateError, Writer
 
 MAGIC = 0x7472_6976  # "virt"
 VERSION = 2
@@ -34,7 +36,12 @@ F_VERSION_1 = 1 << 32
 
 S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK = 1, 2, 4, 8
 S_NEEDS_RESET, S_FAILED = 64, 128
+STATUS_BITS = S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK | S_FEATURES_OK | S_NEEDS_RESET | S_FAILED
 INT_USED, INT_CONFIG = 1, 2
+STATE_VERSION = 1
+# A feature selector past the 64 feature bits reads 0 and takes no write,
+# whatever its value: the saved state keeps them all as this one.
+FEATURES_SEL_PAST = 2
 
 (MAGIC_VALUE, VERSION_REG, DEVICE_ID, VENDOR_ID, DEVICE_FEATURES, DEVICE_FEATURES_SEL,
  DRIVER_FEATURES, DRIVER_FEATURES_SEL, QUEUE_SEL, QUEUE_NUM_MAX, QUEUE_NUM, QUEUE_READY,
@@ -69,6 +76,15 @@ class VirtioDevice(Protocol):
 
     def reset(self) -> None:
         """The driver reset the device: drop the queues and any request in flight."""
+
+    def save_state(self) -> bytes:
+        """The device's own state (no vCPU and no handler runs), versioned."""
+
+    def load_state(self, data: bytes) -> None:
+        """Take what :meth:`save_state` made; StateError, and nothing changed, if it is bad.
+
+        Called after :meth:`activate` when the saved device was active.
+        """
 
 
 class _QueueRegisters:
@@ -187,6 +203,101 @@ class MmioTransport:
             self._interrupt |= cause
             self._update_irq()
 
+    def serve_queues(self) -> None:
+        """Serve every queue of an active device once, as if each had been kicked.
+
+        A kick still pending in an eventfd when the state was saved is not in
+        the state: a restored machine calls this once so no request waits for
+        a kick that will not come. Not counted as a kick.
+        """
+        interrupt = False
+        with self._lock:
+            for queue in range(len(self.queues)):
+                interrupt |= self._notify(queue)
+        if interrupt:
+            self.raise_interrupt(INT_USED)
+
+    def save_state(self) -> bytes:
+        """The transport's registers, the rings' indices and the device's state, versioned."""
+        with self._lock:
+            out = Writer().u8(STATE_VERSION).u32(self.status)
+            out.u8(min(self._device_features_sel, FEATURES_SEL_PAST))
+            out.u8(min(self._driver_features_sel, FEATURES_SEL_PAST))
+            out.u64(self.driver_features)
+            out.u16(min(self._queue_sel, len(self._queues_set_up)))
+            out.u16(len(self._queues_set_up))
+            for q in self._queues_set_up:
+                out.u32(q.size).u8(q.ready)
+                out.u64(q.address["desc"]).u64(q.address["avail"]).u64(q.address["used"])
+            out.u8(self._interrupt).u32(self._generation)
+            if _is_active(self.status):
+                # All a ring's device-side state: csrc/gm_virtq.c keeps nothing
+                # else (EVENT_IDX's avail_event and used_event live in the
+                # rings, in guest memory, and push/pop read them there).
+                for ring in self.queues:
+                    out.u16(ring.last_avail_idx).u16(ring.used_idx)
+            return out.blob(self.device.save_state()).bytes()
+
+    def load_state(self, data: bytes) -> None:
+        """Take what :meth:`save_state` made into this transport, which must be at reset.
+
+        Everything is parsed and checked (the rings against guest memory too)
+        before anything is set: bad state is a StateError and changes nothing.
+        An interrupt the saved guest had not acked is raised again.
+        """
+        with self._lock:
+            if self.status:
+                raise gm.UsageError("load a device's state into a transport at reset")
+            state = _parse_state(data, len(self._queues_set_up), self._offered)
+            queues = self._restored_queues(state)
+            self._restore_device(state, queues)
+            self.status = state.status
+            self._device_features_sel = state.device_features_sel
+            self._driver_features_sel = state.driver_features_sel
+            self.driver_features = state.driver_features
+            self._queue_sel = state.queue_sel
+            self._queues_set_up = state.queues_set_up
+            self.queues = queues
+            self._interrupt = state.interrupt
+            self._generation = state.generation
+            if self._interrupt:
+                self._level = True
+                self._set_irq(True)
+
+    def _restored_queues(self, state: _State) -> list[SplitQueue]:
+        """The rings of an active saved device, built as :meth:`_activate` does, or none."""
+        if not state.active:
+            return []
+        event_idx = bool(state.driver_features & F_EVENT_IDX)
+        queues = []
+        for i, q in enumerate(state.queues_set_up):
+            try:
+                ring = SplitQueue(
+                    self._memory,
+                    q.size,
+                    q.address["desc"],
+                    q.address["avail"],
+                    q.address["used"],
+                    event_idx=event_idx,
+                )
+            except gm.GuestMemoryError as error:
+                raise StateError(0, f"queue {i}'s rings: {error}") from error
+            queues.append(ring)
+        return queues
+
+    def _restore_device(self, state: _State, queues: list[SplitQueue]) -> None:
+        """Activate the device on ``queues`` (if any), load its state, then the indices."""
+        if queues:
+            self.device.activate(queues, state.driver_features)
+        try:
+            self.device.load_state(state.device)
+        except StateError:
+            if queues:
+                self.device.reset()  # back to the reset it was in
+            raise
+        for ring, (last_avail, used) in zip(queues, state.indices, strict=True):
+            ring.set_indices(last_avail, used)
+
     def _selected(self) -> _QueueRegisters | None:
         if 0 <= self._queue_sel < len(self._queues_set_up):
             return self._queues_set_up[self._queue_sel]
@@ -259,3 +370,88 @@ class MmioTransport:
         if level != self._level:
             self._level = level
             self._set_irq(level)
+
+
+@dataclass(frozen=True)
+class _State:
+    """A parsed and checked transport state, not applied yet."""
+
+    status: int
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: int
+    queue_sel: int
+    queues_set_up: list[_QueueRegisters]
+    interrupt: int
+    generation: int
+    indices: list[tuple[int, int]]
+    device: bytes
+
+    @property
+    def active(self) -> bool:
+        """Whether the saved device was running (DRIVER_OK, not NEEDS_RESET)."""
+        return _is_active(self.status)
+
+
+def _parse_state(data: bytes, queue_count: int, offered: int) -> _State:
+    reader = Reader(data)
+    reader.version("the virtio-mmio transport", STATE_VERSION)
+    status = _read_bits(reader, reader.u32, "Status", STATUS_BITS)
+    device_sel = _read_at_most(reader, reader.u8, "DeviceFeaturesSel", FEATURES_SEL_PAST)
+    driver_sel = _read_at_most(reader, reader.u8, "DriverFeaturesSel", FEATURES_SEL_PAST)
+    driver_features = _read_bits(reader, reader.u64, "DriverFeatures", offered)
+    queue_sel = _read_at_most(reader, reader.u16, "QueueSel", queue_count)
+    reader.expect("the number of queues", reader.u16("the number of queues"), queue_count)
+    queues = [_parse_queue(reader, i) for i in range(queue_count)]
+    interrupt = _read_bits(reader, reader.u8, "InterruptStatus", INT_USED | INT_CONFIG)
+    generation = reader.u32("ConfigGeneration")
+    active = _is_active(status)
+    indices = [_parse_indices(reader, i, q.size) for i, q in enumerate(queues)] if active else []
+    device = reader.blob("the device's state")
+    reader.end()
+    return _State(
+        status, device_sel, driver_sel, driver_features, queue_sel, queues,
+        interrupt, generation, indices, device,
+    )  # fmt: skip
+
+
+def _parse_queue(reader: Reader, index: int) -> _QueueRegisters:
+    queue = _QueueRegisters()
+    size = reader.u32(f"queue {index}'s QueueNum")
+    if not 0 < size <= QUEUE_SIZE_MAX or size & (size - 1):
+        raise reader.error(
+            f"queue {index}'s QueueNum {size} is not a power of two in 1..{QUEUE_SIZE_MAX}"
+        )
+    queue.size = size
+    queue.ready = reader.flag(f"queue {index}'s QueueReady")
+    for ring in ("desc", "avail", "used"):
+        queue.address[ring] = reader.u64(f"queue {index}'s {ring} ring address")
+    return queue
+
+
+def _parse_indices(reader: Reader, index: int, size: int) -> tuple[int, int]:
+    last_avail = reader.u16(f"queue {index}'s last avail index")
+    used = reader.u16(f"queue {index}'s used index")
+    in_flight = (last_avail - used) & 0xFFFF
+    if in_flight > size:
+        raise reader.error(f"queue {index} has {in_flight} chains in flight, more than its {size}")
+    return last_avail, used
+
+
+def _is_active(status: int) -> bool:
+    """Whether a device with this status is running: DRIVER_OK and not NEEDS_RESET."""
+    return bool(status & S_DRIVER_OK and not status & S_NEEDS_RESET)
+
+
+def _read_bits(reader: Reader, read: Callable[[str], int], name: str, allowed: int) -> int:
+    value = read(name)
+    if value & ~allowed:
+        raise reader.error(f"{name} is {value:#x}: bits outside {allowed:#x}")
+    return value
+
+
+def _read_at_most(reader: Reader, read: Callable[[str], int], name: str, limit: int) -> int:
+    value = read(name)
+    if value > limit:
+        raise reader.error(f"{name} is {value}, more than {limit}")
+    return value
