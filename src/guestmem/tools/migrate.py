@@ -65,7 +65,8 @@ def positive_int(text: str) -> int:
 
 
 def endpoint(text: str) -> tuple[str, str | tuple[str, int]]:
-    """``unix:PATH`` or ``[HOST]:PORT`` as (family, address)."""
+    """``unix:PATH``, or ``[HOST]:PORT`` (``tcp:`` in front or not), as (family, address)."""
+    text = text.removeprefix("tcp:")
     if text.startswith("unix:"):
         if len(text) == 5:
             raise argparse.ArgumentTypeError("unix: needs a path")
@@ -76,7 +77,8 @@ def endpoint(text: str) -> tuple[str, str | tuple[str, int]]:
     return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
 
 
-def _connect(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
+def connect(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
+    """A socket connected to an :func:`endpoint`."""
     family, address = where
     if family == "unix":
         sock = socket.socket(socket.AF_UNIX)
@@ -90,7 +92,8 @@ def _connect(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
     return socket.create_connection(address)
 
 
-def _listen(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
+def listen(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
+    """A socket listening on an :func:`endpoint`, for one connection."""
     family, address = where
     if family == "unix":
         server = socket.socket(socket.AF_UNIX)
@@ -156,7 +159,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
         bar = progress_bar(mem.regions[0].size // STREAM_PAGE)
         try:
-            with _connect(args.to) as sock:
+            with connect(args.to) as sock:
                 send_live(mem, sock, pause=pause, max_rounds=args.max_rounds, progress=bar)
         finally:
             pause()
@@ -165,7 +168,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 
 def _cmd_receive(args: argparse.Namespace) -> int:
-    with _listen(args.listen) as server:
+    with listen(args.listen) as server:
         conn, _ = server.accept()
         with (
             conn,

@@ -2,7 +2,11 @@
 
 The guest's console is this process's stdout (each byte as the guest
 writes it) and stdin (on a terminal, in raw mode; Ctrl-A x quits).
-``--gdb HOST:PORT`` serves the running guest to GDB (guestmem.vmm.debug). Exit
+``--gdb HOST:PORT`` serves the running guest to GDB (guestmem.vmm.debug).
+``--control PATH`` serves the control socket that ``vmm snapshot`` and
+``vmm migrate`` talk to; ``--restore FILE`` resumes a snapshot and
+``--incoming ENDPOINT`` waits for a live migration, instead of ``--kernel``
+(guestmem.vmm.transfer). A migrated source exits 0. Exit
 status 0 when the guest powers off (or resets: the VMM does not reboot),
 1 with one line on stderr for anything else.
 """
@@ -11,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import socket
 import sys
 import termios
 import threading
@@ -21,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import guestmem as gm
-from guestmem.tools.migrate import endpoint, memory_size, positive_int
+from guestmem.tools.migrate import endpoint, listen, memory_size, positive_int
 
 if TYPE_CHECKING:  # the VMM (and libfdt) load only when a machine is built
     from guestmem.vmm.machine import Machine
@@ -34,7 +40,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     vmm = commands.add_parser("vmm", help="the reference VMM: boot a guest with MTE on KVM")
     actions = vmm.add_subparsers(dest="vmm_command", required=True)
     run = actions.add_parser("run", help="boot a Linux kernel; its console on stdin and stdout")
-    run.add_argument("--kernel", required=True, type=Path, help="arm64 Linux Image (or Image.gz)")
+    start = run.add_mutually_exclusive_group(required=True)
+    start.add_argument("--kernel", type=Path, help="arm64 Linux Image (or Image.gz)")
     run.add_argument("--initrd", type=Path, help="initial RAM disk")
     run.add_argument("--append", default="console=ttyAMA0", help="kernel command line")
     run.add_argument("--memory", type=memory_size, default="256M", help="guest RAM, e.g. 256M, 1G")
@@ -65,7 +72,31 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="serve the running guest to GDB (loopback, or unix:PATH): stop, step, "
         "breakpoints, registers, memory and tags by virtual address",
     )
+    run.add_argument(
+        "--control",
+        metavar="PATH",
+        help="serve a control socket here (guestmem vmm snapshot and migrate use it)",
+    )
+    start.add_argument(
+        "--incoming",
+        metavar="unix:PATH|tcp:HOST:PORT",
+        type=endpoint,
+        help="wait for a live migration here instead of booting a kernel",
+    )
+    start.add_argument(
+        "--restore", metavar="FILE", type=Path, help="resume a snapshot instead of booting"
+    )
     run.set_defaults(run=_cmd_run)
+    for name, what, to_help in (
+        ("migrate", "migrate the guest of a running VMM live", "the target's --incoming"),
+        ("snapshot", "save the guest of a running VMM to a file; it runs on", "the file"),
+    ):
+        action = actions.add_parser(name, help=what)
+        action.add_argument("--control", required=True, metavar="PATH", help="the VMM's socket")
+        action.add_argument("--to", required=True, help=to_help)
+        if name == "migrate":
+            action.add_argument("--max-rounds", type=int, default=8, help="pre-copy rounds")
+        action.set_defaults(run=_cmd_request)
 
 
 def _disk(text: str) -> tuple[str, bool]:
@@ -80,7 +111,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from guestmem.vmm.machine import Disk, Machine, MachineConfig
 
     config = MachineConfig(
-        kernel=args.kernel.read_bytes(),
+        kernel=args.kernel.read_bytes() if args.kernel else None,
         command_line=args.append,
         initrd=args.initrd.read_bytes() if args.initrd else None,
         memory=args.memory,
@@ -89,17 +120,78 @@ def _cmd_run(args: argparse.Namespace) -> int:
         disks=tuple(Disk(path, read_only) for path, read_only in args.disk),
         virtio_console=args.virtio_console,
     )
-    with (
-        Machine(config, _write_stdout) as machine,
-        _debugger(machine, args.gdb),
-        _console_input(machine),
-    ):
-        outcome = machine.run()
+    with Machine(config, _write_stdout) as machine:
+        _load(machine, args)
+        with _debugger(machine, args.gdb), _control(machine, args.control), _console_input(machine):
+            outcome = machine.run()
+    if outcome.reason == "migrated":
+        print("guestmem vmm: the guest migrated; this VMM is done", file=sys.stderr)
+        return 0
     if outcome.reason == "reset":
         print("guestmem vmm: the guest reset; the VMM does not reboot it", file=sys.stderr)
     if outcome.reason in ("power-off", "reset", "quit"):
         return 0
     raise gm.GuestMemoryError(f"vmm: the run ended: {outcome.reason} {outcome.detail}".strip())
+
+
+def _load(machine: Machine, args: argparse.Namespace) -> None:
+    """Resume a snapshot, or wait for and take a live migration, as asked."""
+    from guestmem.vmm import transfer
+
+    if args.restore is not None:
+        with open(args.restore, "rb") as snapshot:
+            transfer.receive(machine, snapshot, answer=False)
+        return
+    if args.incoming is None:
+        return
+    with listen(args.incoming) as server:
+        where = server.getsockname()
+        print(f"guestmem vmm: waiting for a migration on {where}", file=sys.stderr, flush=True)
+        client, _ = server.accept()
+        with client:
+            report = transfer.receive(machine, client, answer=True)
+    if args.incoming[0] == "unix":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(args.incoming[1]))
+    print(f"guestmem vmm: migrated in: {report.pages} pages", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _control(machine: Machine, path: str | None) -> Iterator[None]:
+    """Serve the control socket from a thread while the block runs."""
+    if path is None:
+        yield
+        return
+    from guestmem.vmm.control import ControlServer
+
+    server = ControlServer(machine, path)
+    thread = threading.Thread(target=server.serve, name="control", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.close()
+        thread.join(timeout=30)
+
+
+def _cmd_request(args: argparse.Namespace) -> int:
+    """Send one request to a VMM's control socket; progress on stderr, the report on stdout."""
+    request: dict[str, object] = {"command": args.vmm_command, "to": args.to}
+    if args.vmm_command == "migrate":
+        request["max_rounds"] = args.max_rounds
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(args.control)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        for line in sock.makefile("rb"):
+            answer = json.loads(line)
+            if "progress" in answer:
+                print(json.dumps(answer["progress"]), file=sys.stderr, flush=True)
+                continue
+            if not answer.get("ok"):
+                raise gm.GuestMemoryError(f"vmm {args.vmm_command}: {answer.get('error')}")
+            print(json.dumps(answer["report"]))
+            return 0
+    raise gm.GuestMemoryError(f"vmm {args.vmm_command}: the VMM hung up without an answer")
 
 
 def _write_stdout(data: bytes) -> None:

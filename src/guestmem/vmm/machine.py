@@ -22,11 +22,12 @@ vCPU thread, and interrupts KVM_IRQ_LINE calls.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import guestmem as gm
@@ -51,6 +52,7 @@ from guestmem.vmm.virtio_console import VirtioConsole
 from guestmem.vmm.virtio_mmio import INT_USED, QUEUE_NOTIFY, MmioTransport, VirtioDevice
 
 TAG_MODES = (gm.TagMode.HARDWARE, gm.TagMode.KVM)
+PAUSE_TIMEOUT = 30.0  # a kicked vCPU parks in microseconds; this is for a wedged host
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,13 @@ class Disk:
 
 @dataclass(frozen=True)
 class MachineConfig:
-    """What to run: kernel and initrd (bytes), command line, RAM, vCPUs, tag mode, disks."""
+    """What to run: kernel and initrd (bytes), command line, RAM, vCPUs, tag mode, disks.
 
-    kernel: bytes
+    ``kernel`` None builds the machine empty, for a saved state to be loaded
+    into (:mod:`machine_state`): a snapshot's, or a live migration's.
+    """
+
+    kernel: bytes | None
     command_line: str = "console=ttyAMA0"
     initrd: bytes | None = None
     memory: int = 256 << 20
@@ -120,8 +126,7 @@ class Machine:
                 f"guest memory must be a positive multiple of the host page "
                 f"({gm.HOST_PAGE} bytes), not {config.memory}"
             )
-        kernel = boot.KernelImage.parse(config.kernel)
-        placed = boot.plan(layout.RAM, config.memory, kernel, _size(config.initrd))
+        kernel = None if config.kernel is None else boot.KernelImage.parse(config.kernel)
         self.config = config
         if len(config.disks) + config.virtio_console > layout.MAX_VIRTIO:
             raise gm.UsageError(f"at most {layout.MAX_VIRTIO} virtio devices")
@@ -150,17 +155,9 @@ class Machine:
             self.uart = Pl011(console, lambda level: gic.set_spi(layout.UART_SPI, level))
             uart = _Device(layout.UART, layout.UART_SIZE, self.uart.read, self.uart.write)
             self._devices = [uart, *self._add_virtio(config, console, gic)]
-            tree = fdt.BootTree(
-                layout.RAM,
-                config.memory,
-                config.cpus,
-                config.command_line,
-                placed.initrd,
-                virtio_devices=len(self.transports),
-            )
-            boot.load(self.memory, placed, kernel, config.initrd, fdt.build(tree))
-            self._vcpus[0].set(k.REG_PC, placed.entry)
-            self._vcpus[0].set(k.x_reg(0), placed.dtb)
+            self.has_vcpu_events = k.check_extension(self.vm.fd, k.KVM_CAP_VCPU_EVENTS) > 0
+            if kernel is not None:
+                self._boot(config, kernel)
         except BaseException:
             self.close()
             raise
@@ -169,6 +166,22 @@ class Machine:
         self._outcome: Outcome | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()
+
+    def _boot(self, config: MachineConfig, kernel: boot.KernelImage) -> None:
+        """Load the kernel, initrd and device tree, and point vCPU 0 at the kernel."""
+        assert self.memory is not None
+        placed = boot.plan(layout.RAM, config.memory, kernel, _size(config.initrd))
+        tree = fdt.BootTree(
+            layout.RAM,
+            config.memory,
+            config.cpus,
+            config.command_line,
+            placed.initrd,
+            virtio_devices=len(self.transports),
+        )
+        boot.load(self.memory, placed, kernel, config.initrd, fdt.build(tree))
+        self._vcpus[0].set(k.REG_PC, placed.entry)
+        self._vcpus[0].set(k.x_reg(0), placed.dtb)
 
     def _make_memory(self, config: MachineConfig) -> gm.GuestMemory:
         layout_ = [(layout.RAM, config.memory)]
@@ -257,6 +270,29 @@ class Machine:
             self._counters.mmio_exits,
             time.monotonic() - started,
         )
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """A block during which no vCPU runs and no device serves (while :meth:`run` runs).
+
+        Every vCPU is kicked out of the guest and parked, and what KVM held
+        for its next entry (an MMIO read's value) is completed; the I/O
+        thread is held off. The vCPUs run again when the block ends, unless
+        the run ended meanwhile (a migrated machine's does).
+        """
+        self.gate.close()
+        try:
+            if self.gate.wait_stopped(PAUSE_TIMEOUT) is None:
+                raise gm.GuestMemoryError(f"the vCPUs did not stop within {PAUSE_TIMEOUT:.0f} s")
+            if self.gate.ended:
+                raise gm.UsageError("the machine's run has ended: there is nothing to pause")
+            for vcpu in self._vcpus:
+                vcpu.complete_pending()
+            with self.io.quiesced():
+                yield
+        finally:
+            if not self.gate.ended:
+                self.gate.open()
 
     def stop(self, reason: str = "quit", detail: str = "") -> None:
         """End the run from any thread, with this outcome (unless it already ended)."""
