@@ -268,33 +268,23 @@ class MmioTransport:
         """The rings of an active saved device, built as :meth:`_activate` does, or none."""
         if not state.active:
             return []
-        event_idx = bool(state.driver_features & F_EVENT_IDX)
-        queues = []
-        for i, q in enumerate(state.queues_set_up):
-            try:
-                ring = SplitQueue(
-                    self._memory,
-                    q.size,
-                    q.address["desc"],
-                    q.address["avail"],
-                    q.address["used"],
-                    event_idx=event_idx,
-                )
-            except gm.GuestMemoryError as error:
-                raise StateError(0, f"queue {i}'s rings: {error}") from error
-            queues.append(ring)
-        return queues
+        try:
+            return self._build_queues(state.queues_set_up, state.driver_features)
+        except gm.GuestMemoryError as error:
+            raise StateError(0, f"the saved queues' rings: {error}") from error
 
     def _restore_device(self, state: _State, queues: list[SplitQueue]) -> None:
         """Activate the device on ``queues`` (if any), load its state, then the indices."""
-        if queues:
-            self.device.activate(queues, state.driver_features)
         try:
+            if queues:
+                self.device.activate(queues, state.driver_features)
             self.device.load_state(state.device)
-        except StateError:
+        except gm.GuestMemoryError as error:
             if queues:
                 self.device.reset()  # back to the reset it was in
-            raise
+            if isinstance(error, StateError):
+                raise
+            raise StateError(0, f"the device refused the saved queues: {error}") from error
         for ring, (last_avail, used) in zip(queues, state.indices, strict=True):
             ring.set_indices(last_avail, used)
 
@@ -333,21 +323,27 @@ class MmioTransport:
 
     def _activate(self) -> None:
         try:
-            event_idx = bool(self.driver_features & F_EVENT_IDX)
-            self.queues = [
-                SplitQueue(
-                    self._memory,
-                    q.size,
-                    q.address["desc"],
-                    q.address["avail"],
-                    q.address["used"],
-                    event_idx=event_idx,
-                )
-                for q in self._queues_set_up
-            ]
+            self.queues = self._build_queues(self._queues_set_up, self.driver_features)
             self.device.activate(self.queues, self.driver_features)
         except gm.GuestMemoryError:
             self._needs_reset()
+
+    def _build_queues(
+        self, queues_set_up: Sequence[_QueueRegisters], features: int
+    ) -> list[SplitQueue]:
+        """The rings the driver set up; guestmem errors if one is not in guest RAM."""
+        event_idx = bool(features & F_EVENT_IDX)
+        return [
+            SplitQueue(
+                self._memory,
+                q.size,
+                q.address["desc"],
+                q.address["avail"],
+                q.address["used"],
+                event_idx=event_idx,
+            )
+            for q in queues_set_up
+        ]
 
     def _notify(self, queue: int) -> bool:
         if not self.status & S_DRIVER_OK or self.status & S_NEEDS_RESET:
