@@ -145,9 +145,14 @@ def _command(request: dict[str, Any]) -> Callable[[Machine, Say], dict[str, Any]
 
 def _snapshot(machine: Machine, path: str) -> dict[str, Any]:
     partial = path + ".partial"
-    with open(partial, "wb") as out:
-        report = transfer.snapshot(machine, out)
-    os.replace(partial, path)  # a snapshot that failed never looks like one
+    try:
+        with open(partial, "wb") as out:
+            report = transfer.snapshot(machine, out)
+        os.replace(partial, path)  # a snapshot that failed never looks like one
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
     return dataclasses.asdict(report)
 
 
