@@ -38,7 +38,7 @@ DISK = 16 * MIB
 READ_AT, WRITE_AT, SIZE = 1 * MIB, 12 * MIB, 64 * 1024  # tests/guest/blk_probe.c
 BLK = re.compile(rb"BLK-PROBE read=(\w+) tags=(\w+) write=(\w+) fault=(\S+)\r?\n")
 RATE = re.compile(rb"BLK-RATE qd1_4k_reads_per_second=(\d+) qd32_4k_reads_per_second=(\d+)\r?\n")
-PAGECACHE = re.compile(rb"GUEST-PAGECACHE (\w+)\r?\n")
+PAGECACHE = re.compile(rb"GUEST-PAGECACHE (ok|bad)")  # poweroff may cut its newline
 HVC_HELLO = re.compile(rb"GUEST-HVC hello\r?\n")
 HVC_READY = re.compile(rb"GUEST-HVC-READY\r?\n")
 HVC_GOT = re.compile(rb"GUEST-HVC got=(\S*)\r?\n")
