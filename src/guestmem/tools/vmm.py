@@ -24,7 +24,7 @@ import threading
 import tty
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import guestmem as gm
 from guestmem.tools.migrate import endpoint, listen, memory_size, positive_int
@@ -164,14 +164,8 @@ def _control(machine: Machine, path: str | None) -> Iterator[None]:
         return
     from guestmem.vmm.control import ControlServer
 
-    server = ControlServer(machine, path)
-    thread = threading.Thread(target=server.serve, name="control", daemon=True)
-    thread.start()
-    try:
+    with _serving(ControlServer(machine, path), "control"):
         yield
-    finally:
-        server.close()
-        thread.join(timeout=30)
 
 
 def _cmd_request(args: argparse.Namespace) -> int:
@@ -219,7 +213,19 @@ def _debugger(machine: Machine, where: tuple[str, object] | None) -> Iterator[No
         host, port = address
         server = GuestDebugServer(machine.memory, KvmRunControl(machine), host=host, port=port)
     print(f"guestmem vmm: GDB: target remote {server.address}", file=sys.stderr, flush=True)
-    thread = threading.Thread(target=server.serve, name="gdb", daemon=True)
+    with _serving(server, "gdb"):
+        yield
+
+
+class _Server(Protocol):
+    def serve(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def _serving(server: _Server, name: str) -> Iterator[None]:
+    """Run ``server.serve`` on a thread while the block runs; close and join it after."""
+    thread = threading.Thread(target=server.serve, name=name, daemon=True)
     thread.start()
     try:
         yield
