@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,63 @@ def test_send_live_leaves_a_dirty_log_the_vmm_runs() -> None:
         src.write(LAYOUT[1][0], b"after")
         assert src.dirty.take().numbers.tolist() == [LAYOUT[1][0] // gm.HOST_PAGE]
 
+
+
+def _keep_dirtying(src: gm.GuestMemory, stop: threading.Event) -> None:
+    while not stop.is_set():
+        for gpa, size in LAYOUT:
+            src.write(gpa, b"x" * size)
+
+
+class _SlowSink(io.BytesIO):
+    """A sink slow enough that a writer thread dirties pages during every round."""
+
+    def write(self, data: object) -> int:
+        time.sleep(0.005)
+        return super().write(data)  # type: ignore[arg-type]
+
+
+def test_a_migration_that_cannot_fit_its_downtime_fails_before_the_pause() -> None:
+    with memory(gm.TagMode.SOFTWARE) as src:
+        stop = threading.Event()
+        writer = threading.Thread(target=_keep_dirtying, args=(src, stop))
+        writer.start()
+        paused, slowed = [], []
+        try:
+            with pytest.raises(gm.ConvergenceError, match="never paused"):
+                migration.send_live(
+                    src,
+                    _SlowSink(),
+                    pause=lambda: paused.append(1),
+                    max_rounds=3,
+                    max_downtime=1e-9,
+                    slow_down=slowed.append,
+                )
+        finally:
+            stop.set()
+            writer.join()
+        assert not paused and slowed == [1, 2, 3]
+
+
+def test_a_migration_whose_rest_fits_its_downtime_pauses_and_ends() -> None:
+    with memory(gm.TagMode.SOFTWARE) as src, memory(gm.TagMode.SOFTWARE) as dst:
+        src.write(LAYOUT[0][0], b"kept")
+        sink = io.BytesIO()
+        paused: list[int] = []
+        migration.send_live(
+            src, sink, pause=lambda: paused.append(1), max_rounds=3, max_downtime=60.0
+        )
+        assert paused == [1]
+        migration.restore(io.BytesIO(sink.getvalue()), dst)
+        assert dst.read(LAYOUT[0][0], 4) == b"kept"
+
+
+def test_the_final_round_estimate_grows_with_pages_and_shrinks_with_rate() -> None:
+    estimate = migration.live.final_round_estimate
+    assert estimate(0, 1.0) == 0.0
+    assert estimate(100, 1e6) == pytest.approx(100 * RECORD_MAX / 1e6)
+    assert estimate(200, 1e6) > estimate(100, 1e6) > estimate(100, 2e6)
+    assert estimate(1, 0.0) == RECORD_MAX  # no rate measured: a pessimistic byte a second
 
 # ---- claims before mapping, and the operator's command line ------------------------------
 

@@ -126,7 +126,11 @@ class VirtqueueError(GuestMemoryError, ValueError):
 
 
 class ProtocolError(GuestMemoryError, ValueError):
-    """A malformed GDB remote protocol packet (bad framing, hex or arguments)."""
+    """A malformed message from a peer.
+
+    A GDB remote protocol packet (bad framing, hex or arguments), or a
+    migrating VMM's handover message.
+    """
 
 
 class StreamError(GuestMemoryError, ValueError):
@@ -140,3 +144,10 @@ class StreamError(GuestMemoryError, ValueError):
         super().__init__(f"migration stream at byte {offset}: {reason}")
         self.offset = offset
         self.reason = reason
+
+
+class ConvergenceError(GuestMemoryError):
+    """A live migration whose last (paused) round would not fit the downtime allowed.
+
+    Raised before the guest is paused: the source runs on.
+    """

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from guestmem.errors import ConvergenceError
 from guestmem.migration.stream import (
     IDLE_TIMEOUT,
+    RECORD_MAX,
     Sink,
     Source,
     StreamReader,
@@ -49,6 +51,8 @@ def send_live(
     converged_pages: int = 64,
     progress: ProgressCallback | None = None,
     harvest: Callable[[], None] | None = None,
+    max_downtime: float | None = None,
+    slow_down: Callable[[int], None] | None = None,
 ) -> Totals:
     """Migrate ``memory`` while its users keep writing to it.
 
@@ -64,6 +68,14 @@ def send_live(
     round) for the VMM. ``harvest()``, if given, runs before each take:
     the VMM adds to the log what only it sees (KVM's dirty log: the
     guest's own writes and tag changes).
+
+    With ``max_downtime`` (seconds), a round converges when the pages left
+    would be sent within it at the rate the last round achieved (see
+    :func:`final_round_estimate`), instead of when they are few; if
+    ``max_rounds`` pass without that, :class:`ConvergenceError` is raised
+    *before* ``pause()``: the writers never stopped. ``slow_down(round)``,
+    if given, is called after each round that did not converge (a VMM
+    throttles its vCPUs there).
     """
     take = memory.dirty.take if harvest is None else _harvested(memory, harvest)
     writer = StreamWriter(memory, sink)
@@ -72,16 +84,31 @@ def send_live(
         memory.dirty.start()
     try:
         writer.header()
-        started = time.monotonic()
+        started, sent = time.monotonic(), writer.totals.bytes
         writer.all_pages()
         writer.round()
         dirty = take().to(STREAM_PAGE)
-        for _ in range(max_rounds):
+        for round_ in range(max_rounds + 1):
             elapsed = max(time.monotonic() - started, 1e-9)
+            rate = (writer.totals.bytes - sent) / elapsed
             _report(progress, "precopy", writer.totals, len(dirty), len(dirty) / elapsed)
-            if len(dirty) <= converged_pages:
+            if max_downtime is None:
+                if len(dirty) <= converged_pages:
+                    break
+            elif final_round_estimate(len(dirty), rate) <= max_downtime:
                 break
-            started = time.monotonic()
+            if round_ == max_rounds:
+                if max_downtime is None:
+                    break
+                raise ConvergenceError(
+                    f"after {max_rounds} rounds, {len(dirty)} pages are still dirty: about "
+                    f"{final_round_estimate(len(dirty), rate) * 1000:.0f} ms to send paused, "
+                    f"more than the {max_downtime * 1000:.0f} ms allowed; the guest was never "
+                    "paused"
+                )
+            if slow_down is not None:
+                slow_down(round_ + 1)
+            started, sent = time.monotonic(), writer.totals.bytes
             writer.pages(dirty)
             writer.round()
             dirty = take().to(STREAM_PAGE)
@@ -96,6 +123,13 @@ def send_live(
     finally:
         if owned:
             memory.dirty.stop()
+
+
+def final_round_estimate(pages: int, bytes_per_second: float) -> float:
+    """Seconds to send ``pages`` stream pages (records with tags) at ``bytes_per_second``."""
+    if pages == 0:
+        return 0.0
+    return pages * RECORD_MAX / max(bytes_per_second, 1.0)
 
 
 def _harvested(memory: GuestMemory, harvest: Callable[[], None]) -> Callable[[], Frames]:
