@@ -11,13 +11,14 @@ import contextlib
 import errno
 import fcntl
 import os
+import secrets
 import shutil
 import socket
 import stat
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, TypeVar
 
 from guestmem.errors import UsageError, from_os_error
 
@@ -25,6 +26,8 @@ from guestmem.errors import UsageError, from_os_error
 # bind waits for another bind_unix in the same directory to finish.
 PROBE_TIMEOUT = 1.0
 DIRECTORY_LOCK_TIMEOUT = 5.0
+
+T = TypeVar("T")
 
 # sun_path holds 108 bytes with its terminating NUL.
 _SUN_PATH_MAX = 107
@@ -43,6 +46,8 @@ def bind_unix(path: str, backlog: int = 4) -> socket.socket:
     lock on the directory, so exactly one wins. ``getsockname()`` of the
     result reports the temporary name; use ``path``.
     """
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise UsageError(f"{path}: too long for a unix socket (at most {_SUN_PATH_MAX} bytes)")
     parent = os.path.dirname(os.path.abspath(path))
     with _directory_lock(parent, path):
         _check_replaceable(path)
@@ -72,6 +77,80 @@ def bind_unix(path: str, backlog: int = 4) -> socket.socket:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return sock
+
+
+def write_file(path: str, fill: Callable[[BinaryIO], T]) -> T:
+    """Write ``path`` whole or not at all, readable by its owner only; return ``fill``'s result.
+
+    ``fill`` writes into a fresh temporary file in ``path``'s directory
+    (created exclusively, never through a symlink, mode 0600), which is then
+    flushed, fsynced and renamed onto ``path``, and the directory fsynced: a
+    host crash leaves the old file or the new one. If anything fails,
+    ``fill`` raising included, the temporary file is removed and ``path`` is
+    as it was. A symlink or FIFO at ``path`` is replaced, never followed or
+    opened; a directory there raises :class:`UsageError` before any writing.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise UsageError(f"{path}: is a directory: not replacing it")
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise from_os_error(err, path) from err
+    temp, fd = _create_temporary(directory, os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as file:
+            result = fill(file)
+            try:
+                file.flush()
+                os.fsync(file.fileno())
+            except OSError as err:
+                raise from_os_error(err, path) from err
+        try:
+            os.rename(temp, path)
+        except OSError as err:
+            raise from_os_error(err, path) from err
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_directory(directory, path)
+    return result
+
+
+def _create_temporary(directory: str, name: str) -> tuple[str, int]:
+    """A new file of mode 0600 in ``directory``, whatever the umask: its path and fd."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        temp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(temp, flags, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise from_os_error(err, temp) from err
+        try:
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp)
+            raise
+        return temp, fd
+    raise UsageError(f"{directory}: no free temporary name for {name} after 100 tries")
+
+
+def _fsync_directory(directory: str, path: str) -> None:
+    """Make the rename into ``directory`` durable (where the filesystem can)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise from_os_error(err, path) from err
 
 
 def _install(temp: str, path: str) -> None:
@@ -133,12 +212,9 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
-_in_process = threading.Lock()
-
-
 @contextlib.contextmanager
 def _directory_lock(directory: str, path: str) -> Iterator[None]:
-    """Hold an exclusive flock on ``directory`` (and a lock for this process's threads).
+    """Hold an exclusive flock on ``directory`` (one per open, so threads exclude each other too).
 
     Whoever else can read the directory could hold the flock forever, so it
     is waited for only :data:`DIRECTORY_LOCK_TIMEOUT` seconds. A filesystem
@@ -150,22 +226,21 @@ def _directory_lock(directory: str, path: str) -> Iterator[None]:
     except OSError as err:
         raise from_os_error(err, path) from err
     try:
-        with _in_process:
-            deadline = time.monotonic() + DIRECTORY_LOCK_TIMEOUT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise UsageError(
-                            f"{path}: another process holds a lock on {directory}"
-                        ) from None
-                    time.sleep(0.01)
-                except OSError as err:
-                    if err.errno not in (errno.ENOLCK, errno.EINVAL, errno.EBADF):
-                        raise from_os_error(err, path) from err
-                    break
-            yield
+        deadline = time.monotonic() + DIRECTORY_LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise UsageError(
+                        f"{path}: another process holds a lock on {directory}"
+                    ) from None
+                time.sleep(0.01)
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.EINVAL, errno.EBADF):
+                    raise from_os_error(err, path) from err
+                break
+        yield
     finally:
         os.close(fd)
