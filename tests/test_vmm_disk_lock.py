@@ -20,6 +20,7 @@ import pytest
 import guestmem as gm
 from guestmem.vmm import virtio_blk as blk
 from guestmem.vmm.disk_lock import DiskLock, DiskLockedError, acquire_all
+from guestmem.vmm.machine import Machine
 
 BASE = 0x4000_0000
 RAM = 1 << 20
@@ -230,3 +231,29 @@ def test_acquire_all_keeps_locks_held_before(image: Path, tmp_path: Path) -> Non
     finally:
         for lock in [*mine, blocker]:
             os.close(lock.fd)
+
+
+def test_machine_locks_its_disks_all_or_nothing(
+    mem: gm.GuestMemory, image: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(blk.SECTOR))
+    # No arm64 KVM here: a Machine with only its disks, which is all these methods use.
+    machine = Machine.__new__(Machine)
+    machine.disks = [blk.VirtioBlock(mem, str(p), locked=False) for p in (image, other)]
+    blocker = blk.VirtioBlock(mem, str(other), read_only=True)
+    try:
+        with pytest.raises(DiskLockedError, match=f"disk image {other} is in use"):
+            machine.lock_disks()
+        assert [disk.locked for disk in machine.disks] == [False, False]
+        blocker.close()
+        machine.lock_disks()
+        assert [disk.locked for disk in machine.disks] == [True, True]
+        refused(mem, image, read_only=True)
+        machine.unlock_disks()
+        machine.unlock_disks()
+        assert [disk.locked for disk in machine.disks] == [False, False]
+        blk.VirtioBlock(mem, str(image)).close()
+    finally:
+        for disk in machine.disks:
+            disk.close()
