@@ -56,8 +56,8 @@ def image(tmp_path: Path) -> Path:
 def fresh_block(
     mem: gm.GuestMemory, image: Path, *, read_only: bool = False
 ) -> tuple[mmio.MmioTransport, blk.VirtioBlock, Line]:
-    """A transport and virtio-blk at reset, as a new VMM builds them."""
-    device = blk.VirtioBlock(mem, str(image), read_only=read_only)
+    """A transport and virtio-blk at reset, as a migration target builds them (unlocked)."""
+    device = blk.VirtioBlock(mem, str(image), read_only=read_only, locked=False)
     line = Line()
     return mmio.MmioTransport(mem, device, line), device, line
 

@@ -110,6 +110,31 @@ def from_os_error(err: OSError, what: str) -> NativeOSError:
     return NativeOSError(err.errno or errno.EIO, f"{what}: {reason}")
 
 
+class ChannelError(GuestMemoryError, OSError):
+    """A migration channel that could not be opened: connect, listen or TLS handshake.
+
+    ``endpoint`` is where (its text), ``reason`` why; ``errno`` is the
+    system's error number when there is one, else None.
+    """
+
+    def __init__(self, endpoint: str, reason: str, *, errno: int | None = None) -> None:
+        super().__init__(f"{endpoint}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return f"{self.endpoint}: {self.reason}"
+
+
+class ChannelTimeoutError(ChannelError, TimeoutError):
+    """No peer came, or the peer went quiet, within a channel's timeout."""
+
+
+class InsecureChannelWarning(UserWarning):
+    """Plain tcp to or from a non-loopback address, allowed by an explicit opt-in."""
+
+
 class VirtqueueError(GuestMemoryError, ValueError):
     """A malformed virtqueue: the driver broke the ring's rules.
 

@@ -7,16 +7,24 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 import guestmem as gm
+from guestmem.errors import InsecureChannelWarning
+from guestmem.migration import channel
+from guestmem.migration.channel import Endpoint, TlsConfig, parse_endpoint
 from guestmem.migration.live import Progress, receive, send_live
 from guestmem.migration.save import inspect, restore, save
 from guestmem.migration.stream import IDLE_TIMEOUT
+from guestmem.owner_only import bind_unix
 from guestmem.tools.demo import DEMO_GPA, demo_memory, digest
 from guestmem.units import STREAM_PAGE
+
+T = TypeVar("T")
 
 
 def progress_bar(total_pages: int) -> ProgressBar:
@@ -64,49 +72,72 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def endpoint_arg(text: str) -> Endpoint:
+    """An argparse type: ``unix:PATH`` or ``[tcp:]HOST:PORT`` as an :class:`Endpoint`."""
+    try:
+        return parse_endpoint(text)
+    except gm.UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+# The three names below keep the reference VMM's old (family, address) tuples
+# working until it uses guestmem.migration.channel itself.
+
+
 def endpoint(text: str) -> tuple[str, str | tuple[str, int]]:
-    """``unix:PATH``, or ``[HOST]:PORT`` (``tcp:`` in front or not), as (family, address)."""
-    text = text.removeprefix("tcp:")
-    if text.startswith("unix:"):
-        if len(text) == 5:
-            raise argparse.ArgumentTypeError("unix: needs a path")
-        return "unix", text[5:]
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT or unix:PATH: {text!r}")
-    return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
+    """An argparse type: an endpoint as the old ``(family, address)`` tuple."""
+    where = endpoint_arg(text)
+    if where.family == "unix":
+        assert where.path is not None
+        return "unix", where.path
+    assert where.host is not None and where.port is not None
+    return "tcp", (where.host, where.port)
+
+
+def _from_tuple(where: tuple[str, str | tuple[str, int]]) -> Endpoint:
+    family, address = where
+    if family == "unix":
+        assert isinstance(address, str)
+        return Endpoint("unix", path=address)
+    assert isinstance(address, tuple)
+    return Endpoint("tcp", host=address[0], port=address[1])
 
 
 def connect(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
-    """A socket connected to an :func:`endpoint`."""
-    family, address = where
-    if family == "unix":
-        sock = socket.socket(socket.AF_UNIX)
-        try:
-            sock.connect(address)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-    assert isinstance(address, tuple)
-    return socket.create_connection(address)
+    """A socket connected to an old-style :func:`endpoint` (plain; remote tcp warns)."""
+    return channel.connect(_from_tuple(where), timeout=None, allow_insecure=True)
 
 
 def listen(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
-    """A socket listening on an :func:`endpoint`, for one connection."""
+    """A socket listening on an old-style :func:`endpoint`; a unix one is owner-only."""
     family, address = where
     if family == "unix":
-        server = socket.socket(socket.AF_UNIX)
-        try:
-            server.bind(address)
-        except OSError:
-            server.close()
-            raise
-    else:
-        assert isinstance(address, tuple)
-        server = socket.create_server(address)
+        assert isinstance(address, str)
+        return bind_unix(address, 1)
+    assert isinstance(address, tuple)
+    server = socket.create_server(address)
     server.listen(1)
     return server
+
+
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    """The TLS config of ``--tls-cert/--tls-key/--tls-ca`` (all three or none), or None."""
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if not any(given):
+        return None
+    if not all(given):
+        args.usage_error("--tls-cert, --tls-key and --tls-ca go together: give all three or none")
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def _warnings_to_stderr(open_channel: Callable[[], T]) -> T:
+    """Open a channel, printing an insecure-channel warning as one line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InsecureChannelWarning)
+        result = open_channel()
+    for warning in caught:
+        print(f"guestmem: WARNING: {warning.message}", file=sys.stderr, flush=True)
+    return result
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
@@ -140,6 +171,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
+    tls = _tls(args)  # its files checked before the guest is made
     with demo_memory(args.size_mib, args.tags) as mem:
         stop = threading.Event()
 
@@ -159,7 +191,10 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
         bar = progress_bar(mem.regions[0].size // STREAM_PAGE)
         try:
-            with connect(args.to) as sock:
+            sock = _warnings_to_stderr(
+                lambda: channel.connect(args.to, tls=tls, allow_insecure=args.allow_insecure)
+            )
+            with sock:
                 send_live(mem, sock, pause=pause, max_rounds=args.max_rounds, progress=bar)
         finally:
             pause()
@@ -168,8 +203,14 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 
 def _cmd_receive(args: argparse.Namespace) -> int:
-    with listen(args.listen) as server:
-        conn, _ = server.accept()
+    tls = _tls(args)
+    listener = _warnings_to_stderr(
+        lambda: channel.listen(args.listen, tls=tls, allow_insecure=args.allow_insecure)
+    )
+    with listener:
+        secure = " (TLS, client certificate required)" if listener.tls else ""
+        print(f"guestmem: listening on {listener.endpoint}{secure}", file=sys.stderr, flush=True)
+        conn = listener.accept()
         with (
             conn,
             gm.GuestMemory.anonymous(args.size_mib << 20, gpa=DEMO_GPA, tags=args.tags) as mem,
@@ -187,10 +228,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     save_p = verbs.add_parser("save", help="save a demo guest's memory and tags to FILE")
     restore_p = verbs.add_parser("restore", help="restore FILE into a new guest, print its digest")
     send = verbs.add_parser("send", help="live-migrate a running demo guest to --to")
-    send.add_argument("--to", required=True, type=endpoint, help="HOST:PORT or unix:PATH")
+    send.add_argument("--to", required=True, type=endpoint_arg, help="HOST:PORT or unix:PATH")
     send.add_argument("--max-rounds", type=positive_int, default=8, help="pre-copy rounds at most")
     receive_p = verbs.add_parser("receive", help="receive a live migration on --listen")
-    receive_p.add_argument("--listen", required=True, type=endpoint, help="HOST:PORT or unix:PATH")
+    receive_p.add_argument(
+        "--listen", required=True, type=endpoint_arg, help="HOST:PORT or unix:PATH"
+    )
     receive_p.add_argument(
         "--idle-timeout",
         type=float,
@@ -211,11 +254,30 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         p.add_argument("--tags", default="auto", choices=TAG_MODES, help="tag mode of this side")
     for p in (save_p, send, receive_p):
         p.add_argument("--size-mib", type=positive_int, default=16, help="demo guest size")
+    for p in (send, receive_p):
+        add_channel_options(p)
     save_p.set_defaults(run=_cmd_save)
     restore_p.set_defaults(run=_cmd_restore)
     send.set_defaults(run=_cmd_send)
     receive_p.set_defaults(run=_cmd_receive)
     show.set_defaults(run=_cmd_inspect)
+
+
+def add_channel_options(command: argparse.ArgumentParser) -> None:
+    """Add ``--tls-cert/--tls-key/--tls-ca`` and ``--allow-insecure`` to a command."""
+    tls = command.add_argument_group(
+        "TLS (tcp only; all three or none: mutual authentication, TLS 1.3)"
+    )
+    tls.add_argument("--tls-cert", metavar="PEM", help="this side's certificate")
+    tls.add_argument("--tls-key", metavar="PEM", help="its private key (no passphrase)")
+    tls.add_argument("--tls-ca", metavar="PEM", help="the CA the peer's certificate must chain to")
+    command.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="allow plain tcp to or from a non-loopback address (anyone on the network "
+        "path can read the guest, or send one); warns",
+    )
+    command.set_defaults(usage_error=command.error)
 
 
 def run_command(args: argparse.Namespace) -> int:

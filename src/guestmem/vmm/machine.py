@@ -35,6 +35,7 @@ from guestmem._native import lib
 from guestmem.kvm import KvmVm
 from guestmem.vmm import boot, fdt, layout
 from guestmem.vmm import kvm_api as k
+from guestmem.vmm.disk_lock import acquire_all
 from guestmem.vmm.gate import Gate
 from guestmem.vmm.gic import EdgeInterrupt, Gic
 from guestmem.vmm.io_loop import IoLoop
@@ -115,8 +116,15 @@ _EVENTS = {
 class Machine:
     """A guest ready to run; ``console`` receives what it writes on its UART (and hvc0)."""
 
-    def __init__(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
-        """Build the VM, its RAM and devices, and load the guest (see the module's docstring)."""
+    def __init__(
+        self, config: MachineConfig, console: Callable[[bytes], None], *, lock_disks: bool = True
+    ) -> None:
+        """Build the VM, its RAM and devices, and load the guest (see the module's docstring).
+
+        Each disk image is locked (DiskLockedError if another VMM has it)
+        unless ``lock_disks`` is False: a migration target, which calls
+        :meth:`lock_disks` before it runs.
+        """
         if config.tags not in TAG_MODES:
             raise gm.UsageError(f"the VMM's guest RAM is HARDWARE or KVM tagged, not {config.tags}")
         if not 1 <= config.cpus <= layout.MAX_CPUS:
@@ -154,7 +162,7 @@ class Machine:
             )
             self.uart = Pl011(console, lambda level: gic.set_spi(layout.UART_SPI, level))
             uart = _Device(layout.UART, layout.UART_SIZE, self.uart.read, self.uart.write)
-            self._devices = [uart, *self._add_virtio(config, console, gic)]
+            self._devices = [uart, *self._add_virtio(config, console, gic, lock_disks)]
             self.has_vcpu_events = k.check_extension(self.vm.fd, k.KVM_CAP_VCPU_EVENTS) > 0
             if kernel is not None:
                 self._boot(config, kernel)
@@ -197,13 +205,15 @@ class Machine:
         return memory
 
     def _add_virtio(
-        self, config: MachineConfig, console: Callable[[bytes], None], gic: Gic
+        self, config: MachineConfig, console: Callable[[bytes], None], gic: Gic, lock_disks: bool
     ) -> list[_Device]:
         """virtio-blk for each disk, then the virtio-console: each behind its transport."""
         assert self.memory is not None
         devices: list[VirtioDevice] = []
         for disk in config.disks:
-            self.disks.append(VirtioBlock(self.memory, disk.path, read_only=disk.read_only))
+            self.disks.append(
+                VirtioBlock(self.memory, disk.path, read_only=disk.read_only, locked=lock_disks)
+            )
             devices.append(self.disks[-1])
         if config.virtio_console:
             self.hvc = VirtioConsole(self.memory, console)
@@ -336,6 +346,19 @@ class Machine:
         # Nothing there: reads give 0 and writes vanish, as on an empty bus.
         if not exit_.is_write:
             vcpu.complete_read(exit_, 0)
+
+    def lock_disks(self) -> None:
+        """Lock every disk image not locked yet, or none.
+
+        If one is refused (DiskLockedError names it), those this call locked
+        are released again; those locked before stay locked.
+        """
+        acquire_all(disk.image_lock for disk in self.disks)
+
+    def unlock_disks(self) -> None:
+        """Release every disk image's lock (a migration source, at the go-ahead)."""
+        for disk in self.disks:
+            disk.unlock()
 
     def close(self) -> None:
         """Release the vCPUs, the vGIC, guest RAM and the VM (after :meth:`run` returned)."""

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import guestmem as gm
 from guestmem.virtio import DescriptorChain, SplitQueue
+from guestmem.vmm.disk_lock import DiskLock
 from guestmem.vmm.state_codec import Reader, Writer
 
 DEVICE_ID = 2
@@ -41,10 +42,25 @@ class VirtioBlock:
     device_id = DEVICE_ID
     queue_count = 1
 
-    def __init__(self, memory: gm.GuestMemory, path: str, *, read_only: bool = False) -> None:
-        """Open the image; its size, rounded down to sectors, is the disk's capacity."""
+    def __init__(
+        self, memory: gm.GuestMemory, path: str, *, read_only: bool = False, locked: bool = True
+    ) -> None:
+        """Open the image; its size, rounded down to sectors, is the disk's capacity.
+
+        With ``locked`` the image is locked (:mod:`disk_lock`: exclusive, or
+        shared when ``read_only``), and DiskLockedError names it if another
+        VMM holds it; a migration target passes False and calls :meth:`lock`
+        before it runs.
+        """
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        self._setup(memory, fd, read_only, os.path.basename(path).encode())
+        try:
+            self._setup(memory, fd, read_only, os.path.basename(path).encode())
+            self.image_lock = DiskLock(fd, path, shared=read_only)
+            if locked:
+                self.image_lock.acquire()
+        except BaseException:
+            os.close(fd)
+            raise
 
     @classmethod
     def over_fd(
@@ -53,6 +69,7 @@ class VirtioBlock:
         """A device over an open image file (it becomes the device's to close)."""
         device = cls.__new__(cls)
         device._setup(memory, fd, read_only, serial)
+        device.image_lock = DiskLock(fd, f"on fd {fd}", shared=read_only)
         return device
 
     def _setup(self, memory: gm.GuestMemory, fd: int, read_only: bool, serial: bytes) -> None:
@@ -109,11 +126,25 @@ class VirtioBlock:
         reader.end()
         self.requests = requests
 
+    @property
+    def locked(self) -> bool:
+        """Whether this device holds its image's lock."""
+        return self.image_lock.held
+
+    def lock(self) -> None:
+        """Lock the image (a migration target, before it runs); DiskLockedError if held."""
+        self.image_lock.acquire()
+
+    def unlock(self) -> None:
+        """Release the image's lock (a migration source, at the go-ahead); idempotent."""
+        self.image_lock.release()
+
     def close(self) -> None:
-        """Close the image."""
+        """Close the image, which releases its lock."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            self.image_lock.forget()
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Carry out one request; the bytes written into the chain, status included."""
