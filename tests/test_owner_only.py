@@ -49,7 +49,7 @@ def run_python(code: str, timeout: float = 30) -> subprocess.CompletedProcess[st
     )
 
 
-@pytest.mark.parametrize("umask", [0o000, 0o002, 0o022])
+@pytest.mark.parametrize("umask", [0o000, 0o002, 0o022, 0o077, 0o277])
 def test_socket_and_file_are_0600_under_any_umask(here: Path, umask: int) -> None:
     result = run_python(
         f"""
@@ -212,6 +212,13 @@ def test_bind_refuses_a_path_whose_temporary_name_is_too_long(here: Path) -> Non
     with pytest.raises(gm.UsageError, match=r"its temporary name .* exceeds 107 bytes"):
         owner_only.bind_unix(str(path))
     assert os.listdir(deep) == []
+
+
+def test_bind_in_a_missing_directory_names_the_path(here: Path) -> None:
+    path = here / "nowhere" / "ctl"
+    with pytest.raises(gm.NativeOSError, match="No such file") as err:
+        owner_only.bind_unix(str(path))
+    assert err.value.strerror == f"{path}: No such file or directory"
 
 
 def test_bind_leaves_no_directory_when_installing_fails(

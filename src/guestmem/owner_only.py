@@ -56,6 +56,7 @@ def bind_unix(path: str, backlog: int = 4) -> socket.socket:
         except OSError as err:
             raise from_os_error(err, path) from err
         try:
+            os.chmod(workdir, 0o700)  # a umask such as 0277 would leave no room to bind
             temp = os.path.join(workdir, "s")
             if len(os.fsencode(temp)) > _SUN_PATH_MAX:
                 raise UsageError(
