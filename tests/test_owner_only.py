@@ -393,7 +393,15 @@ def test_a_failing_rename_leaves_no_temporary(here: Path, monkeypatch: pytest.Mo
     assert os.listdir(here) == []
 
 
-def test_write_file_in_a_missing_directory_names_it(here: Path) -> None:
-    with pytest.raises(gm.NativeOSError, match="No such file") as err:
-        owner_only.write_file(str(here / "nowhere" / "snap"), lambda f: f.write(b"ram"))
-    assert str(here / "nowhere") in str(err.value)
+def test_write_file_in_a_missing_directory_names_its_path(here: Path) -> None:
+    path = here / "nowhere" / "snap"
+    with pytest.raises(gm.NativeOSError) as err:
+        owner_only.write_file(str(path), lambda f: f.write(b"ram"))
+    assert err.value.strerror == f"{path}: No such file or directory"
+
+
+def test_write_file_with_a_name_of_255_bytes(here: Path) -> None:
+    path = here / ("n" * 255)
+    owner_only.write_file(str(path), lambda f: f.write(b"ram"))
+    assert path.read_bytes() == b"ram"
+    assert os.listdir(here) == [path.name]
