@@ -49,7 +49,7 @@ def run_python(code: str, timeout: float = 30) -> subprocess.CompletedProcess[st
     )
 
 
-@pytest.mark.parametrize("umask", [0o000, 0o002, 0o022])
+@pytest.mark.parametrize("umask", [0o000, 0o002, 0o022, 0o077, 0o277])
 def test_socket_and_file_are_0600_under_any_umask(here: Path, umask: int) -> None:
     result = run_python(
         f"""
@@ -212,6 +212,13 @@ def test_bind_refuses_a_path_whose_temporary_name_is_too_long(here: Path) -> Non
     with pytest.raises(gm.UsageError, match=r"its temporary name .* exceeds 107 bytes"):
         owner_only.bind_unix(str(path))
     assert os.listdir(deep) == []
+
+
+def test_bind_in_a_missing_directory_names_the_path(here: Path) -> None:
+    path = here / "nowhere" / "ctl"
+    with pytest.raises(gm.NativeOSError, match="No such file") as err:
+        owner_only.bind_unix(str(path))
+    assert err.value.strerror == f"{path}: No such file or directory"
 
 
 def test_bind_leaves_no_directory_when_installing_fails(
@@ -386,7 +393,15 @@ def test_a_failing_rename_leaves_no_temporary(here: Path, monkeypatch: pytest.Mo
     assert os.listdir(here) == []
 
 
-def test_write_file_in_a_missing_directory_names_it(here: Path) -> None:
-    with pytest.raises(gm.NativeOSError, match="No such file") as err:
-        owner_only.write_file(str(here / "nowhere" / "snap"), lambda f: f.write(b"ram"))
-    assert str(here / "nowhere") in str(err.value)
+def test_write_file_in_a_missing_directory_names_its_path(here: Path) -> None:
+    path = here / "nowhere" / "snap"
+    with pytest.raises(gm.NativeOSError) as err:
+        owner_only.write_file(str(path), lambda f: f.write(b"ram"))
+    assert err.value.strerror == f"{path}: No such file or directory"
+
+
+def test_write_file_with_a_name_of_255_bytes(here: Path) -> None:
+    path = here / ("n" * 255)
+    owner_only.write_file(str(path), lambda f: f.write(b"ram"))
+    assert path.read_bytes() == b"ram"
+    assert os.listdir(here) == [path.name]

@@ -56,6 +56,7 @@ def bind_unix(path: str, backlog: int = 4) -> socket.socket:
         except OSError as err:
             raise from_os_error(err, path) from err
         try:
+            os.chmod(workdir, 0o700)  # a umask such as 0277 would leave no room to bind
             temp = os.path.join(workdir, "s")
             if len(os.fsencode(temp)) > _SUN_PATH_MAX:
                 raise UsageError(
@@ -98,7 +99,7 @@ def write_file(path: str, fill: Callable[[BinaryIO], T]) -> T:
         pass
     except OSError as err:
         raise from_os_error(err, path) from err
-    temp, fd = _create_temporary(directory, os.path.basename(path))
+    temp, fd = _create_temporary(directory, path)
     try:
         with os.fdopen(fd, "wb") as file:
             result = fill(file)
@@ -119,9 +120,10 @@ def write_file(path: str, fill: Callable[[BinaryIO], T]) -> T:
     return result
 
 
-def _create_temporary(directory: str, name: str) -> tuple[str, int]:
+def _create_temporary(directory: str, path: str) -> tuple[str, int]:
     """A new file of mode 0600 in ``directory``, whatever the umask: its path and fd."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    name = os.path.basename(path)[:200]  # room for the suffix within NAME_MAX (255)
     for _ in range(100):
         temp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
         try:
@@ -129,7 +131,7 @@ def _create_temporary(directory: str, name: str) -> tuple[str, int]:
         except FileExistsError:
             continue
         except OSError as err:
-            raise from_os_error(err, temp) from err
+            raise from_os_error(err, path) from err
         try:
             os.fchmod(fd, 0o600)
         except BaseException:
@@ -137,7 +139,7 @@ def _create_temporary(directory: str, name: str) -> tuple[str, int]:
             os.unlink(temp)
             raise
         return temp, fd
-    raise UsageError(f"{directory}: no free temporary name for {name} after 100 tries")
+    raise UsageError(f"{path}: no free temporary name in its directory after 100 tries")
 
 
 def _fsync_directory(directory: str, path: str) -> None:
