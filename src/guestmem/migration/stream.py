@@ -8,6 +8,7 @@ moves buffers. Layout: docs/stream-format.md.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,6 +145,22 @@ class StreamWriter:
         self.totals.bytes += len(data)
 
 
+def _tls_more_arrived(source: ssl.SSLSocket) -> bool:
+    """Whether data has arrived on a TLS socket; TLS cannot peek, so a byte is consumed.
+
+    Only the end of a stream asks, and there any byte is an error anyway. A
+    peer that closed (with or without close_notify) has sent nothing more.
+    """
+    before = source.gettimeout()
+    source.settimeout(0.0)
+    try:
+        return bool(source.recv(1))
+    except (ssl.SSLWantReadError, ssl.SSLEOFError, BlockingIOError, InterruptedError):
+        return False
+    finally:
+        source.settimeout(before)
+
+
 class StreamReader:
     """Reads a stream: header, pages, rounds, end — into ``memory``, or only checking it.
 
@@ -251,6 +268,8 @@ class StreamReader:
 
     def _more_after_end(self) -> bool:
         """Whether anything follows the end record (on a socket: has arrived already)."""
+        if isinstance(self._source, ssl.SSLSocket):
+            return _tls_more_arrived(self._source)
         if isinstance(self._source, socket.socket):
             try:
                 return bool(self._source.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))

@@ -98,7 +98,9 @@ def _no_passphrase(key: str) -> bytes:
 def reason(err: OSError) -> str:
     """Plain words for why a socket or TLS call failed."""
     if isinstance(err, ssl.SSLCertVerificationError):
-        return f"the peer's certificate was refused: {err.verify_message}"
+        # 18, 19, 20: self-signed, or an issuer the CA file does not hold
+        hint = " (it does not chain to the CA given)" if err.verify_code in (18, 19, 20) else ""
+        return f"the peer's certificate was refused: {err.verify_message}{hint}"
     reason = getattr(err, "reason", None)
     if isinstance(err, ssl.SSLError) and reason:
         plain = {

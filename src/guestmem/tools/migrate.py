@@ -134,10 +134,11 @@ def _warnings_to_stderr(open_channel: Callable[[], T]) -> T:
     """Open a channel, printing an insecure-channel warning as one line on stderr."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", InsecureChannelWarning)
-        result = open_channel()
-    for warning in caught:
-        print(f"guestmem: WARNING: {warning.message}", file=sys.stderr, flush=True)
-    return result
+        try:
+            return open_channel()
+        finally:  # warned, then failed to connect: the warning still shows
+            for warning in caught:
+                print(f"guestmem: WARNING: {warning.message}", file=sys.stderr, flush=True)
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
