@@ -7,7 +7,7 @@
 #   swig                            -> builds pylibfdt (the VMM's device tree) for the host venv
 set -euo pipefail
 
-stamp=/var/cache/guestmem/host-deps.v4
+stamp=/var/cache/guestmem/host-deps.v5
 [ -f "$stamp" ] && exit 0
 mkdir -p /var/cache/guestmem
 
@@ -26,7 +26,7 @@ export DEBIAN_FRONTEND=noninteractive
 # Other vendors' lists on the machine may be unreachable; Debian's must not be.
 apt-get update -o APT::Update::Error-Mode=any \
     -o Dir::Etc::sourcelist=/dev/null 2>&1 | tail -n 3 || apt-get update || true
-apt-get install -y --no-install-recommends mmdebstrap arch-test binfmt-support gdb-multiarch lldb cpio swig
+apt-get install -y --no-install-recommends mmdebstrap arch-test binfmt-support gdb-multiarch lldb cpio swig openssl
 apt-get install -y --no-install-recommends -t bookworm-backports qemu-user-static qemu-system-arm
 qemu-system-aarch64 --version | head -n 1
 touch "$stamp"

@@ -137,7 +137,6 @@ def test_send_live_leaves_a_dirty_log_the_vmm_runs() -> None:
         assert src.dirty.take().numbers.tolist() == [LAYOUT[1][0] // gm.HOST_PAGE]
 
 
-
 def _keep_dirtying(src: gm.GuestMemory, stop: threading.Event) -> None:
     while not stop.is_set():
         for gpa, size in LAYOUT:
@@ -157,7 +156,8 @@ def test_a_migration_that_cannot_fit_its_downtime_fails_before_the_pause() -> No
         stop = threading.Event()
         writer = threading.Thread(target=_keep_dirtying, args=(src, stop))
         writer.start()
-        paused, slowed = [], []
+        paused: list[int] = []
+        slowed: list[int] = []
         try:
             with pytest.raises(gm.ConvergenceError, match="never paused"):
                 migration.send_live(
@@ -193,6 +193,7 @@ def test_the_final_round_estimate_grows_with_pages_and_shrinks_with_rate() -> No
     assert estimate(100, 1e6) == pytest.approx(100 * RECORD_MAX / 1e6)
     assert estimate(200, 1e6) > estimate(100, 1e6) > estimate(100, 2e6)
     assert estimate(1, 0.0) == RECORD_MAX  # no rate measured: a pessimistic byte a second
+
 
 # ---- claims before mapping, and the operator's command line ------------------------------
 

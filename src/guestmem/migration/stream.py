@@ -145,20 +145,27 @@ class StreamWriter:
         self.totals.bytes += len(data)
 
 
-def _tls_more_arrived(source: ssl.SSLSocket) -> bool:
-    """Whether data has arrived on a TLS socket; TLS cannot peek, so a byte is consumed.
+def more_arrived(source: Source) -> bool:
+    """Whether anything more is in ``source`` (on a socket: has arrived already).
 
-    Only the end of a stream asks, and there any byte is an error anyway. A
-    peer that closed (with or without close_notify) has sent nothing more.
+    Asked where any byte is an error, so it may consume one: TLS cannot
+    peek. A peer that closed (with or without close_notify) sent nothing.
     """
-    before = source.gettimeout()
-    source.settimeout(0.0)
-    try:
-        return bool(source.recv(1))
-    except (ssl.SSLWantReadError, ssl.SSLEOFError, BlockingIOError, InterruptedError):
-        return False
-    finally:
-        source.settimeout(before)
+    if isinstance(source, ssl.SSLSocket):
+        before = source.gettimeout()
+        source.settimeout(0.0)
+        try:
+            return bool(source.recv(1))
+        except (ssl.SSLWantReadError, ssl.SSLEOFError, BlockingIOError, InterruptedError):
+            return False
+        finally:
+            source.settimeout(before)
+    if isinstance(source, socket.socket):
+        try:
+            return bool(source.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+    return bool(source.read(1))
 
 
 class StreamReader:
@@ -251,7 +258,7 @@ class StreamReader:
                     self.offset - 16,
                     f"end record counts {value[0]} pages, the stream had {self.totals.pages}",
                 )
-            if not self._trailing and (self._have or self._more_after_end()):
+            if not self._trailing and (self._have or more_arrived(self._source)):
                 raise StreamError(self.offset, "data after the end record")
             self.totals.bytes = self.offset
             return self.totals
@@ -265,17 +272,6 @@ class StreamReader:
             return native_regions(self._memory), len(self._memory.regions)
         check_only = [(ffi.NULL, ffi.NULL, gpa, size) for gpa, size in header.regions]
         return stream_regions(header.tag_mode, check_only), len(check_only)
-
-    def _more_after_end(self) -> bool:
-        """Whether anything follows the end record (on a socket: has arrived already)."""
-        if isinstance(self._source, ssl.SSLSocket):
-            return _tls_more_arrived(self._source)
-        if isinstance(self._source, socket.socket):
-            try:
-                return bool(self._source.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-            except (BlockingIOError, InterruptedError):
-                return False
-        return bool(self._source.read(1))
 
     def _fill(self) -> None:
         if self._have == len(self._buffer):  # pragma: no cover - a record always fits

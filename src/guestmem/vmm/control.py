@@ -1,17 +1,32 @@
-"""The VMM's control socket (``guestmem vmm run --control PATH``): snapshot and migrate.
+"""The VMM's control socket (``guestmem vmm run --control PATH``): snapshot, migrate, decide.
 
-A Unix socket; each connection carries one request, a JSON object on one
-line (at most :data:`MAX_REQUEST` bytes, within :data:`REQUEST_TIMEOUT`
+A Unix socket only its owner can reach (mode 0600 whatever the umask, made
+by :func:`guestmem.owner_only.bind_unix`): whoever can connect can copy all
+guest RAM anywhere the VMM can write, so a root VMM's socket is root's
+alone, as QEMU's QMP and Firecracker's API socket rely on file permissions.
+Each connection carries one request, a JSON object on one line (at most
+:data:`MAX_REQUEST` bytes, the whole line within :data:`REQUEST_TIMEOUT`
 seconds)::
 
-    {"command": "snapshot", "to": "FILE"}
-    {"command": "migrate", "to": "unix:PATH" | "tcp:HOST:PORT"[, "max_rounds": N]}
+    {"command": "snapshot", "to": "/ABSOLUTE/FILE"}
+    {"command": "migrate", "to": "unix:/ABSOLUTE/PATH" | "tcp:HOST:PORT",
+     "max_rounds": N, "max_downtime_ms": N, "timeout": SECONDS,
+     "tls": {"cert": PATH, "key": PATH, "ca": PATH}, "allow_insecure": BOOL}
+    {"command": "cancel"}   end the migration in progress (before its go-ahead)
+    {"command": "resume"}   after an unknown outcome: run the guest here
+    {"command": "quit"}     end this VMM (after an unknown outcome: give the guest up here)
+    {"command": "status"}
 
-and is answered with JSON lines: ``{"progress": {...}}`` while a migration
-goes on, then one ``{"ok": true, "report": {...}}`` or ``{"ok": false,
-"error": "..."}``. A request that is not one of these (bad JSON, unknown
-command, missing or ill-typed field, too long, too slow) is answered
-``ok: false`` and changes nothing. One request is served at a time.
+(every migrate field but ``to`` optional; paths absolute: the client
+resolves them). Each is answered with JSON lines: ``{"progress": {...}}``
+while a migration goes on, then exactly one ``{"ok": true, "report":
+{...}}`` or ``{"ok": false, "kind": KIND, "error": "..."}``, KIND one of
+``refused`` (not a request this VMM takes; nothing changed), ``busy``
+(another snapshot, migration or decision holds the machine), ``failed``
+(the guest runs on here), ``held`` (the outcome is unknown: the guest stays
+paused here until ``resume`` or ``quit``) and ``internal`` (a fault in the
+VMM; the server serves on). Up to :data:`MAX_CLIENTS` connections are
+served at once; more are answered ``busy`` at once.
 """
 
 from __future__ import annotations
@@ -21,70 +36,209 @@ import dataclasses
 import json
 import os
 import socket
-import stat
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import guestmem as gm
+from guestmem import owner_only
 from guestmem.gdbstub.server import hang_up
+from guestmem.migration import channel
 from guestmem.migration.live import Progress
-from guestmem.tools.migrate import connect, endpoint
-from guestmem.vmm import transfer
+from guestmem.vmm import handover, transfer
 
 if TYPE_CHECKING:
     from guestmem.vmm.machine import Machine
 
 MAX_REQUEST = 4096
-REQUEST_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 10.0  # seconds for a whole request line, however it dribbles in
+ANSWER_TIMEOUT = 10.0  # seconds a client may leave an answer unread
+MAX_CLIENTS = 16
+TURN_AWAY_TIMEOUT = 1.0  # seconds a client over the limit has to send its request
+BACKLOG = 128
 MAX_ROUNDS_LIMIT = 64
+MAX_DOWNTIME_MS = 60_000
+MAX_TIMEOUT = 600.0
+
+Say = Callable[[dict[str, Any]], None]
+
+
+class Refused(gm.UsageError):
+    """A request this VMM does not take as sent; nothing changed."""
+
+    kind = "refused"
+
+
+class Busy(gm.UsageError):
+    """Another operation holds the machine."""
+
+    kind = "busy"
 
 
 class ControlServer:
     """Serves the control socket at ``path`` for ``machine`` until :meth:`close`."""
 
     def __init__(self, machine: Machine, path: str) -> None:
-        """Bind the socket (a stale socket file at ``path`` is replaced; any other file is not)."""
+        """Bind the socket: owner only; a live socket at ``path`` refused, a stale one replaced."""
         self._machine = machine
         self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise gm.UsageError(f"{path} exists and is not a socket: not replacing it")
-            os.unlink(path)
-        self._listener = socket.socket(socket.AF_UNIX)
-        try:
-            self._listener.bind(path)
-            self._listener.listen(4)
-        except BaseException:
-            self._listener.close()
-            raise
+        self._listener = owner_only.bind_unix(path, backlog=BACKLOG)
         self._closed = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._turning_away = threading.BoundedSemaphore(BACKLOG)
+        self._lock = threading.Lock()
+        self._operation: str | None = None
+        self._canceller: Callable[[], bool] | None = None
+        self._hold: handover.Hold | None = None
+
+    # -- what the VMM's own code tells the server ------------------------------------------
+
+    @contextlib.contextmanager
+    def occupied(self, what: str, cancel: Callable[[], bool] | None = None) -> Iterator[None]:
+        """The machine is busy with ``what`` for the block (``cancel`` ends it early)."""
+        with self._lock:
+            if self._operation is not None:
+                raise Busy(f"busy: {self._operation} is in progress")
+            if self._hold is not None:
+                raise Busy(f"held: {self._hold.reason}; resume or quit first")
+            self._operation, self._canceller = what, cancel
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._operation, self._canceller = None, None
+
+    def hold(self, hold: handover.Hold) -> None:
+        """The guest is held paused here until ``resume`` or ``quit`` decide."""
+        with self._lock:
+            self._hold = hold
+
+    # -- serving ----------------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Answer requests, one connection at a time, until :meth:`close`."""
+        """Answer requests until :meth:`close`, each connection on a thread of its own."""
         while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            try:
-                self._answer(client)
-            except OSError:
-                pass  # the client went away; the machine is as the request left it
-            finally:
-                hang_up(client)
+            if not self._slots.acquire(blocking=False):
+                if self._turning_away.acquire(blocking=False):
+                    threading.Thread(target=self._turn_away, args=(client,), daemon=True).start()
+                else:
+                    hang_up(client)
+                continue
+            threading.Thread(target=self._serve_one, args=(client,), daemon=True).start()
+
+    def _turn_away(self, client: socket.socket) -> None:
+        """Answer busy, once the request is in (or a moment passed): a client reads it whole."""
+        try:
+            client.settimeout(TURN_AWAY_TIMEOUT)
+            with contextlib.suppress(OSError):
+                while (chunk := client.recv(MAX_REQUEST)) and b"\n" not in chunk:
+                    pass
+            with contextlib.suppress(OSError):
+                client.settimeout(ANSWER_TIMEOUT)
+                _say(client, _error("busy", f"busy: {MAX_CLIENTS} control connections are open"))
+        finally:
+            hang_up(client)
+            self._turning_away.release()
+
+    def _serve_one(self, client: socket.socket) -> None:
+        try:
+            self._answer(client)
+        except OSError:
+            pass  # the client went away; the machine is as the request left it
+        finally:
+            hang_up(client)
+            self._slots.release()
 
     def _answer(self, client: socket.socket) -> None:
         def say(message: dict[str, Any]) -> None:
-            client.sendall(json.dumps(message).encode() + b"\n")
+            client.settimeout(ANSWER_TIMEOUT)
+            _say(client, message)
 
         try:
-            command = _command(_read_request(client))
-            report = command(self._machine, say)
+            request = read_request(client)
+            report = self._carry_out(request, say)
+        except handover.OutcomeUnknown as err:
+            self.hold(err.hold)
+            say(_error("held", str(err)))
+        except handover.MigrationFailed as err:
+            say(_error("failed", str(err), paused_ms=round(err.paused * 1000)))
+        except (Refused, Busy) as err:
+            say(_error(err.kind, str(err)))
         except (gm.GuestMemoryError, ValueError, OSError) as err:
-            say({"ok": False, "error": str(err)})
-            return
-        say({"ok": True, "report": report})
+            say(_error("failed", _why(err)))
+        except Exception as err:  # a fault in the VMM: answered, and the server serves on
+            say(_error("internal", f"internal error: {type(err).__name__}: {err}"))
+        else:
+            say({"ok": True, "report": report})
+
+    def _carry_out(self, request: dict[str, Any], say: Say) -> dict[str, Any]:
+        command = request.get("command")
+        if command == "snapshot":
+            path = _only(request, "to")["to"]
+            with self.occupied(f"a snapshot to {path}"):
+                return _snapshot(self._machine, path)
+        if command == "migrate":
+            where, options, tls, insecure = migrate_options(request)
+            cancellation = handover.Cancellation()
+            with self.occupied(f"a migration to {where}", cancellation.cancel):
+                return _migrate(self._machine, where, options, tls, insecure, cancellation, say)
+        decisions = {"cancel": self._do_cancel, "resume": self._do_resume,
+                     "quit": self._do_quit, "status": self._do_status}  # fmt: skip
+        if command in decisions:
+            _only(request)
+            return decisions[command]()
+        raise Refused(f"not a command this VMM knows: {command!r} "
+                      "(snapshot, migrate, cancel, resume, quit, status)")  # fmt: skip
+
+    def _do_cancel(self) -> dict[str, Any]:
+        with self._lock:
+            cancel, operation = self._canceller, self._operation
+        if cancel is None:
+            raise Refused("nothing to cancel: no migration is in progress")
+        if not cancel():
+            raise Busy(f"too late to cancel {operation}: the go-ahead was sent")
+        return {"cancelled": operation}
+
+    def _do_status(self) -> dict[str, Any]:
+        with self._lock:
+            if self._hold is not None:
+                return {"state": "held", "reason": self._hold.reason}
+            if self._operation is not None:
+                return {"state": "busy", "operation": self._operation}
+        return {"state": "running"}
+
+    def _do_resume(self) -> dict[str, Any]:
+        hold = self._take_hold("resume")
+        try:
+            hold.resume()
+        except BaseException:
+            with self._lock:
+                self._hold = hold  # still held: the error says why
+            raise
+        return {"resumed": True}
+
+    def _do_quit(self) -> dict[str, Any]:
+        with self._lock:
+            hold, self._hold = self._hold, None
+            cancel = self._canceller
+        if hold is not None:
+            hold.quit()
+        elif cancel is not None:
+            cancel()
+        self._machine.stop("quit")
+        return {"quit": True}
+
+    def _take_hold(self, decision: str) -> handover.Hold:
+        with self._lock:
+            if self._hold is None:
+                raise Refused(f"nothing to {decision}: no migration's outcome is waiting here")
+            hold, self._hold = self._hold, None
+            return hold
 
     def close(self) -> None:
         """Stop serving and remove the socket file."""
@@ -96,77 +250,137 @@ class ControlServer:
             os.unlink(self.path)
 
 
-Say = Callable[[dict[str, Any]], None]
-
-
-def _read_request(client: socket.socket) -> dict[str, Any]:
-    client.settimeout(REQUEST_TIMEOUT)
+def read_request(client: socket.socket) -> dict[str, Any]:
+    """One request line as a JSON object, all of it within :data:`REQUEST_TIMEOUT` seconds."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT
     data = b""
-    try:
-        while b"\n" not in data:
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Refused(f"no whole request within {REQUEST_TIMEOUT:g} s")
+        client.settimeout(left)
+        try:
             chunk = client.recv(MAX_REQUEST + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > MAX_REQUEST:
-                raise gm.UsageError(f"a request is one line of at most {MAX_REQUEST} bytes")
-    except TimeoutError:
-        raise gm.UsageError(f"no whole request within {REQUEST_TIMEOUT:g} s") from None
+        except TimeoutError:
+            raise Refused(f"no whole request within {REQUEST_TIMEOUT:g} s") from None
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise Refused(f"a request is one line of at most {MAX_REQUEST} bytes")
     line, newline, _ = data.partition(b"\n")
     if not newline:
-        raise gm.UsageError("a request ends with a newline")
+        raise Refused("a request ends with a newline")
     try:
         request = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise gm.UsageError(f"a request is a JSON object: {err}") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, nesting too deep
+        raise Refused(f"a request is a JSON object: {type(err).__name__}") from None
     if not isinstance(request, dict):
-        raise gm.UsageError("a request is a JSON object")
+        raise Refused("a request is a JSON object")
     return request
 
 
-def _command(request: dict[str, Any]) -> Callable[[Machine, Say], dict[str, Any]]:
-    name = request.get("command")
-    to = request.get("to")
-    if not isinstance(to, str) or not to:
-        raise gm.UsageError('a request names where to go: "to" (a string)')
-    if name == "snapshot" and set(request) <= {"command", "to"}:
-        return lambda machine, say: _snapshot(machine, to)
-    if name == "migrate" and set(request) <= {"command", "to", "max_rounds"}:
-        rounds = request.get("max_rounds", 8)
-        if type(rounds) is not int or not 0 <= rounds <= MAX_ROUNDS_LIMIT:
-            raise gm.UsageError(f"max_rounds is a whole number from 0 to {MAX_ROUNDS_LIMIT}")
+def migrate_options(
+    request: dict[str, Any],
+) -> tuple[channel.Endpoint, transfer.Options, channel.TlsConfig | None, bool]:
+    """The target, options, TLS files and insecure opt-in of a ``migrate`` request."""
+    fields = _only(request, "to", "max_rounds", "max_downtime_ms", "timeout", "tls",
+                   "allow_insecure", required=("to",))  # fmt: skip
+    try:
+        where = channel.parse_endpoint(fields["to"])
+    except gm.UsageError as err:
+        raise Refused(str(err)) from None
+    if where.family == "unix" and not os.path.isabs(where.path or ""):
+        raise Refused(f"{fields['to']}: the path must be absolute (the client resolves it)")
+    rounds = _whole(fields, "max_rounds", 8, 0, MAX_ROUNDS_LIMIT)
+    downtime = _whole(fields, "max_downtime_ms", round(transfer.MAX_DOWNTIME * 1000), 1,
+                      MAX_DOWNTIME_MS)  # fmt: skip
+    timeout = fields.get("timeout", transfer.TIMEOUT)
+    if type(timeout) not in (int, float) or not 0.1 <= timeout <= MAX_TIMEOUT:
+        raise Refused(f"timeout is a number of seconds from 0.1 to {MAX_TIMEOUT:g}")
+    insecure = fields.get("allow_insecure", False)
+    if type(insecure) is not bool:
+        raise Refused("allow_insecure is true or false")
+    tls = None
+    if "tls" in fields:
+        files = fields["tls"]
+        if not isinstance(files, dict) or set(files) != {"cert", "key", "ca"}:
+            raise Refused('tls is {"cert": PATH, "key": PATH, "ca": PATH}')
+        for name, path in files.items():
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise Refused(f"tls {name} is an absolute path (the client resolves it)")
         try:
-            where = endpoint(to)
-        except Exception as err:  # argparse's ArgumentTypeError: a bad endpoint
-            raise gm.UsageError(str(err)) from None
-        return lambda machine, say: _migrate(machine, where, rounds, say)
-    raise gm.UsageError(f"not a request this VMM knows: {request}")
+            tls = channel.TlsConfig(files["cert"], files["key"], files["ca"])
+        except gm.UsageError as err:  # a missing or unreadable file, named
+            raise Refused(str(err)) from None
+    options = transfer.Options(max_rounds=rounds, max_downtime=downtime / 1000, timeout=timeout)
+    return where, options, tls, insecure
+
+
+def _only(
+    request: dict[str, Any], *names: str, required: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """The request's fields, which must be among ``names`` (all of them ``required``)."""
+    command = request.get("command")
+    extra = sorted(set(request) - {"command", *names})
+    if extra:
+        raise Refused(f"{command} takes no {', '.join(map(repr, extra))}")
+    for name in names if required is None else required:
+        if name not in request:
+            raise Refused(f"{command} needs {name!r}")
+    if "to" in names and (not isinstance(request.get("to"), str) or not request["to"]):
+        raise Refused(f'{command}: "to" is a non-empty string')
+    return request
+
+
+def _whole(fields: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = fields.get(name, default)
+    if type(value) is not int or not low <= value <= high:
+        raise Refused(f"{name} is a whole number from {low} to {high}")
+    return value
 
 
 def _snapshot(machine: Machine, path: str) -> dict[str, Any]:
-    partial = path + ".partial"
-    try:
-        with open(partial, "wb") as out:
-            report = transfer.snapshot(machine, out)
-        os.replace(partial, path)  # a snapshot that failed never looks like one
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
-        raise
+    if not os.path.isabs(path):
+        raise Refused(f"{path}: the path must be absolute (the client resolves it)")
+    report = owner_only.write_file(path, lambda out: transfer.snapshot(machine, out))
     return dataclasses.asdict(report)
 
 
 def _migrate(
-    machine: Machine, where: tuple[str, str | tuple[str, int]], rounds: int, say: Say
+    machine: Machine,
+    where: channel.Endpoint,
+    options: transfer.Options,
+    tls: channel.TlsConfig | None,
+    insecure: bool,
+    cancellation: handover.Cancellation,
+    say: Say,
 ) -> dict[str, Any]:
     def progress(p: Progress) -> None:
         with contextlib.suppress(OSError):  # the operator may stop watching
             say({"progress": dataclasses.asdict(p)})
 
     try:
-        target = connect(where)
+        target = channel.connect(where, tls=tls, timeout=options.timeout, allow_insecure=insecure)
     except OSError as err:
-        raise transfer.MigrationFailed(f"cannot reach the target: {err}") from err
+        raise handover.MigrationFailed(f"cannot reach the target {where}: {_why(err)}") from err
     with target:
-        report = transfer.migrate(machine, target, max_rounds=rounds, progress=progress)
+        report = transfer.migrate(
+            machine, target, options, progress=progress, cancellation=cancellation
+        )
     return dataclasses.asdict(report)
+
+
+def _say(client: socket.socket, message: dict[str, Any]) -> None:
+    client.sendall(json.dumps(message, allow_nan=False).encode() + b"\n")
+
+
+def _error(kind: str, message: str, **facts: Any) -> dict[str, Any]:
+    return {"ok": False, "kind": kind, "error": message, **facts}
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, OSError) and not isinstance(err, gm.GuestMemoryError):
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror or type(err).__name__}"
+    return str(err)

@@ -23,6 +23,7 @@ docs/design.md has the state diagram.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -265,14 +266,10 @@ def why(err: BaseException) -> str:
 
 
 def _quietly(act: Callable[[], None]) -> None:
-    try:
+    with contextlib.suppress(OSError):
         act()
-    except OSError:
-        pass
 
 
 def _shut(channel: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         channel.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
