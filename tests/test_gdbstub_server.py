@@ -127,6 +127,22 @@ def test_tags_through_qmemtags_and_qmemtags(client: Client, mem: gm.GuestMemory)
     assert client.ask(b"qIsAddressTagged:%x" % HOLE) == b"00"
 
 
+def test_a_tag_write_kvm_refuses_during_a_migration_is_e10_and_writes_nothing(
+    client: Client, mem: gm.GuestMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if mem.tag_mode is gm.TagMode.NONE:
+        pytest.skip("no tags in this mode: QMemTags is E16 whatever KVM does")
+    before = mem.get_tags(BASE, 0x40).tolist()
+
+    def busy(*args: object, **kwargs: object) -> None:
+        raise gm.TagsBusyError(16, "KVM_ARM_MTE_COPY_TAGS: a live migration is running")
+
+    monkeypatch.setattr(type(mem), "set_tags", busy)
+    assert client.ask(b"QMemTags:%x,40:1:0a0b" % BASE) == b"E10"
+    assert mem.get_tags(BASE, 0x40).tolist() == before
+    assert client.ask(b"qMemTags:%x,1:1" % BASE) == b"m%02x" % before[0]  # reads go on
+
+
 BAD_PACKETS = [
     (b"m%x,10" % HOLE, b"E0e"),
     (b"M%x,2:0102" % HOLE, b"E0e"),

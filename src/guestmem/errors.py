@@ -90,6 +90,15 @@ class NativeOSError(GuestMemoryError, OSError):
     """A system call in the native core failed; ``errno`` and ``strerror`` say why."""
 
 
+class TagsBusyError(NativeOSError):
+    """KVM refused to write tags while it logs dirty pages (EBUSY); no tag was written.
+
+    Linux 6.12 and later refuse KVM_ARM_MTE_COPY_TAGS to the guest while any
+    memslot logs dirty pages, i.e. while a live migration runs (commit
+    e0b7de4fd18c). Reading tags is not affected; write again once it ended.
+    """
+
+
 class WouldBlockError(NativeOSError, BlockingIOError):
     """System-call I/O on a non-blocking descriptor found nothing to do (EAGAIN)."""
 

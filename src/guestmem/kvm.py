@@ -20,7 +20,13 @@ import numpy as np
 import numpy.typing as npt
 
 from guestmem._native import check, ffi, lib
-from guestmem.errors import AlignmentError, ClosedError, NativeOSError, UnsupportedError
+from guestmem.errors import (
+    AlignmentError,
+    ClosedError,
+    NativeOSError,
+    TagsBusyError,
+    UnsupportedError,
+)
 
 if TYPE_CHECKING:
     from guestmem.region import GuestRegion
@@ -133,6 +139,12 @@ class KvmVm:
             source = ffi.from_buffer("uint8_t[]", tags)
         with self.in_use() as fd:
             status = lib.gm_kvm_tags_set(fd, gpa, granules, source, uniform)
+        if status != lib.GM_OK and ffi.errno == errno.EBUSY:
+            raise TagsBusyError(
+                errno.EBUSY,
+                "KVM_ARM_MTE_COPY_TAGS: KVM writes no tags while it logs dirty pages "
+                "(a live migration is running); no tag was written",
+            )
         check(int(status), "KVM_ARM_MTE_COPY_TAGS")
 
     @contextmanager

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from guestmem.errors import AddressError, GuestMemoryError, ProtocolError
+from guestmem.errors import AddressError, GuestMemoryError, ProtocolError, TagsBusyError
 from guestmem.gdbstub import target
 from guestmem.gdbstub.packets import PACKET_SIZE, escape, unescape
 from guestmem.gdbstub.smaps import maps_text, memory_map_xml, region_info, smaps_text
@@ -41,6 +41,7 @@ FIRST_FD = 100
 MAX_OPEN_FILES = 16  # vFile handles one session may hold; more get EMFILE
 E_MALFORMED, E_FAULT, E_INVALID = b"E01", b"E0e", b"E16"
 E_READ_ONLY, E_NO_RUN_CONTROL = b"E0d", b"E26"  # EACCES, ENOSYS
+E_BUSY = b"E10"  # EBUSY: KVM writes no tags during a live migration
 ENOENT, EBADF, EACCES, EMFILE = 2, 9, 13, 24
 SUPPORTED = (
     f"PacketSize={PACKET_SIZE:x};QStartNoAckMode+;qXfer:features:read+;"
@@ -151,6 +152,9 @@ class Session:
         except AddressError as error:
             log.info("outside guest memory: %s", error)
             return E_FAULT
+        except TagsBusyError as error:
+            log.info("busy: %s", error)
+            return E_BUSY
         except GuestMemoryError as error:
             log.info("refused: %s", error)
             return E_INVALID

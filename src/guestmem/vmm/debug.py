@@ -28,7 +28,7 @@ from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 
-from guestmem.errors import AddressError, GuestMemoryError, ProtocolError
+from guestmem.errors import AddressError, GuestMemoryError, ProtocolError, TagsBusyError
 from guestmem.gdbstub import target
 from guestmem.gdbstub.packets import (
     PACKET_SIZE,
@@ -339,6 +339,9 @@ class DebugSession:
         except Unavailable as error:
             log.info("refused: %s", error)
             return error.reply
+        except TagsBusyError as error:
+            log.info("busy: %s", error)
+            return E_BUSY
         except GuestMemoryError as error:
             log.info("refused: %s", error)
             return E_INVALID
