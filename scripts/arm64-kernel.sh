@@ -21,6 +21,9 @@ case $name in
     *) echo "arm64-kernel.sh: no kernel named $name (6.1, 6.12, 6.12-16k)" >&2; exit 2 ;;
 esac
 cache=${GUESTMEM_KERNEL_CACHE:-/var/cache/guestmem/kernels.v5}/$name
+mkdir -p "$(dirname "$cache")"
+exec 8>"$(dirname "$cache")/.lock"  # one fetch at a time: they share the userland's /tmp/kernel
+flock 8
 
 if [ ! -f "$cache/vmlinuz" ]; then
     root=$(bash "$here/arm64-userland.sh")

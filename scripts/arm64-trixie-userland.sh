@@ -13,6 +13,8 @@ work=$root.tmp
 
 bash "$here/host-deps.sh" >&2
 bash "$here/binfmt-aarch64.sh" >&2
+exec 8>"$root.lock"  # one builder at a time
+flock 8
 
 if [ ! -f "$root/.complete" ]; then
     rm -rf "$work"

@@ -8,6 +8,9 @@ work=$root.tmp
 
 bash "$here/host-deps.sh" >&2
 bash "$here/binfmt-aarch64.sh" >&2
+# One builder at a time (test.sh prepares caches in the background while lanes run).
+exec 8>"$root.lock"
+flock 8
 
 if [ ! -f "$root/.complete" ]; then
     if [ ! -f "$work/.bootstrapped" ]; then

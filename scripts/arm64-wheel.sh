@@ -16,6 +16,8 @@ sources() {
 }
 key=$(cd "$top" && sources | sort | xargs sha256sum | sha256sum | cut -c1-16)
 out=$root/wheelhouse/$key
+exec 8>"$root/.wheel.lock"  # one build at a time: a second waits and finds the wheel
+flock 8
 if ! ls "$out"/guestmem-*manylinux*_aarch64.whl >/dev/null 2>&1; then
     # Wheels of other checkouts stay an hour: two checkouts testing at once
     # (a worktree beside main) must not delete each other's wheel in use.

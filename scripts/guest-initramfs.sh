@@ -9,6 +9,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/.." && pwd)
 root=$(bash "$here/arm64-userland.sh")
 cache=/var/cache/guestmem
+exec 8>"$cache/.guest-initramfs.lock"  # one build at a time
+flock 8
 key=$( (cat "$top/tests/guest/init" "$top"/tests/guest/*.[ch] "$0"; ls -a "$root" | grep '^\.[a-z]') \
     | sha256sum | cut -c1-16)
 out=$cache/guest-initramfs-$key.cpio

@@ -4,7 +4,7 @@ The kernel lane boots Debian's kernel with an initramfs: everything in it is
 unpacked into RAM and Python runs about 40x slower than natively, so the root
 holds only what the kernel-lane tests import: Python 3.11's standard library,
 numpy, cffi's backend, pytest and hypothesis, libfdt (the VMM's device tree),
-a shell, mount and mkdir, and the shared
+a shell, mount, mkdir and openssl (TLS test certificates), and the shared
 libraries those need (found by walking ELF DT_NEEDED entries with readelf).
 
     python3 kernel_root.py USERLAND STAGE
@@ -22,7 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROGRAMS = ["usr/bin/python3.11", "usr/bin/dash", "usr/bin/mount", "usr/bin/mkdir"]
+# openssl makes the TLS migration tests' certificates (tests/tls_certs.py).
+PROGRAMS = ["usr/bin/python3.11", "usr/bin/dash", "usr/bin/mount", "usr/bin/mkdir", "usr/bin/openssl"]
 LOADER = "usr/lib/ld-linux-aarch64.so.1"
 STDLIB = "usr/lib/python3.11"
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data"}
@@ -32,13 +33,14 @@ SITE_PACKAGES = re.compile(
     r"|attr|attrs|hypothesis|_hypothesis_.*|sortedcontainers|libfdt\.py|_libfdt\..*)(-[^/]*\.(egg|dist)-info)?$"
 )
 LIBRARY_DIR = "usr/lib/aarch64-linux-gnu"
-SMALL_ETC = ["etc/passwd", "etc/group", "etc/nsswitch.conf"]
+SMALL_ETC = ["etc/passwd", "etc/group", "etc/nsswitch.conf", "etc/ssl/openssl.cnf"]
 LINKS = {
     "bin": "usr/bin",
     "sbin": "usr/sbin",
     "lib": "usr/lib",
     "usr/bin/python3": "python3.11",
     "usr/bin/sh": "dash",
+    "usr/lib/ssl/openssl.cnf": "/etc/ssl/openssl.cnf",
 }
 EMPTY_DIRS = ["proc", "sys", "dev", "tmp", "run", "root"]
 

@@ -34,8 +34,28 @@ lane() {
     fi
 }
 
+# Build the arm64 lanes' caches (userlands, wheel, kernels, the nested guest's
+# initramfs) in the background while the lanes before them run: on a cold
+# machine this overlaps minutes of emulated package installs with the host
+# lane and the arm64-user lane (which keep one core busy each). Every cache
+# script takes its own lock, so a lane that needs one waits for it, or
+# builds it itself if the background job failed (then with its errors shown).
+prepare() {
+    local root
+    root=$(bash "$here/arm64-userland.sh") || return
+    GUESTMEM_ARM64=$root bash "$here/arm64-wheel.sh" >/dev/null || return
+    bash "$here/arm64-trixie-userland.sh" >/dev/null &
+    for kernel in "${KERNELS[@]}"; do
+        bash "$here/arm64-kernel.sh" "$kernel" >/dev/null || return
+    done
+    bash "$here/guest-initramfs.sh" >/dev/null
+    wait
+}
+
 if [ "$(id -u)" -eq 0 ]; then
     bash "$here/host-deps.sh" || echo "host packages could not be installed: the arm64 lanes may not start"
+    mkdir -p "$here/../lane-reports"
+    prepare > "$here/../lane-reports/prepare.log" 2>&1 &
 fi
 lane host test-host.sh "$@"
 for name in "${LANES[@]:1}"; do
@@ -49,6 +69,7 @@ for name in "${LANES[@]:1}"; do
     fi
 done
 
+wait  # the background preparation, if a lane did not need all of it
 echo "===== lanes ====="
 for name in "${LANES[@]}"; do
     printf '  %-22s %s\n' "$name" "${result[$name]}"
