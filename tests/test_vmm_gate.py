@@ -125,3 +125,50 @@ def test_the_end_of_a_running_machine_is_its_stop_event() -> None:
     for thread in m.threads:
         thread.join(timeout=10)
         assert not thread.is_alive()
+
+
+def test_a_hold_keeps_every_vcpu_out_until_released_and_leaves_the_debuggers_gate() -> None:
+    machine = Machine(2)
+    try:
+        time.sleep(0.05)
+        machine.gate.hold(True)
+        assert all(v.kicks >= 1 for v in machine.vcpus)
+        time.sleep(0.05)  # a vCPU between passes finishes its step, then parks
+        held = [v.steps for v in machine.vcpus]
+        time.sleep(0.1)
+        assert [v.steps for v in machine.vcpus] == held
+        machine.gate.close()  # the debugger stops them too; the hold's end must not run them
+        machine.gate.hold(False)
+        time.sleep(0.1)
+        assert [v.steps for v in machine.vcpus] == held
+        machine.gate.open()
+        time.sleep(0.1)
+        assert all(v.steps > h for v, h in zip(machine.vcpus, held, strict=True))
+    finally:
+        machine.stop()
+
+
+def test_the_throttle_takes_a_growing_share_and_stops() -> None:
+    from guestmem.vmm.throttle import FIRST, MOST, STEP, Throttle
+
+    machine = Machine(1)
+    throttle = Throttle(machine.gate)
+    try:
+        time.sleep(0.05)
+        free = machine.vcpus[0].steps
+        time.sleep(0.2)
+        free = machine.vcpus[0].steps - free
+        for round_ in range(1, 12):
+            throttle.slow_down(round_)
+        assert throttle.share == pytest.approx(min(FIRST + 10 * STEP, MOST))
+        before = machine.vcpus[0].steps
+        time.sleep(0.2)
+        throttled = machine.vcpus[0].steps - before
+        assert throttled < free / 2, (throttled, free)  # held ~99% of each period
+        throttle.stop()
+        before = machine.vcpus[0].steps
+        time.sleep(0.2)
+        assert machine.vcpus[0].steps - before > free / 2
+    finally:
+        throttle.stop()
+        machine.stop()

@@ -136,6 +136,13 @@ class ChannelError(GuestMemoryError, OSError):
         return f"{self.endpoint}: {self.reason}"
 
 
+class HandshakeError(ChannelError):
+    """A client that failed a listener's TLS handshake (e.g. its certificate was refused).
+
+    Only that client was dropped: the listener goes on accepting.
+    """
+
+
 class ChannelTimeoutError(ChannelError, TimeoutError):
     """No peer came, or the peer went quiet, within a channel's timeout."""
 

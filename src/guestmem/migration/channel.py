@@ -31,6 +31,7 @@ from guestmem.errors import (
     ChannelError,
     ChannelTimeoutError,
     GuestMemoryError,
+    HandshakeError,
     InsecureChannelWarning,
     UsageError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "ChannelError",
     "ChannelTimeoutError",
     "Endpoint",
+    "HandshakeError",
     "InsecureChannelWarning",
     "Listener",
     "TlsConfig",
@@ -218,7 +220,7 @@ class Listener:
         Waits ``timeout`` seconds at most (None: forever) for a client
         (:class:`ChannelTimeoutError`), then :data:`HANDSHAKE_TIMEOUT` for its
         handshake. A client that fails the handshake is dropped and raises
-        :class:`ChannelError`; the listener goes on accepting. The socket
+        :class:`HandshakeError`; the listener goes on accepting. The socket
         returned is blocking, with no timeout.
         """
         where = str(self.endpoint)
@@ -240,7 +242,7 @@ class Listener:
             secure.sendall(_ACCEPTED)
         except OSError as err:
             conn.close()
-            raise ChannelError(
+            raise HandshakeError(
                 where, f"TLS handshake with {_peer(peer)} failed: {reason(err)}"
             ) from err
         secure.settimeout(None)

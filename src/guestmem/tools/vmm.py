@@ -145,6 +145,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                 metavar="SECONDS",
                 help="give up (the guest runs on) when the target stalls this long (default 10)",
             )
+            action.add_argument(
+                "--auto-converge",
+                action="store_true",
+                help="slow the guest's vCPUs while rounds do not converge, as QEMU does",
+            )
             _add_channel_flags(action)
 
 
@@ -295,7 +300,7 @@ def _take_over(
                 except (OSError, gm.GuestMemoryError) as err:
                     if quitting.is_set():
                         return False
-                    if isinstance(err, channel.ChannelError):
+                    if isinstance(err, channel.HandshakeError):
                         say(f"refused a connection: {err}")
                         continue
                     raise
@@ -351,6 +356,8 @@ def _cmd_request(args: argparse.Namespace) -> int:
             request["tls"] = {"cert": tls.cert, "key": tls.key, "ca": tls.ca}
         if args.allow_insecure:
             request["allow_insecure"] = True
+        if args.auto_converge:
+            request["auto_converge"] = True
     answer = _exchange(args.control, request, command)
     if answer.get("ok") is True and isinstance(answer.get("report"), dict):
         print(json.dumps(answer["report"]))
@@ -360,6 +367,9 @@ def _cmd_request(args: argparse.Namespace) -> int:
         raise gm.GuestMemoryError(
             f"{args.control}: an answer this client does not know: {answer!r:.200}"
         )
+    paused = answer.get("paused_ms")
+    if isinstance(paused, int) and paused:
+        error += f" (the guest was paused {paused} ms)"
     _stderr(f"{command}: {error}")
     return HELD if kind == "held" else 1
 

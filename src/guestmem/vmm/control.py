@@ -11,7 +11,8 @@ seconds)::
     {"command": "snapshot", "to": "/ABSOLUTE/FILE"}
     {"command": "migrate", "to": "unix:/ABSOLUTE/PATH" | "tcp:HOST:PORT",
      "max_rounds": N, "max_downtime_ms": N, "timeout": SECONDS,
-     "tls": {"cert": PATH, "key": PATH, "ca": PATH}, "allow_insecure": BOOL}
+     "tls": {"cert": PATH, "key": PATH, "ca": PATH}, "allow_insecure": BOOL,
+     "auto_converge": BOOL}
     {"command": "cancel"}   end the migration in progress (before its go-ahead)
     {"command": "resume"}   after an unknown outcome: run the guest here
     {"command": "quit"}     end this VMM (after an unknown outcome: give the guest up here)
@@ -285,7 +286,7 @@ def migrate_options(
 ) -> tuple[channel.Endpoint, transfer.Options, channel.TlsConfig | None, bool]:
     """The target, options, TLS files and insecure opt-in of a ``migrate`` request."""
     fields = _only(request, "to", "max_rounds", "max_downtime_ms", "timeout", "tls",
-                   "allow_insecure", required=("to",))  # fmt: skip
+                   "allow_insecure", "auto_converge", required=("to",))  # fmt: skip
     try:
         where = channel.parse_endpoint(fields["to"])
     except gm.UsageError as err:
@@ -298,9 +299,9 @@ def migrate_options(
     timeout = fields.get("timeout", transfer.TIMEOUT)
     if type(timeout) not in (int, float) or not 0.1 <= timeout <= MAX_TIMEOUT:
         raise Refused(f"timeout is a number of seconds from 0.1 to {MAX_TIMEOUT:g}")
-    insecure = fields.get("allow_insecure", False)
-    if type(insecure) is not bool:
-        raise Refused("allow_insecure is true or false")
+    insecure, converge = fields.get("allow_insecure", False), fields.get("auto_converge", False)
+    if type(insecure) is not bool or type(converge) is not bool:
+        raise Refused("allow_insecure and auto_converge are true or false")
     tls = None
     if "tls" in fields:
         files = fields["tls"]
@@ -313,7 +314,9 @@ def migrate_options(
             tls = channel.TlsConfig(files["cert"], files["key"], files["ca"])
         except gm.UsageError as err:  # a missing or unreadable file, named
             raise Refused(str(err)) from None
-    options = transfer.Options(max_rounds=rounds, max_downtime=downtime / 1000, timeout=timeout)
+    options = transfer.Options(
+        max_rounds=rounds, max_downtime=downtime / 1000, timeout=timeout, auto_converge=converge
+    )
     return where, options, tls, insecure
 
 

@@ -38,11 +38,12 @@ class Gate:
         self._parked: set[int] = set()
         self._event: GateEvent | None = None
         self._ended = False
+        self._held = False  # a throttle's pause: apart from what the debugger opened
 
     def enter(self, vcpu: Vcpu) -> bool:
         """Wait until ``vcpu`` may run; False once the machine's run has ended."""
         with self._changed:
-            while not self._ended and vcpu.index not in self._open:
+            while not self._ended and (vcpu.index not in self._open or self._held):
                 self._parked.add(vcpu.index)
                 self._changed.notify_all()
                 self._changed.wait()
@@ -51,6 +52,19 @@ class Gate:
                 return False
             vcpu.allow_entry()  # any kick since was for a close that an open undid
             return True
+
+    def hold(self, held: bool) -> None:
+        """Keep every vCPU out of the guest (``held``), or let them back.
+
+        Apart from :meth:`open` and :meth:`close`: a throttle's hold never
+        runs a vCPU the debugger stopped.
+        """
+        with self._changed:
+            self._held = held
+            if held:
+                for vcpu in self._vcpus:
+                    vcpu.kick()
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Stop every vCPU (returns at once; :meth:`wait_stopped` waits)."""

@@ -40,6 +40,7 @@ from guestmem.vmm import handover, machine_state
 from guestmem.vmm.dirty_log import KvmDirtyLog
 from guestmem.vmm.handover import Cancellation, Hold, MigrationFailed
 from guestmem.vmm.state_codec import MAX_STATE, Reader, StateError
+from guestmem.vmm.throttle import Throttle
 
 if TYPE_CHECKING:
     from guestmem.vmm.machine import Machine
@@ -63,6 +64,7 @@ class Options:
     max_rounds: int = 8  # pre-copy rounds after the first, at most
     max_downtime: float = MAX_DOWNTIME  # seconds; pre-copy goes on while the rest won't fit
     timeout: float = TIMEOUT  # seconds without progress on the channel before giving up
+    auto_converge: bool = False  # throttle the vCPUs while rounds do not converge
 
 
 @dataclass
@@ -138,6 +140,7 @@ def migrate(
             progress(p)
 
     log = KvmDirtyLog(machine.vm.fd, memory)
+    throttle = Throttle(machine.gate)
     pause = contextlib.ExitStack()
     paused_at: list[float] = []
 
@@ -173,6 +176,7 @@ def migrate(
                 max_downtime=options.max_downtime,
                 progress=on_progress,
                 harvest=log.harvest,
+                slow_down=throttle.slow_down if options.auto_converge else None,
             )
             state = machine_state.save(machine)
             target.sendall(STATE_LENGTH.pack(len(state)) + state)
@@ -192,6 +196,7 @@ def migrate(
             failed.paused = paused
             raise failed from err
         finally:
+            throttle.stop()
             log.stop()
             memory.dirty.stop()
         machine.stop("migrated")
