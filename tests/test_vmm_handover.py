@@ -80,6 +80,16 @@ def _run(
     return source, target
 
 
+def _source_alone(channel: socket.socket, source: Side) -> None:
+    h.source_commit(
+        channel,
+        timeout=QUICK,
+        cancellation=h.Cancellation(),
+        release=source.release,
+        hold=source.hold,
+    )
+
+
 class Relay:
     """Carries bytes between two socket pairs, swallowing messages that start with ``drop``."""
 
@@ -116,13 +126,7 @@ def test_a_target_that_refuses_leaves_the_source_its_disks() -> None:
         h.send(b, h.NO, "this machine has 2 vCPUs, not 4")
         source = Side(locked=True)
         with pytest.raises(h.MigrationFailed, match="2 vCPUs"):
-            h.source_commit(
-                a,
-                timeout=QUICK,
-                cancellation=h.Cancellation(),
-                release=source.release,
-                hold=source.hold,
-            )
+            _source_alone(a, source)
     assert source.locked and not source.events
 
 
@@ -203,13 +207,7 @@ def test_an_answer_that_is_not_ready_or_no_fails_before_the_go_ahead(answer: byt
     with a, b:
         b.sendall(answer)
         with pytest.raises(h.MigrationFailed):
-            h.source_commit(
-                a,
-                timeout=QUICK,
-                cancellation=h.Cancellation(),
-                release=source.release,
-                hold=source.hold,
-            )
+            _source_alone(a, source)
     assert source.locked and not source.events
 
 
