@@ -398,6 +398,32 @@ def test_every_truncation_and_an_extension_is_refused(mem: gm.GuestMemory, image
     assert target.save_state() == before
 
 
+def test_errors_are_at_their_offset_in_the_whole_state_the_device_blobs_too(
+    mem: gm.GuestMemory, image: Path
+) -> None:
+    source, _, _ = driven_block(mem, image)
+    transport, device = block_fields(source.save_state())
+    fields_end = len(encode_fields(Writer(), TRANSPORT_FIELDS, transport).bytes())
+    target, target_device, _ = fresh_block(mem, image)
+    at = 1000  # where the section would start in a machine's state
+    bad_capacity = changed(d__capacity=SECTORS * 2)
+    bad_capacity(transport, device)
+    with pytest.raises(StateError, match="capacity") as caught:
+        target.decode_state(Reader(block_state(transport, device), base=at))
+    # Past the transport's fields, the blob's length, the version and the capacity.
+    assert caught.value.offset == at + fields_end + 4 + 1 + 8
+    transport, device = block_fields(source.save_state())
+    transport["used"] = BASE + RAM
+    with pytest.raises(StateError, match="saved queues' rings") as caught:
+        target.decode_state(Reader(block_state(transport, device), base=at))
+    assert caught.value.offset == at + 19  # queue 0's QueueNum, where its record starts
+    with pytest.raises(StateError, match="line level") as caught:
+        target_uart = pl011.Pl011(lambda _data: None, Levels())
+        target_uart.decode_state(Reader(uart_state(mask=pl011.INT_RX), base=at))
+    assert caught.value.offset == len(uart_state()) - 1 + at
+    assert target.status == 0 and target_device._queue is None
+
+
 @pytest.mark.parametrize(
     ("sectors", "read_only", "field"),
     [(SECTORS - 1, False, "capacity in sectors"), (SECTORS, True, "read-only")],
@@ -422,9 +448,9 @@ def test_a_console_backlog_over_the_limit_is_refused(mem: gm.GuestMemory) -> Non
     before = console.save_state()
     too_long = Writer().u8(1).blob(b"x" * (hvc.BACKLOG_MAX + 1)).bytes()
     with pytest.raises(StateError, match="input backlog"):
-        console.load_state(too_long)
+        console.decode_state(Reader(too_long))
     with pytest.raises(StateError, match="virtio-console state version"):
-        console.load_state(Writer().u8(2).blob(b"").bytes())
+        console.decode_state(Reader(Writer().u8(2).blob(b"").bytes()))
     assert console.save_state() == before
 
 

@@ -137,6 +137,21 @@ def test_a_readers_checked_fields() -> None:
     assert caught.value.offset == 101
 
 
+def test_a_nested_readers_errors_count_from_the_start_of_the_whole_state() -> None:
+    inner = Writer().u8(7).u16(1).bytes()
+    outer = Reader(Writer().u32(0xAAAA_AAAA).blob(inner).bytes(), base=100)
+    outer.u32()
+    nested = outer.nested("the inner part", limit=3)
+    outer.end()
+    assert nested.offset == 108 and nested.u8() == 7 and nested.offset == 109
+    with pytest.raises(StateError) as caught:
+        nested.u32()
+    assert caught.value.offset == 109 and "truncated" in caught.value.reason
+    with pytest.raises(StateError, match="more than the 2 allowed") as caught:
+        Reader(Writer().blob(inner).bytes(), base=10).nested("it", limit=2)
+    assert caught.value.offset == 14
+
+
 def test_a_state_error_is_a_guestmem_error_and_a_value_error() -> None:
     error = StateError(5, "why")
     assert isinstance(error, gm.GuestMemoryError) and isinstance(error, ValueError)

@@ -64,9 +64,9 @@ def set_up(
 
 
 def set_up_queues(
-    mem: gm.GuestMemory, device: mmio.VirtioDevice
+    mem: gm.GuestMemory, device: mmio.VirtioDevice, rings: int = RINGS
 ) -> tuple[mmio.MmioTransport, list[Driver], Line]:
-    """The same for every queue of ``device``, each with its own rings."""
+    """The same for every queue of ``device``, each with its own rings (from ``rings`` up)."""
     line = Line()
     transport = mmio.MmioTransport(mem, device, line)
     assert transport.read(mmio.MAGIC_VALUE, 4) == mmio.MAGIC
@@ -83,7 +83,7 @@ def set_up_queues(
     assert transport.read(mmio.STATUS, 4) & mmio.S_FEATURES_OK
     drivers = []
     for queue in range(device.queue_count):
-        driver = Driver(mem, SIZE, RINGS + 0x4000 * queue)
+        driver = Driver(mem, SIZE, rings + 0x4000 * queue)
         drivers.append(driver)
         transport.write(mmio.QUEUE_SEL, 4, queue)
         assert transport.read(mmio.QUEUE_NUM_MAX, 4) >= SIZE

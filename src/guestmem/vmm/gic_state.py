@@ -22,13 +22,14 @@ u32)... (redistributor) | count u32 | (encoding u16 | present u8 | value u64)...
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from guestmem.errors import NativeOSError
 from guestmem.vmm import kvm_api as k
 from guestmem.vmm import layout
 from guestmem.vmm.gic import Gic
-from guestmem.vmm.state_codec import Reader, StateError, Writer
+from guestmem.vmm.state_codec import Reader, Writer
 from guestmem.vmm.vcpu import Vcpu
 
 VERSION = 1
@@ -66,17 +67,21 @@ def _icc(op1: int, crn: int, crm: int, op2: int) -> int:
 
 
 # SRE first, CTLR before the active priority registers.
-CPU_SYSREGS = (
-    _icc(0, 12, 12, 5),  # ICC_SRE_EL1
-    _icc(0, 12, 12, 4),  # ICC_CTLR_EL1
-    _icc(0, 4, 6, 0),  # ICC_PMR_EL1
-    _icc(0, 12, 8, 3),  # ICC_BPR0_EL1
-    _icc(0, 12, 12, 3),  # ICC_BPR1_EL1
-    *(_icc(0, 12, 8, 4 + n) for n in range(4)),  # ICC_AP0R<n>_EL1
-    *(_icc(0, 12, 9, n) for n in range(4)),  # ICC_AP1R<n>_EL1
-    _icc(0, 12, 12, 6),  # ICC_IGRPEN0_EL1
-    _icc(0, 12, 12, 7),  # ICC_IGRPEN1_EL1
-)
+CPU_SYSREG_NAMES = {
+    _icc(0, 12, 12, 5): "ICC_SRE_EL1",
+    _icc(0, 12, 12, 4): "ICC_CTLR_EL1",
+    _icc(0, 4, 6, 0): "ICC_PMR_EL1",
+    _icc(0, 12, 8, 3): "ICC_BPR0_EL1",
+    _icc(0, 12, 12, 3): "ICC_BPR1_EL1",
+    **{_icc(0, 12, 8, 4 + n): f"ICC_AP0R{n}_EL1" for n in range(4)},
+    **{_icc(0, 12, 9, n): f"ICC_AP1R{n}_EL1" for n in range(4)},
+    _icc(0, 12, 12, 6): "ICC_IGRPEN0_EL1",
+    _icc(0, 12, 12, 7): "ICC_IGRPEN1_EL1",
+}
+CPU_SYSREGS = tuple(CPU_SYSREG_NAMES)
+ICC_CTLR_EL1 = CPU_SYSREGS[1]
+# The active priority registers, by encoding: their index n in ICC_AP<g>R<n>_EL1.
+_APR_INDEX = {encoding: int(name[8]) for encoding, name in CPU_SYSREG_NAMES.items() if "AP" in name}
 DIST_OFFSETS = tuple(_dist_offsets())
 REDIST_OFFSETS = tuple(_redist_offsets())
 
@@ -113,26 +118,66 @@ class GicState:
         return out.bytes()
 
     @classmethod
-    def decode(cls, reader: Reader, cpus: int) -> GicState:
-        """Read a payload for a machine of ``cpus`` vCPUs; StateError if it is not one."""
+    def decode(cls, reader: Reader, affinities: Sequence[int]) -> GicState:
+        """Read a payload for vCPUs of these ``affinities`` (:func:`affinity`), in order.
+
+        The affinities are the ones the vCPUs will have once their own state
+        is loaded. StateError if the payload is not one for them.
+        """
         reader.version("the vGIC", VERSION)
         reader.expect("the vGIC's interrupt count", reader.u32("the interrupt count"), IRQS)
         dist = _words(reader, DIST_OFFSETS, "distributor")
-        reader.expect("the vCPU count", reader.u32("the vCPU count"), cpus)
+        reader.expect("the vCPU count", reader.u32("the vCPU count"), len(affinities))
         interfaces = []
-        for _ in range(cpus):
+        for index, wanted in enumerate(affinities):
             mpidr = reader.u64("an MPIDR")
+            if mpidr != wanted:
+                raise reader.error(
+                    f"vCPU {index}'s affinity is {mpidr:#x} in the saved vGIC, "
+                    f"{wanted:#x} in the saved vCPU"
+                )
             redist = _words(reader, REDIST_OFFSETS, "redistributor")
             reader.expect("the CPU interface register count", reader.u32(), len(CPU_SYSREGS))
             sysregs: list[int | None] = []
             for encoding in CPU_SYSREGS:
                 reader.expect("a CPU interface register", reader.u16(), encoding)
                 present = reader.flag("a register's presence")
+                ctlr = sysregs[1] if len(sysregs) > 1 else None
+                _check_presence(reader, encoding, present, ctlr)
                 value = reader.u64("a CPU interface register")
+                if not present and value:
+                    name = CPU_SYSREG_NAMES[encoding]
+                    raise reader.error(f"{name} is absent, yet saved with a value ({value:#x})")
                 sysregs.append(value if present else None)
             interfaces.append(CpuInterface(mpidr, redist, tuple(sysregs)))
         reader.end()
         return cls(dist, tuple(interfaces))
+
+
+def _check_presence(reader: Reader, encoding: int, present: bool, ctlr: int | None) -> None:
+    """Refuse a saved presence KVM could not have shown.
+
+    Every register is there but the active priority registers, of which KVM
+    has those the CPU interface's priority bits (ICC_CTLR_EL1.PRIbits) need.
+    """
+    name = CPU_SYSREG_NAMES[encoding]
+    if encoding not in _APR_INDEX:
+        if not present:
+            raise reader.error(f"{name} is saved as absent; every vGICv3 has it")
+        return
+    assert ctlr is not None  # CTLR comes before the active priority registers
+    bits = (ctlr >> 8 & 7) + 1
+    implemented = _APR_INDEX[encoding] <= max_apr_index(bits)
+    if present != implemented:
+        raise reader.error(
+            f"{name} is saved as {'present' if present else 'absent'}, but the saved "
+            f"ICC_CTLR_EL1's {bits} priority bits make it {'absent' if present else 'present'}"
+        )
+
+
+def max_apr_index(priority_bits: int) -> int:
+    """The last n of the ICC_AP<g>R<n>_EL1 a CPU interface of these priority bits has."""
+    return {7: 3, 6: 1}.get(priority_bits, 0)
 
 
 def _words(reader: Reader, offsets: tuple[int, ...], what: str) -> tuple[int, ...]:
@@ -144,11 +189,14 @@ def _words(reader: Reader, offsets: tuple[int, ...], what: str) -> tuple[int, ..
     return tuple(values)
 
 
+def affinity(mpidr: int) -> int:
+    """An MPIDR_EL1 value's affinity as the vGIC's attributes want it (Aff3..Aff0, 63..32)."""
+    return ((mpidr >> 32 & 0xFF) << 24 | (mpidr & 0xFF_FFFF)) << 32
+
+
 def mpidr_of(vcpu: Vcpu) -> int:
-    """The vCPU's affinity, as the vGIC's attributes want it (Aff3..Aff0 in bits 63..32)."""
-    mpidr = vcpu.get(MPIDR_EL1)
-    affinity = (mpidr >> 32 & 0xFF) << 24 | (mpidr & 0xFF_FFFF)
-    return affinity << 32
+    """The vCPU's affinity, as the vGIC's attributes want it (see :func:`affinity`)."""
+    return affinity(vcpu.get(MPIDR_EL1))
 
 
 def save(gic: Gic, vcpus: tuple[Vcpu, ...]) -> GicState:
@@ -174,12 +222,8 @@ def _get_sysreg(gic: Gic, attr: int) -> int | None:
         raise
 
 
-def load(gic: Gic, vcpus: tuple[Vcpu, ...], state: GicState) -> None:
-    """Write ``state`` into a freshly initialised vGIC of the same vCPUs."""
-    here = [mpidr_of(v) for v in vcpus]
-    saved = [cpu.mpidr for cpu in state.cpus]
-    if here != saved:
-        raise StateError(0, f"the vCPUs' affinities {saved} are not this machine's {here}")
+def load(gic: Gic, state: GicState) -> None:
+    """Write ``state`` into a freshly initialised vGIC whose vCPUs have its affinities."""
     for offset, value in zip(DIST_OFFSETS, state.dist, strict=True):
         k.set_device_attr(gic.fd, k.VGIC_GRP_DIST_REGS, offset, value, size=4)
     for cpu in state.cpus:

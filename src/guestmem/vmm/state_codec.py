@@ -113,10 +113,15 @@ class Reader:
 
     def blob(self, what: str = "bytes", limit: int = MAX_STATE) -> bytes:
         """The next length-prefixed bytes, at most ``limit`` of them."""
+        return self.nested(what, limit).whole()
+
+    def nested(self, what: str = "bytes", limit: int = MAX_STATE) -> Reader:
+        """The next length-prefixed bytes as a Reader whose offsets stay the whole state's."""
         n = self.u32(f"the length of {what}")
         if n > limit:
             raise self.error(f"{what}: {n} bytes, more than the {limit} allowed")
-        return bytes(self._take(n, what))
+        start = self.offset
+        return Reader(bytes(self._take(n, what)), start)
 
     def flag(self, what: str) -> bool:
         """The next byte as a boolean: 0 or 1, nothing else."""
@@ -142,6 +147,11 @@ class Reader:
         return bytes(self._data)
 
     @property
+    def offset(self) -> int:
+        """Where reading stands, counted from the start of the whole state."""
+        return self._base + self._at
+
+    @property
     def left(self) -> int:
         """Bytes not read yet."""
         return len(self._data) - self._at
@@ -153,7 +163,7 @@ class Reader:
 
     def error(self, reason: str) -> StateError:
         """A StateError at the current offset."""
-        return StateError(self._base + self._at, reason)
+        return StateError(self.offset, reason)
 
 
 def encode(sections: Sequence[tuple[str, bytes]]) -> bytes:
@@ -192,7 +202,7 @@ def decode(data: bytes) -> dict[str, Reader]:
     frame._at = _HEAD.size
     sections: dict[str, Reader] = {}
     for _ in range(count):
-        at = frame._base + frame._at
+        at = frame.offset
         length = frame.u8("a section name's length")
         name_bytes = bytes(frame._take(length, "a section name"))
         if not name_bytes or not name_bytes.isascii() or not name_bytes.decode().isprintable():
@@ -200,9 +210,7 @@ def decode(data: bytes) -> dict[str, Reader]:
         name = name_bytes.decode()
         if name in sections:
             raise StateError(at, f"section {name!r} appears twice")
-        size = frame.u32(f"the length of section {name!r}")
-        start = frame._at
-        sections[name] = Reader(bytes(frame._take(size, f"section {name!r}")), start)
+        sections[name] = frame.nested(f"section {name!r}")
     frame.end()
     return sections
 

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from guestmem.vmm.state_codec import Reader, Writer
+from guestmem.vmm.state_codec import Reader, StateError, Writer
 
 DR, RSR, FR, ILPR, IBRD, FBRD, LCR_H, CR, IFLS, IMSC, RIS, MIS, ICR, DMACR = (
     0x00, 0x04, 0x18, 0x20, 0x24, 0x28, 0x2C, 0x30, 0x34, 0x38, 0x3C, 0x40, 0x44, 0x48,
@@ -103,27 +103,30 @@ class Pl011:
     def save_state(self) -> bytes:
         """The UART's state: FIFO, backlog, registers, RIS, IMSC and line level (versioned)."""
         with self._lock:
-            out = Writer().u8(STATE_VERSION)
-            out.blob(bytes(self._rx)).blob(bytes(self._backlog))
-            for offset in _STORED:
-                out.u64(self._stored[offset])
-            return out.u16(self._raw).u16(self._mask).u8(self._level).bytes()
+            stored = tuple(self._stored[offset] for offset in _STORED)
+            state = Pl011State(
+                bytes(self._rx), bytes(self._backlog), stored, self._raw, self._mask, self._level
+            )
+        return state.encode()
 
-    def load_state(self, data: bytes) -> None:
-        """Take the state :meth:`save_state` made, then drive the line to its level.
+    def decode_state(self, reader: Reader) -> Pl011State:
+        """Read and check a state :meth:`save_state` made (see :meth:`Pl011State.decode`)."""
+        return Pl011State.decode(reader)
 
-        Only a state this model could have been in is taken; anything else is a
-        :class:`~guestmem.vmm.state_codec.StateError` and changes nothing.
-        """
-        state = _parse_state(data)
+    def apply_state(self, state: Pl011State) -> None:
+        """Take a decoded state in place of this one, then drive the line to its level."""
         with self._lock:
             self._rx = deque(state.rx)
             self._backlog = deque(state.backlog)
-            self._stored = dict(state.stored)
+            self._stored = dict(zip(_STORED, state.stored, strict=True))
             self._raw = state.raw
             self._mask = state.mask
             self._level = state.level
             self._set_irq(state.level)
+
+    def load_state(self, data: bytes) -> None:
+        """Decode ``data`` and apply it: a StateError, and nothing changed, if it is bad."""
+        self.apply_state(self.decode_state(Reader(data)))
 
     def _refill(self) -> None:
         while self._backlog and len(self._rx) < FIFO_DEPTH:
@@ -141,29 +144,40 @@ class Pl011:
 
 
 @dataclass(frozen=True)
-class _State:
-    """A parsed and checked UART state, not applied yet."""
+class Pl011State:
+    """A UART's state, checked: one this model could have been in.
+
+    ``stored`` holds ILPR, IBRD, FBRD, LCR_H, CR, IFLS and DMACR, in that order.
+    """
 
     rx: bytes
     backlog: bytes
-    stored: dict[int, int]
+    stored: tuple[int, ...]
     raw: int
     mask: int
     level: bool
 
+    def encode(self) -> bytes:
+        """The payload (version 1)."""
+        out = Writer().u8(STATE_VERSION).blob(self.rx).blob(self.backlog)
+        for value in self.stored:
+            out.u64(value)
+        return out.u16(self.raw).u16(self.mask).u8(self.level).bytes()
 
-def _parse_state(data: bytes) -> _State:
-    reader = Reader(data)
-    reader.version("the PL011", STATE_VERSION)
-    rx = reader.blob("the receive FIFO", FIFO_DEPTH)
-    backlog = reader.blob("the receive backlog", BACKLOG_MAX)
-    stored = {offset: reader.u64(f"register {offset:#x}") for offset in _STORED}
-    raw = _bits(reader, "RIS", _RAW_BITS)
-    mask = _bits(reader, "IMSC", _MASK_BITS)
-    level = reader.flag("the interrupt line's level")
-    _check_consistent(reader, rx, backlog, raw, mask, level)
-    reader.end()
-    return _State(rx, backlog, stored, raw, mask, level)
+    @classmethod
+    def decode(cls, reader: Reader) -> Pl011State:
+        """Read a payload :meth:`encode` made, whole; StateError if the UART could not be so."""
+        reader.version("the PL011", STATE_VERSION)
+        rx = reader.blob("the receive FIFO", FIFO_DEPTH)
+        backlog = reader.blob("the receive backlog", BACKLOG_MAX)
+        stored = tuple(reader.u64(f"register {offset:#x}") for offset in _STORED)
+        raw = _bits(reader, "RIS", _RAW_BITS)
+        mask = _bits(reader, "IMSC", _MASK_BITS)
+        at = reader.offset
+        level = reader.flag("the interrupt line's level")
+        _check_consistent(at, rx, backlog, raw, mask, level)
+        reader.end()
+        return cls(rx, backlog, stored, raw, mask, level)
 
 
 def _bits(reader: Reader, name: str, allowed: int) -> int:
@@ -173,13 +187,14 @@ def _bits(reader: Reader, name: str, allowed: int) -> int:
     return value
 
 
-def _check_consistent(
-    reader: Reader, rx: bytes, backlog: bytes, raw: int, mask: int, level: bool
-) -> None:
-    """Refuse what the UART could not have been in: it keeps these true after every access."""
+def _check_consistent(at: int, rx: bytes, backlog: bytes, raw: int, mask: int, level: bool) -> None:
+    """Refuse what the UART could not have been in: it keeps these true after every access.
+
+    ``at`` is where the last field (the level) starts, as the error's offset.
+    """
     if backlog and len(rx) < FIFO_DEPTH:
-        raise reader.error(f"a backlog of {len(backlog)} bytes behind a FIFO not full ({len(rx)})")
+        raise StateError(at, f"a backlog behind a FIFO not full ({len(rx)} bytes)")
     if bool(raw & INT_RX) != bool(rx):
-        raise reader.error(f"RIS.RX is {bool(raw & INT_RX)} with {len(rx)} bytes in the FIFO")
+        raise StateError(at, f"RIS.RX is {bool(raw & INT_RX)} with {len(rx)} bytes in the FIFO")
     if level != bool(raw & mask):
-        raise reader.error(f"the line level is {level}, RIS & IMSC is {raw & mask:#x}")
+        raise StateError(at, f"the line level is {level}, RIS & IMSC is {raw & mask:#x}")

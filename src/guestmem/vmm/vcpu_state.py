@@ -7,8 +7,9 @@ TFSR_EL1, TFSRE0_EL1) and the timers (CNTV_CTL, CNTV_CVAL and CNTVCT, the
 counter). Restoring CNTVCT sets the VM's counter offset, so the guest's
 clock continues from where it stopped: the time the machine was saved for
 does not exist for the guest. The target's vCPU must list the same
-registers (same kernel features): a different list is refused before any
-register is written.
+registers (same kernel features) and show the same ID registers (the CPU
+features the guest saw at boot, :mod:`id_registers`): anything else is
+refused before any register is written.
 
 Payload (version 1): mp_state u32 | events blob (struct kvm_vcpu_events) |
 count u32 | count x (id u64 | value blob of the size the id declares).
@@ -16,8 +17,9 @@ count u32 | count x (id u64 | value blob of the size the id declares).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from guestmem.vmm import id_registers
 from guestmem.vmm import kvm_api as k
 from guestmem.vmm.state_codec import Reader, StateError, Writer
 from guestmem.vmm.vcpu import Vcpu
@@ -29,11 +31,16 @@ _MP_STATES = frozenset({0, 5, 9})  # RUNNABLE, STOPPED, SUSPENDED
 
 @dataclass(frozen=True)
 class VcpuState:
-    """One vCPU's registers (id to bytes, in KVM's order), power state and pending events."""
+    """One vCPU's registers (id to bytes, in KVM's order), power state and pending events.
+
+    A decoded state knows where each register's record starts in the whole
+    state (``offsets``), for the errors of :func:`check_fits`.
+    """
 
     mp_state: int
     events: bytes
     registers: tuple[tuple[int, bytes], ...]
+    offsets: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     def encode(self) -> bytes:
         """The section payload."""
@@ -44,20 +51,30 @@ class VcpuState:
         return out.bytes()
 
     @classmethod
-    def decode(cls, reader: Reader) -> VcpuState:
-        """Read a payload :meth:`encode` made; StateError if it is not one."""
+    def decode(cls, reader: Reader, *, events: bool) -> VcpuState:
+        """Read a payload :meth:`encode` made for a KVM with (``events``) or without events.
+
+        StateError if it is not one: pending events (KVM_CAP_VCPU_EVENTS)
+        are saved whole by a KVM that has them and not at all by one that
+        has not, and a target takes only what its own KVM would have saved.
+        """
         reader.version("a vCPU", VERSION)
         mp_state = reader.u32("mp_state")
         if mp_state not in _MP_STATES:
             raise reader.error(f"mp_state {mp_state} is none of {sorted(_MP_STATES)}")
-        events = reader.blob("vCPU events", k.VCPU_EVENTS_SIZE)
-        if len(events) not in (0, k.VCPU_EVENTS_SIZE):
-            raise reader.error(f"vCPU events are {len(events)} bytes, not {k.VCPU_EVENTS_SIZE}")
+        saved_events = reader.blob("vCPU events", k.VCPU_EVENTS_SIZE)
+        wanted = k.VCPU_EVENTS_SIZE if events else 0
+        if len(saved_events) != wanted:
+            raise reader.error(
+                f"vCPU events are {len(saved_events)} bytes, {wanted} here "
+                f"(pending events saved by one KVM, not both)"
+            )
         count = reader.u32("the register count")
         if count > MAX_REGISTERS:
             raise reader.error(f"{count} registers, more than {MAX_REGISTERS}")
-        registers = []
+        registers, offsets = [], []
         for _ in range(count):
+            offsets.append(reader.offset)
             reg = reader.u64("a register id")
             value = reader.blob(f"register {reg:#x}", 256)
             if len(value) != k.reg_size(reg):
@@ -65,7 +82,7 @@ class VcpuState:
                                    f"{k.reg_size(reg)}")  # fmt: skip
             registers.append((reg, value))
         reader.end()
-        return cls(mp_state, events, tuple(registers))
+        return cls(mp_state, saved_events, tuple(registers), tuple(offsets))
 
 
 def save(vcpu: Vcpu, *, events: bool) -> VcpuState:
@@ -82,18 +99,46 @@ def save(vcpu: Vcpu, *, events: bool) -> VcpuState:
 
 
 def check_fits(vcpu: Vcpu, state: VcpuState) -> None:
-    """Refuse ``state`` if ``vcpu`` does not have exactly its registers (nothing is written)."""
+    """Refuse ``state`` unless ``vcpu`` has exactly its registers and ID registers.
+
+    Reads ``vcpu``, writes nothing. The register list must be the same (the
+    same KVM features), and every ID register's value too: the guest saw
+    those CPU features and runs on them.
+    """
     here = k.reg_list(vcpu.fd)
     saved = [reg for reg, _ in state.registers]
     if saved != here:
         missing = sorted(set(here) - set(saved))[:4]
         extra = sorted(set(saved) - set(here))[:4]
+        pairs = enumerate(zip(saved, here, strict=False))
+        first = next((i for i, (a, b) in pairs if a != b), min(len(saved), len(here)))
         raise StateError(
-            0,
+            _offset(state, first),
             f"vCPU {vcpu.index}: the saved registers are not this KVM's "
             f"({len(saved)} saved, {len(here)} here; missing {[hex(r) for r in missing]}, "
             f"unknown {[hex(r) for r in extra]})",
         )
+    for index, (reg, value) in enumerate(state.registers):
+        if not id_registers.is_id_register(reg):
+            continue
+        current = k.get_reg(vcpu.fd, reg)
+        if current != value:
+            raise StateError(
+                _offset(state, index),
+                f"vCPU {vcpu.index}: {id_registers.name(reg)} is {_hex(value)} in the saved "
+                f"state, {_hex(current)} here: this host's KVM shows the guest other CPU features",
+            )
+
+
+def _offset(state: VcpuState, index: int) -> int:
+    """Where register record ``index`` starts (or the last one, or 0 if not decoded)."""
+    if not state.offsets:
+        return 0
+    return state.offsets[min(index, len(state.offsets) - 1)]
+
+
+def _hex(value: bytes) -> str:
+    return f"{int.from_bytes(value, 'little'):#x}"
 
 
 def load(vcpu: Vcpu, state: VcpuState) -> None:

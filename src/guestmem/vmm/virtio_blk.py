@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import guestmem as gm
 from guestmem.virtio import DescriptorChain, SplitQueue
@@ -34,6 +35,13 @@ ID_BYTES = 20
 STATE_VERSION = 1
 _HEADER = struct.Struct("<IIQ")
 Transfer = Callable[[int, list[tuple[int, int]], int], int]
+
+
+@dataclass(frozen=True)
+class BlockState:
+    """What a virtio-blk carries beyond its disk's shape: the count of requests served."""
+
+    requests: int
 
 
 class VirtioBlock:
@@ -112,19 +120,22 @@ class VirtioBlock:
         out = Writer().u8(STATE_VERSION).u64(self.size // SECTOR).u8(self.read_only)
         return out.u64(self.requests).bytes()
 
-    def load_state(self, data: bytes) -> None:
-        """Continue the saved device's count; StateError if this disk is not the same shape.
+    def decode_state(self, reader: Reader) -> BlockState:
+        """Read the saved device's state; StateError if this disk is not the same shape.
 
         The image is this device's own (the target is started with the same
         disks, as with QEMU), so only its shape is compared.
         """
-        reader = Reader(data)
         reader.version("virtio-blk", STATE_VERSION)
         reader.expect("the capacity in sectors", reader.u64("the capacity"), self.size // SECTOR)
         reader.expect("read-only", reader.flag("read-only"), self.read_only)
         requests = reader.u64("the request count")
         reader.end()
-        self.requests = requests
+        return BlockState(requests)
+
+    def apply_state(self, state: BlockState) -> None:
+        """Continue the saved device's count."""
+        self.requests = state.requests
 
     @property
     def locked(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import guestmem as gm
 from guestmem.virtio import SplitQueue, chain_read, chain_write
@@ -22,6 +23,13 @@ DEVICE_ID = 3
 RECEIVE, TRANSMIT = 0, 1
 STATE_VERSION = 1
 BACKLOG_MAX = 1 << 20  # bytes typed and not delivered yet that a saved state may carry
+
+
+@dataclass(frozen=True)
+class ConsoleState:
+    """The typed input a virtio-console had not delivered yet."""
+
+    backlog: bytes
 
 
 class VirtioConsole:
@@ -80,14 +88,17 @@ class VirtioConsole:
         with self._lock:
             return Writer().u8(STATE_VERSION).blob(b"".join(self._backlog)).bytes()
 
-    def load_state(self, data: bytes) -> None:
-        """Take the saved backlog in place of this one; StateError if bad, nothing changed."""
-        reader = Reader(data)
+    def decode_state(self, reader: Reader) -> ConsoleState:
+        """Read the saved backlog; StateError if it is not one."""
         reader.version("virtio-console", STATE_VERSION)
         backlog = reader.blob("the input backlog", BACKLOG_MAX)
         reader.end()
+        return ConsoleState(backlog)
+
+    def apply_state(self, state: ConsoleState) -> None:
+        """Take the saved backlog in place of this one."""
         with self._lock:
-            self._backlog = deque([backlog] if backlog else [])
+            self._backlog = deque([state.backlog] if state.backlog else [])
 
     def _transmit(self, ring: SplitQueue) -> bool:
         interrupt = False

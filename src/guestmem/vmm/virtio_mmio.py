@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import guestmem as gm
 from guestmem.virtio import SplitQueue
@@ -51,6 +51,7 @@ FEATURES_SEL_PAST = 2
     0x000, 0x004, 0x008, 0x00C, 0x010, 0x014, 0x020, 0x024, 0x030, 0x034, 0x038, 0x044,
     0x050, 0x060, 0x064, 0x070, 0x080, 0x084, 0x090, 0x094, 0x0A0, 0x0A4, 0x0FC, 0x100,
 )  # fmt: skip
+_RINGS = ("desc", "avail", "used")
 _ADDRESS_REGISTERS = {
     QUEUE_DESC_LOW: ("desc", 0), QUEUE_DESC_HIGH: ("desc", 32),
     QUEUE_DRIVER_LOW: ("avail", 0), QUEUE_DRIVER_HIGH: ("avail", 32),
@@ -80,8 +81,14 @@ class VirtioDevice(Protocol):
     def save_state(self) -> bytes:
         """The device's own state (no vCPU and no handler runs), versioned."""
 
-    def load_state(self, data: bytes) -> None:
-        """Take what :meth:`save_state` made; StateError, and nothing changed, if it is bad.
+    def decode_state(self, reader: Reader) -> object:
+        """Read and check what :meth:`save_state` made, whole; StateError if it is bad.
+
+        Changes nothing: the value it returns is what :meth:`apply_state` takes.
+        """
+
+    def apply_state(self, state: Any) -> None:
+        """Take a state :meth:`decode_state` returned (it refuses nothing).
 
         Called after :meth:`activate` when the saved device was active.
         """
@@ -94,6 +101,13 @@ class _QueueRegisters:
         self.size = QUEUE_SIZE_MAX
         self.ready = False
         self.address = {"desc": 0, "avail": 0, "used": 0}
+
+    @classmethod
+    def of(cls, state: QueueState) -> _QueueRegisters:
+        queue = cls()
+        queue.size, queue.ready = state.size, state.ready
+        queue.address = {"desc": state.desc, "avail": state.avail, "used": state.used}
+        return queue
 
 
 class MmioTransport:
@@ -238,25 +252,41 @@ class MmioTransport:
                     out.u16(ring.last_avail_idx).u16(ring.used_idx)
             return out.blob(self.device.save_state()).bytes()
 
-    def load_state(self, data: bytes) -> None:
-        """Take what :meth:`save_state` made into this transport, which must be at reset.
+    def decode_state(self, reader: Reader) -> TransportState:
+        """Read and check what :meth:`save_state` made; this transport must be at reset.
 
-        Everything is parsed and checked (the rings against guest memory too)
-        before anything is set: bad state is a StateError and changes nothing.
-        An interrupt the saved guest had not acked is raised again.
+        Everything is checked, the rings against guest memory and the
+        device's own payload too, and nothing is changed: bad state is a
+        StateError at its offset in ``reader``'s whole state.
         """
         with self._lock:
-            if self.status:
-                raise gm.UsageError("load a device's state into a transport at reset")
-            state = _parse_state(data, len(self._queues_set_up), self._offered)
-            queues = self._restored_queues(state)
-            self._restore_device(state, queues)
+            self._check_at_reset()
+            count, offered = len(self._queues_set_up), self._offered
+            return _decode_state(reader, count, offered, self._memory, self.device)
+
+    def apply_state(self, state: TransportState) -> None:
+        """Take a decoded state into this transport, which must still be at reset.
+
+        An active device gets its rings rebuilt (as DRIVER_OK does), is
+        activated, takes its own state, then the rings' indices. An
+        interrupt the saved guest had not acked is raised again.
+        """
+        with self._lock:
+            self._check_at_reset()
+            queues_set_up = [_QueueRegisters.of(q) for q in state.queues]
+            queues: list[SplitQueue] = []
+            if state.active:  # decode_state built these rings once: they are in guest RAM
+                queues = self._build_queues(queues_set_up, state.driver_features)
+                self.device.activate(queues, state.driver_features)
+            self.device.apply_state(state.device)
+            for ring, (last_avail, used) in zip(queues, state.indices, strict=True):
+                ring.set_indices(last_avail, used)
             self.status = state.status
             self._device_features_sel = state.device_features_sel
             self._driver_features_sel = state.driver_features_sel
             self.driver_features = state.driver_features
             self._queue_sel = state.queue_sel
-            self._queues_set_up = state.queues_set_up
+            self._queues_set_up = queues_set_up
             self.queues = queues
             self._interrupt = state.interrupt
             self._generation = state.generation
@@ -264,29 +294,13 @@ class MmioTransport:
                 self._level = True
                 self._set_irq(True)
 
-    def _restored_queues(self, state: _State) -> list[SplitQueue]:
-        """The rings of an active saved device, built as :meth:`_activate` does, or none."""
-        if not state.active:
-            return []
-        try:
-            return self._build_queues(state.queues_set_up, state.driver_features)
-        except gm.GuestMemoryError as error:
-            raise StateError(0, f"the saved queues' rings: {error}") from error
+    def load_state(self, data: bytes) -> None:
+        """Decode ``data`` and apply it: a StateError, and nothing changed, if it is bad."""
+        self.apply_state(self.decode_state(Reader(data)))
 
-    def _restore_device(self, state: _State, queues: list[SplitQueue]) -> None:
-        """Activate the device on ``queues`` (if any), load its state, then the indices."""
-        try:
-            if queues:
-                self.device.activate(queues, state.driver_features)
-            self.device.load_state(state.device)
-        except gm.GuestMemoryError as error:
-            if queues:
-                self.device.reset()  # back to the reset it was in
-            if isinstance(error, StateError):
-                raise
-            raise StateError(0, f"the device refused the saved queues: {error}") from error
-        for ring, (last_avail, used) in zip(queues, state.indices, strict=True):
-            ring.set_indices(last_avail, used)
+    def _check_at_reset(self) -> None:
+        if self.status:
+            raise gm.UsageError("load a device's state into a transport at reset")
 
     def _selected(self) -> _QueueRegisters | None:
         if 0 <= self._queue_sel < len(self._queues_set_up):
@@ -369,19 +383,30 @@ class MmioTransport:
 
 
 @dataclass(frozen=True)
-class _State:
-    """A parsed and checked transport state, not applied yet."""
+class QueueState:
+    """One queue's registers as the driver set them: QueueNum, QueueReady, ring addresses."""
+
+    size: int
+    ready: bool
+    desc: int
+    avail: int
+    used: int
+
+
+@dataclass(frozen=True)
+class TransportState:
+    """A transport's checked state and its device's (what the device's decode returned)."""
 
     status: int
     device_features_sel: int
     driver_features_sel: int
     driver_features: int
     queue_sel: int
-    queues_set_up: list[_QueueRegisters]
+    queues: tuple[QueueState, ...]
     interrupt: int
     generation: int
-    indices: list[tuple[int, int]]
-    device: bytes
+    indices: tuple[tuple[int, int], ...]  # (last_avail_idx, used_idx) of an active device's rings
+    device: object
 
     @property
     def active(self) -> bool:
@@ -389,8 +414,9 @@ class _State:
         return _is_active(self.status)
 
 
-def _parse_state(data: bytes, queue_count: int, offered: int) -> _State:
-    reader = Reader(data)
+def _decode_state(
+    reader: Reader, queue_count: int, offered: int, memory: gm.GuestMemory, device: VirtioDevice
+) -> TransportState:
     reader.version("the virtio-mmio transport", STATE_VERSION)
     status = _read_bits(reader, reader.u32, "Status", STATUS_BITS)
     device_sel = _read_at_most(reader, reader.u8, "DeviceFeaturesSel", FEATURES_SEL_PAST)
@@ -398,31 +424,43 @@ def _parse_state(data: bytes, queue_count: int, offered: int) -> _State:
     driver_features = _read_bits(reader, reader.u64, "DriverFeatures", offered)
     queue_sel = _read_at_most(reader, reader.u16, "QueueSel", queue_count)
     reader.expect("the number of queues", reader.u16("the number of queues"), queue_count)
-    queues = [_parse_queue(reader, i) for i in range(queue_count)]
+    active = _is_active(status)
+    event_idx = bool(driver_features & F_EVENT_IDX)
+    queues = []
+    for index in range(queue_count):
+        at = reader.offset
+        queue = _parse_queue(reader, index)
+        if active:
+            _check_rings(memory, queue, event_idx, at)
+        queues.append(queue)
     interrupt = _read_bits(reader, reader.u8, "InterruptStatus", INT_USED | INT_CONFIG)
     generation = reader.u32("ConfigGeneration")
-    active = _is_active(status)
-    indices = [_parse_indices(reader, i, q.size) for i, q in enumerate(queues)] if active else []
-    device = reader.blob("the device's state")
+    indices = tuple(_parse_indices(reader, i, q.size) for i, q in enumerate(queues) if active)
+    device_state = device.decode_state(reader.nested("the device's state"))
     reader.end()
-    return _State(
-        status, device_sel, driver_sel, driver_features, queue_sel, queues,
-        interrupt, generation, indices, device,
+    return TransportState(
+        status, device_sel, driver_sel, driver_features, queue_sel, tuple(queues),
+        interrupt, generation, indices, device_state,
     )  # fmt: skip
 
 
-def _parse_queue(reader: Reader, index: int) -> _QueueRegisters:
-    queue = _QueueRegisters()
+def _parse_queue(reader: Reader, index: int) -> QueueState:
     size = reader.u32(f"queue {index}'s QueueNum")
     if not 0 < size <= QUEUE_SIZE_MAX or size & (size - 1):
         raise reader.error(
             f"queue {index}'s QueueNum {size} is not a power of two in 1..{QUEUE_SIZE_MAX}"
         )
-    queue.size = size
-    queue.ready = reader.flag(f"queue {index}'s QueueReady")
-    for ring in ("desc", "avail", "used"):
-        queue.address[ring] = reader.u64(f"queue {index}'s {ring} ring address")
-    return queue
+    ready = reader.flag(f"queue {index}'s QueueReady")
+    desc, avail, used = (reader.u64(f"queue {index}'s {ring} ring address") for ring in _RINGS)
+    return QueueState(size, ready, desc, avail, used)
+
+
+def _check_rings(memory: gm.GuestMemory, queue: QueueState, event_idx: bool, at: int) -> None:
+    """Refuse rings an active device could not have had: the queue DRIVER_OK would build."""
+    try:
+        SplitQueue(memory, queue.size, queue.desc, queue.avail, queue.used, event_idx=event_idx)
+    except gm.GuestMemoryError as error:
+        raise StateError(at, f"the saved queues' rings: {error}") from error
 
 
 def _parse_indices(reader: Reader, index: int, size: int) -> tuple[int, int]:
