@@ -272,7 +272,7 @@ def build(kvm: FakeKvm, mem: gm.GuestMemory, image: Path, *, events: bool = True
     for vcpu in vcpus:
         kvm.add_vcpu(vcpu.fd, vcpu.index, salt=salt)
     kvm.add_vgic(fd + 999, [v.fd for v in vcpus], salt=salt)
-    disk = blk.VirtioBlock(mem, str(image))
+    disk = blk.VirtioBlock(mem, str(image), locked=False)  # a source and a target share it
     transports = [
         mmio.MmioTransport(mem, disk, Line()),
         mmio.MmioTransport(mem, hvc.VirtioConsole(mem, lambda _data: None), Line()),
