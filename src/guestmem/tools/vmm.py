@@ -216,19 +216,14 @@ def _tls(args: argparse.Namespace) -> channel.TlsConfig | None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    tls = _tls(args)  # its files are checked now, before any machine
+    if tls is not None and (args.incoming is None or args.incoming.family != "tcp"):
+        raise gm.UsageError("--tls-cert, --tls-key and --tls-ca go with --incoming tcp:")
     with contextlib.ExitStack() as stack:
         snapshot = None
         if args.restore is not None:  # before the machine: a typo is not a KVM error
             snapshot = stack.enter_context(open(args.restore, "rb"))
-        listener = None
-        if args.incoming is not None:
-            listener = channel.listen(
-                args.incoming, tls=_tls(args), allow_insecure=args.allow_insecure
-            )
-            stack.callback(listener.close)
-        elif _tls(args) is not None:
-            raise gm.UsageError("--tls-cert, --tls-key and --tls-ca go with --incoming tcp:")
-        return _run_machine(args, stack, snapshot, listener)
+        return _run_machine(args, stack, snapshot, tls)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -236,7 +231,7 @@ def _run_machine(
     args: argparse.Namespace,
     stack: contextlib.ExitStack,
     snapshot: BinaryIO | None,
-    listener: channel.Listener | None,
+    tls: channel.TlsConfig | None,
 ) -> int:
     from guestmem.vmm.machine import Disk, Machine, MachineConfig
 
@@ -250,8 +245,13 @@ def _run_machine(
         disks=tuple(Disk(path, read_only) for path, read_only in args.disk),
         virtio_console=args.virtio_console,
     )
-    machine = stack.enter_context(Machine(config, _write_stdout, lock_disks=listener is None))
+    incoming = args.incoming is not None
+    machine = stack.enter_context(Machine(config, _write_stdout, lock_disks=not incoming))
     control = stack.enter_context(_control(machine, args.control))
+    listener = None
+    if incoming:  # listening only once the machine can take a migration at once
+        listener = channel.listen(args.incoming, tls=tls, allow_insecure=args.allow_insecure)
+        stack.callback(listener.close)
     if snapshot is not None:
         from guestmem.vmm import transfer
 
