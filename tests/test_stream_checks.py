@@ -315,3 +315,18 @@ def test_the_documented_checksum_verifies_a_real_stream() -> None:
     header = header_with()
     body = stream[: len(header) - 8]
     assert documented_checksum(body) == int.from_bytes(stream[len(body) : len(header)], "little")
+
+
+def test_whether_more_arrived_never_waits_for_it() -> None:
+    from guestmem.migration.stream import more_arrived
+
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(5.0)  # Python waits out a timeout on EAGAIN unless told not to
+        started = time.monotonic()
+        assert more_arrived(b) is False
+        assert time.monotonic() - started < 1.0
+        assert b.gettimeout() == 5.0
+        a.sendall(b"x")
+        time.sleep(0.05)
+        assert more_arrived(b) is True and b.recv(1) == b"x"  # peeked, not taken

@@ -151,21 +151,18 @@ def more_arrived(source: Source) -> bool:
     Asked where any byte is an error, so it may consume one: TLS cannot
     peek. A peer that closed (with or without close_notify) sent nothing.
     """
-    if isinstance(source, ssl.SSLSocket):
-        before = source.gettimeout()
-        source.settimeout(0.0)
-        try:
+    if not isinstance(source, socket.socket):
+        return bool(source.read(1))
+    before = source.gettimeout()
+    source.settimeout(0.0)  # with a timeout set, Python would wait for a byte that never comes
+    try:
+        if isinstance(source, ssl.SSLSocket):
             return bool(source.recv(1))
-        except (ssl.SSLWantReadError, ssl.SSLEOFError, BlockingIOError, InterruptedError):
-            return False
-        finally:
-            source.settimeout(before)
-    if isinstance(source, socket.socket):
-        try:
-            return bool(source.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except (BlockingIOError, InterruptedError):
-            return False
-    return bool(source.read(1))
+        return bool(source.recv(1, socket.MSG_PEEK))
+    except (ssl.SSLWantReadError, ssl.SSLEOFError, BlockingIOError, InterruptedError):
+        return False
+    finally:
+        source.settimeout(before)
 
 
 class StreamReader:
