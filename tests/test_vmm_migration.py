@@ -121,10 +121,13 @@ def _source(tags: str, control: Path) -> Vmm:
 
 
 MAX_DOWNTIME_MS = "5000"  # nested emulation sends the last round in 0.2-1 s (benchmarks.md)
+PATIENCE = "60"  # seconds on a quiet peer: nested emulation starves a busy VMM for seconds
 
 
 def _request(command: str, control: Path, to: str) -> dict[str, object]:
-    limits = ["--max-downtime", MAX_DOWNTIME_MS] if command == "migrate" else []
+    limits = (
+        ["--max-downtime", MAX_DOWNTIME_MS, "--timeout", PATIENCE] if command == "migrate" else []
+    )
     guestmem = [sys.executable, "-m", "guestmem", "vmm"]
     done = subprocess.run(
         [*guestmem, command, "--control", str(control), "--to", to, *limits],
@@ -157,17 +160,21 @@ def _check_resumed(vmm: Vmm, start: int) -> None:
     assert vmm.finish() == 0, vmm.errors.text
 
 
+# KVM to KVM is the last step of test_vmm_migration_faults.py (over TLS, after
+# every failure): one boot less per kernel lane.
 @pytest.mark.parametrize(
     ("source_tags", "target_tags"),
-    [("kvm", "kvm"), ("hardware", "hardware"), ("hardware", "kvm")],
-    ids=["KVM", "HARDWARE", "HARDWARE-to-KVM"],
+    [("hardware", "hardware"), ("hardware", "kvm")],
+    ids=["HARDWARE", "HARDWARE-to-KVM"],
 )
 def test_live_migration_of_a_running_mte_guest(
     source_tags: str, target_tags: str, tmp_path: Path
 ) -> None:
     control, incoming = tmp_path / "control", tmp_path / "incoming"
     source = _source(source_tags, control)
-    target = Vmm("--incoming", f"unix:{incoming}", "--tags", target_tags)
+    target = Vmm(
+        "--incoming", f"unix:{incoming}", "--tags", target_tags, "--migration-timeout", PATIENCE
+    )
     try:
         source.after(TICK, source.after(READY, 0).end())
         _wait_for_socket(incoming, target)
@@ -179,10 +186,14 @@ def test_live_migration_of_a_running_mte_guest(
     finally:
         source.kill()
         target.kill()
+    record_migration(report, f"{source_tags} to {target_tags}")
+
+
+def record_migration(report: dict[str, object], label: str) -> None:
+    """Check a live migration went as designed (rounds, KVM's dirty log) and keep its figures."""
     rounds = report["rounds"]
     assert isinstance(rounds, list) and len(rounds) >= 2, report
     assert int(report["dirty_pages_from_kvm"]) > 0, "the guest's writes came from KVM's log"  # type: ignore[call-overload]
-    label = f"{source_tags} to {target_tags}"
     FIGURES[f"vmm live migration {label}: downtime ms"] = round(float(report["downtime"]) * 1000)  # type: ignore[arg-type]
     FIGURES[f"vmm live migration {label}: total ms"] = round(float(report["total"]) * 1000)  # type: ignore[arg-type]
     FIGURES[f"vmm live migration {label}: rounds"] = len(rounds)
