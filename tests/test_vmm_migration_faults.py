@@ -7,7 +7,8 @@ as a careless operator and a failing network would:
 
 1. a second ``vmm run`` on the same disk image is refused;
 2. the target is killed (SIGKILL) during pre-copy;
-3. the target is stopped (SIGSTOP) once the source has paused the guest;
+3. the target is stopped (SIGSTOP) once the source has paused the guest, and another is
+   killed (SIGKILL) there;
 4. a TLS target trusts another CA: the source's certificate is refused;
 5. a GDB tag write lands while KVM logs dirty pages (E10 on Linux 6.12+,
    written and carried on 6.1);
@@ -289,6 +290,21 @@ def test_every_way_a_migration_fails_leaves_exactly_one_guest_running(
     assert 0 < paused < (float(QUICK) + 5) * 1000, said  # the timeout, and nested slack
     FIGURES["vmm migration faults: target stopped in the final round: paused ms"] = paused
     stalled.process.kill()
+    _runs_on(source)
+
+    # 3b. The target is killed once the guest is paused: the source resumes at once.
+    incoming = tmp_path / "in3b"
+    killed = target("--incoming", f"unix:{incoming}")
+    _wait_for_socket(incoming, killed)
+    attempt = migrate(f"unix:{incoming}", "--timeout", PATIENT)
+    attempt.wait_for_phase("paused")
+    os.kill(killed.process.pid, signal.SIGSTOP)  # it cannot answer READY before it dies
+    killed.process.kill()
+    status, _, said = attempt.finish()
+    assert status == 1 and "runs on here" in said, said
+    paused = _paused_ms(said)
+    assert 0 < paused < float(PATIENT) * 1000, said  # the closed socket, not the timeout
+    FIGURES["vmm migration faults: target killed in the final round: paused ms"] = paused
     _runs_on(source)
 
     # 4. A target that trusts another CA refuses the source's certificate.
