@@ -1,4 +1,4 @@
-"""Disk image locks (guestmem.vmm.disk_lock): never two VMMs on one image.
+"""Disk image locks (guestmem.devices.disk_lock): never two VMMs on one image.
 
 OFD locks belong to an open file description, so two devices over one image
 in this process conflict as two VMMs would; a child process shows the same
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import guestmem as gm
-from guestmem.vmm import virtio_blk as blk
-from guestmem.vmm.disk_lock import DiskLock, DiskLockedError, acquire_all
+from guestmem.devices import virtio_blk as blk
+from guestmem.devices.disk_lock import DiskLock, DiskLockedError, acquire_all
 from guestmem.vmm.machine import Machine
 
 BASE = 0x4000_0000
@@ -143,7 +143,7 @@ def test_an_unlocked_disk_still_serves_its_image(mem: gm.GuestMemory, image: Pat
 HOLD = """
     import sys
     import guestmem as gm
-    from guestmem.vmm import virtio_blk as blk
+    from guestmem.devices import virtio_blk as blk
     with gm.GuestMemory.anonymous(1 << 20, gpa=0x4000_0000, tags=gm.TagMode.SOFTWARE) as mem:
         disk = blk.VirtioBlock(mem, sys.argv[1], read_only=sys.argv[2] == "ro")
         print("locked", flush=True)

@@ -28,19 +28,19 @@ from hypothesis import strategies as st
 
 import guestmem as gm
 from conftest import FIGURES
+from guestmem.devices import pl011
+from guestmem.devices import virtio_blk as blk
+from guestmem.devices import virtio_console as hvc
+from guestmem.devices import virtio_mmio as mmio
 from guestmem.errors import NativeOSError
+from guestmem.saved_state import StateError
 from guestmem.vmm import gic_state, layout, machine_state, state_codec
 from guestmem.vmm import kvm_api as k
-from guestmem.vmm import uart as pl011
-from guestmem.vmm import virtio_blk as blk
-from guestmem.vmm import virtio_console as hvc
-from guestmem.vmm import virtio_mmio as mmio
 from guestmem.vmm.gic import Gic
 from guestmem.vmm.machine import Disk, Machine, MachineConfig
-from guestmem.vmm.state_codec import StateError
 from guestmem.vmm.vcpu import Vcpu
-from test_vmm_device_state import Levels
-from test_vmm_virtio_mmio import BASE, DATA, RAM, SECTORS, Line, kick, request, set_up_queues
+from test_devices_state import Levels
+from test_devices_virtio_mmio import BASE, DATA, RAM, SECTORS, Line, kick, request, set_up_queues
 
 assert BASE == layout.RAM  # the devices' rings are in the machine's RAM
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import guestmem as gm
+from guestmem.devices import pl011
 from guestmem.vmm import boot, fdt, layout
-from guestmem.vmm import uart as pl011
 
 libfdt = pytest.importorskip("libfdt", reason="the VMM's device tree needs pylibfdt")
 

@@ -13,8 +13,8 @@ import zlib
 import pytest
 
 import guestmem as gm
+from guestmem.saved_state import Reader, StateError, Writer
 from guestmem.vmm import state_codec as codec
-from guestmem.vmm.state_codec import Reader, StateError, Writer
 
 SECTIONS = [
     ("vcpu0", Writer().u8(1).u16(0xBEEF).u32(7).u64(1 << 63).bytes()),

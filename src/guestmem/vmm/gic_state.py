@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from guestmem.errors import NativeOSError
+from guestmem.saved_state import Reader, Writer
 from guestmem.vmm import kvm_api as k
 from guestmem.vmm import layout
 from guestmem.vmm.gic import Gic
-from guestmem.vmm.state_codec import Reader, Writer
 from guestmem.vmm.vcpu import Vcpu
 
 VERSION = 1

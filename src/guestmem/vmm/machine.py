@@ -32,14 +32,18 @@ from dataclasses import dataclass
 
 import guestmem as gm
 from guestmem._native import lib
+from guestmem.devices.disk_lock import acquire_all
+from guestmem.devices.pl011 import Pl011
+from guestmem.devices.virtio_blk import VirtioBlock
+from guestmem.devices.virtio_console import VirtioConsole
+from guestmem.devices.virtio_device import VirtioDevice
+from guestmem.devices.virtio_mmio import QUEUE_NOTIFY, MmioTransport
 from guestmem.kvm import KvmVm
 from guestmem.vmm import boot, fdt, layout
 from guestmem.vmm import kvm_api as k
-from guestmem.vmm.disk_lock import acquire_all
 from guestmem.vmm.gate import Gate
 from guestmem.vmm.gic import EdgeInterrupt, Gic
 from guestmem.vmm.io_loop import IoLoop
-from guestmem.vmm.uart import Pl011
 from guestmem.vmm.vcpu import (
     DebugExit,
     Interrupted,
@@ -48,9 +52,6 @@ from guestmem.vmm.vcpu import (
     Vcpu,
     install_kick_handler,
 )
-from guestmem.vmm.virtio_blk import VirtioBlock
-from guestmem.vmm.virtio_console import VirtioConsole
-from guestmem.vmm.virtio_mmio import INT_USED, QUEUE_NOTIFY, MmioTransport, VirtioDevice
 
 TAG_MODES = (gm.TagMode.HARDWARE, gm.TagMode.KVM)
 PAUSE_TIMEOUT = 30.0  # a kicked vCPU parks in microseconds; this is for a wedged host
@@ -230,9 +231,6 @@ class Machine:
                     kick = self.io.eventfd(functools.partial(transport.notify_queue, queue))
                     k.assign_ioeventfd(self.vm.fd, kick, base + QUEUE_NOTIFY, 4, queue)
             windows.append(_Device(base, layout.VIRTIO_SIZE, transport.read, transport.write))
-        if self.hvc is not None:
-            transport = self.transports[-1]
-            self.hvc.interrupt = lambda: transport.raise_interrupt(INT_USED)
         return windows
 
     @property

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import guestmem as gm
+from guestmem.devices.pl011 import Pl011State
+from guestmem.devices.virtio_mmio_state import TransportState
+from guestmem.saved_state import Reader, StateError, Writer
 from guestmem.vmm import gic_state, layout, state_codec, vcpu_state
 from guestmem.vmm.gic_state import GicState
-from guestmem.vmm.state_codec import Reader, StateError, Writer
-from guestmem.vmm.uart import Pl011State
 from guestmem.vmm.vcpu import Vcpu
 from guestmem.vmm.vcpu_state import VcpuState
-from guestmem.vmm.virtio_mmio import TransportState
 
 if TYPE_CHECKING:
     from guestmem.vmm.machine import Machine

@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, BinaryIO
 import guestmem as gm
 from guestmem.migration import live
 from guestmem.migration.stream import StreamReader, StreamWriter, more_arrived
+from guestmem.saved_state import MAX_STATE, Reader, StateError
 from guestmem.units import GRANULE, STREAM_PAGE
 from guestmem.vmm import handover, machine_state
 from guestmem.vmm.dirty_log import KvmDirtyLog
 from guestmem.vmm.handover import Cancellation, Hold, MigrationFailed
-from guestmem.vmm.state_codec import MAX_STATE, Reader, StateError
 from guestmem.vmm.throttle import Throttle
 
 if TYPE_CHECKING:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from guestmem.saved_state import Reader, StateError, Writer
 from guestmem.vmm import id_registers
 from guestmem.vmm import kvm_api as k
-from guestmem.vmm.state_codec import Reader, StateError, Writer
 from guestmem.vmm.vcpu import Vcpu
 
 VERSION = 1

@@ -1,11 +1,16 @@
 """The virtio-mmio transport, version 2 (virtio 1.x, section 4.2), for one device.
 
+One transport of the devices in this package (each a
+:class:`~guestmem.devices.virtio_device.VirtioDevice`, which never knows
+this module): the VMM maps one window per device on its MMIO bus.
+
 The guest finds the device through the device tree (``virtio,mmio``), reads
 its identity and features, negotiates, places each queue's rings anywhere
 in guest RAM and kicks the device through QueueNotify (an MMIO exit, or an
 ioeventfd the VMM's I/O thread serves: :meth:`MmioTransport.notify_queue`);
-the device raises the transport's interrupt, which ``set_irq`` follows as a
-condition (up when InterruptStatus becomes non-zero, down when it clears).
+the device raises the transport's interrupt, which the window's
+:class:`~guestmem.devices.interrupt.InterruptLine` follows as a condition
+(up when InterruptStatus becomes non-zero, down when it clears).
 The rings themselves are :class:`guestmem.virtio.SplitQueue` objects over
 guest memory; what the device does with a queue's requests is the
 :class:`VirtioDevice`'s business. A device the guest misuses (a ring
@@ -17,31 +22,39 @@ down.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Sequence
 
 import guestmem as gm
+from guestmem.devices.interrupt import InterruptLine
+from guestmem.devices.virtio_device import (
+    F_EVENT_IDX,
+    F_VERSION_1,
+    RING_FEATURES,
+    S_DRIVER_OK,
+    S_FEATURES_OK,
+    S_NEEDS_RESET,
+    VirtioDevice,
+    is_active,
+)
+from guestmem.devices.virtio_mmio_state import (
+    FEATURES_SEL_PAST,
+    STATE_VERSION,
+    QueueState,
+    TransportState,
+    decode_state,
+)
+
+# InterruptStatus's bits and the largest QueueNum: the registers' meaning, which
+# the saved state's checks share; they are this transport's names too.
+from guestmem.devices.virtio_mmio_state import INT_CONFIG as INT_CONFIG
+from guestmem.devices.virtio_mmio_state import INT_USED as INT_USED
+from guestmem.devices.virtio_mmio_state import QUEUE_SIZE_MAX as QUEUE_SIZE_MAX
+from guestmem.saved_state import Reader, Writer
 from guestmem.virtio import SplitQueue
-from guestmem.vmm.state_codec import Reader, StateError, Writer
 
 MAGIC = 0x7472_6976  # "virt"
 VERSION = 2
 VENDOR = 0x4D47_5547  # "GUGM"
-QUEUE_SIZE_MAX = 256
-
-F_INDIRECT_DESC = 1 << 28
-F_EVENT_IDX = 1 << 29
-F_VERSION_1 = 1 << 32
-
-S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK = 1, 2, 4, 8
-S_NEEDS_RESET, S_FAILED = 64, 128
-STATUS_BITS = S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK | S_FEATURES_OK | S_NEEDS_RESET | S_FAILED
-INT_USED, INT_CONFIG = 1, 2
-STATE_VERSION = 1
-# A feature selector past the 64 feature bits reads 0 and takes no write,
-# whatever its value: the saved state keeps them all as this one.
-FEATURES_SEL_PAST = 2
 
 (MAGIC_VALUE, VERSION_REG, DEVICE_ID, VENDOR_ID, DEVICE_FEATURES, DEVICE_FEATURES_SEL,
  DRIVER_FEATURES, DRIVER_FEATURES_SEL, QUEUE_SEL, QUEUE_NUM_MAX, QUEUE_NUM, QUEUE_READY,
@@ -51,47 +64,11 @@ FEATURES_SEL_PAST = 2
     0x000, 0x004, 0x008, 0x00C, 0x010, 0x014, 0x020, 0x024, 0x030, 0x034, 0x038, 0x044,
     0x050, 0x060, 0x064, 0x070, 0x080, 0x084, 0x090, 0x094, 0x0A0, 0x0A4, 0x0FC, 0x100,
 )  # fmt: skip
-_RINGS = ("desc", "avail", "used")
 _ADDRESS_REGISTERS = {
     QUEUE_DESC_LOW: ("desc", 0), QUEUE_DESC_HIGH: ("desc", 32),
     QUEUE_DRIVER_LOW: ("avail", 0), QUEUE_DRIVER_HIGH: ("avail", 32),
     QUEUE_DEVICE_LOW: ("used", 0), QUEUE_DEVICE_HIGH: ("used", 32),
 }  # fmt: skip
-
-
-class VirtioDevice(Protocol):
-    """A virtio device behind the transport: its identity, features, config and queues."""
-
-    device_id: int
-    features: int  # device-specific feature bits (the transport adds its own)
-    queue_count: int
-
-    def config(self) -> bytes:
-        """The device configuration space, as the guest reads it."""
-
-    def activate(self, queues: Sequence[SplitQueue], features: int) -> None:
-        """The driver is ready (DRIVER_OK): serve ``queues`` with the negotiated ``features``."""
-
-    def notify(self, queue: int) -> bool:
-        """The driver kicked ``queue``: serve what it made available; True to interrupt."""
-
-    def reset(self) -> None:
-        """The driver reset the device: drop the queues and any request in flight."""
-
-    def save_state(self) -> bytes:
-        """The device's own state (no vCPU and no handler runs), versioned."""
-
-    def decode_state(self, reader: Reader) -> object:
-        """Read and check what :meth:`save_state` made, whole; StateError if it is bad.
-
-        Changes nothing: the value it returns is what :meth:`apply_state` takes.
-        """
-
-    def apply_state(self, state: Any) -> None:
-        """Take a state :meth:`decode_state` returned (it refuses nothing).
-
-        Called after :meth:`activate` when the saved device was active.
-        """
 
 
 class _QueueRegisters:
@@ -113,15 +90,13 @@ class _QueueRegisters:
 class MmioTransport:
     """One virtio-mmio window: ``read``/``write`` from the VMM's MMIO dispatch."""
 
-    def __init__(
-        self, memory: gm.GuestMemory, device: VirtioDevice, set_irq: Callable[[bool], None]
-    ) -> None:
-        """The transport of ``device`` at reset; ``set_irq`` drives its interrupt line."""
+    def __init__(self, memory: gm.GuestMemory, device: VirtioDevice, line: InterruptLine) -> None:
+        """The transport of ``device`` at reset; it drives ``line`` as InterruptStatus says."""
         self._memory = memory
         self.device = device
-        self._set_irq = set_irq
+        self._line = line
         self._lock = threading.RLock()
-        self._offered = device.features | F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX
+        self._offered = device.features | RING_FEATURES
         self._level = False
         self.kicks_by_exit = 0  # QueueNotify writes that reached the VMM as MMIO exits
         self.kicks_by_eventfd = 0  # and those KVM signalled on an ioeventfd instead
@@ -169,10 +144,12 @@ class MmioTransport:
             return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
-        """A register write from the guest (config space writes are ignored)."""
+        """A register write from the guest; config space writes go to the device."""
         interrupt = False
         with self._lock:
-            if offset == DEVICE_FEATURES_SEL:
+            if offset >= CONFIG:
+                self.device.write_config(offset - CONFIG, _le(value, size))
+            elif offset == DEVICE_FEATURES_SEL:
                 self._device_features_sel = value
             elif offset == DRIVER_FEATURES_SEL:
                 self._driver_features_sel = value
@@ -217,6 +194,10 @@ class MmioTransport:
             self._interrupt |= cause
             self._update_irq()
 
+    def _used_buffers(self) -> None:
+        """The device used buffers outside a kick (its :class:`UsedBuffers`)."""
+        self.raise_interrupt(INT_USED)
+
     def serve_queues(self) -> None:
         """Serve every queue of an active device once, as if each had been kicked.
 
@@ -244,7 +225,7 @@ class MmioTransport:
                 out.u32(q.size).u8(q.ready)
                 out.u64(q.address["desc"]).u64(q.address["avail"]).u64(q.address["used"])
             out.u8(self._interrupt).u32(self._generation)
-            if _is_active(self.status):
+            if is_active(self.status):
                 # All a ring's device-side state: csrc/gm_virtq.c keeps nothing
                 # else (EVENT_IDX's avail_event and used_event live in the
                 # rings, in guest memory, and push/pop read them there).
@@ -262,7 +243,7 @@ class MmioTransport:
         with self._lock:
             self._check_at_reset()
             count, offered = len(self._queues_set_up), self._offered
-            return _decode_state(reader, count, offered, self._memory, self.device)
+            return decode_state(reader, count, offered, self._memory, self.device)
 
     def apply_state(self, state: TransportState) -> None:
         """Take a decoded state into this transport, which must still be at reset.
@@ -277,7 +258,7 @@ class MmioTransport:
             queues: list[SplitQueue] = []
             if state.active:  # decode_state built these rings once: they are in guest RAM
                 queues = self._build_queues(queues_set_up, state.driver_features)
-                self.device.activate(queues, state.driver_features)
+                self.device.activate(queues, state.driver_features, self._used_buffers)
             self.device.apply_state(state.device)
             for ring, (last_avail, used) in zip(queues, state.indices, strict=True):
                 ring.set_indices(last_avail, used)
@@ -292,7 +273,7 @@ class MmioTransport:
             self._generation = state.generation
             if self._interrupt:
                 self._level = True
-                self._set_irq(True)
+                self._line(True)
 
     def load_state(self, data: bytes) -> None:
         """Decode ``data`` and apply it: a StateError, and nothing changed, if it is bad."""
@@ -338,7 +319,7 @@ class MmioTransport:
     def _activate(self) -> None:
         try:
             self.queues = self._build_queues(self._queues_set_up, self.driver_features)
-            self.device.activate(self.queues, self.driver_features)
+            self.device.activate(self.queues, self.driver_features, self._used_buffers)
         except gm.GuestMemoryError:
             self._needs_reset()
 
@@ -379,113 +360,9 @@ class MmioTransport:
         level = self._interrupt != 0
         if level != self._level:
             self._level = level
-            self._set_irq(level)
+            self._line(level)
 
 
-@dataclass(frozen=True)
-class QueueState:
-    """One queue's registers as the driver set them: QueueNum, QueueReady, ring addresses."""
-
-    size: int
-    ready: bool
-    desc: int
-    avail: int
-    used: int
-
-
-@dataclass(frozen=True)
-class TransportState:
-    """A transport's checked state and its device's (what the device's decode returned)."""
-
-    status: int
-    device_features_sel: int
-    driver_features_sel: int
-    driver_features: int
-    queue_sel: int
-    queues: tuple[QueueState, ...]
-    interrupt: int
-    generation: int
-    indices: tuple[tuple[int, int], ...]  # (last_avail_idx, used_idx) of an active device's rings
-    device: object
-
-    @property
-    def active(self) -> bool:
-        """Whether the saved device was running (DRIVER_OK, not NEEDS_RESET)."""
-        return _is_active(self.status)
-
-
-def _decode_state(
-    reader: Reader, queue_count: int, offered: int, memory: gm.GuestMemory, device: VirtioDevice
-) -> TransportState:
-    reader.version("the virtio-mmio transport", STATE_VERSION)
-    status = _read_bits(reader, reader.u32, "Status", STATUS_BITS)
-    device_sel = _read_at_most(reader, reader.u8, "DeviceFeaturesSel", FEATURES_SEL_PAST)
-    driver_sel = _read_at_most(reader, reader.u8, "DriverFeaturesSel", FEATURES_SEL_PAST)
-    driver_features = _read_bits(reader, reader.u64, "DriverFeatures", offered)
-    queue_sel = _read_at_most(reader, reader.u16, "QueueSel", queue_count)
-    reader.expect("the number of queues", reader.u16("the number of queues"), queue_count)
-    active = _is_active(status)
-    event_idx = bool(driver_features & F_EVENT_IDX)
-    queues = []
-    for index in range(queue_count):
-        at = reader.offset
-        queue = _parse_queue(reader, index)
-        if active:
-            _check_rings(memory, queue, event_idx, at)
-        queues.append(queue)
-    interrupt = _read_bits(reader, reader.u8, "InterruptStatus", INT_USED | INT_CONFIG)
-    generation = reader.u32("ConfigGeneration")
-    indices = tuple(_parse_indices(reader, i, q.size) for i, q in enumerate(queues) if active)
-    device_state = device.decode_state(reader.nested("the device's state"))
-    reader.end()
-    return TransportState(
-        status, device_sel, driver_sel, driver_features, queue_sel, tuple(queues),
-        interrupt, generation, indices, device_state,
-    )  # fmt: skip
-
-
-def _parse_queue(reader: Reader, index: int) -> QueueState:
-    size = reader.u32(f"queue {index}'s QueueNum")
-    if not 0 < size <= QUEUE_SIZE_MAX or size & (size - 1):
-        raise reader.error(
-            f"queue {index}'s QueueNum {size} is not a power of two in 1..{QUEUE_SIZE_MAX}"
-        )
-    ready = reader.flag(f"queue {index}'s QueueReady")
-    desc, avail, used = (reader.u64(f"queue {index}'s {ring} ring address") for ring in _RINGS)
-    return QueueState(size, ready, desc, avail, used)
-
-
-def _check_rings(memory: gm.GuestMemory, queue: QueueState, event_idx: bool, at: int) -> None:
-    """Refuse rings an active device could not have had: the queue DRIVER_OK would build."""
-    try:
-        SplitQueue(memory, queue.size, queue.desc, queue.avail, queue.used, event_idx=event_idx)
-    except gm.GuestMemoryError as error:
-        raise StateError(at, f"the saved queues' rings: {error}") from error
-
-
-def _parse_indices(reader: Reader, index: int, size: int) -> tuple[int, int]:
-    last_avail = reader.u16(f"queue {index}'s last avail index")
-    used = reader.u16(f"queue {index}'s used index")
-    in_flight = (last_avail - used) & 0xFFFF
-    if in_flight > size:
-        raise reader.error(f"queue {index} has {in_flight} chains in flight, more than its {size}")
-    return last_avail, used
-
-
-def _is_active(status: int) -> bool:
-    """Whether a device with this status is running: DRIVER_OK and not NEEDS_RESET."""
-    return bool(status & S_DRIVER_OK and not status & S_NEEDS_RESET)
-
-
-def _read_bits(reader: Reader, read: Callable[[str], int], name: str, allowed: int) -> int:
-    value = read(name)
-    if value & ~allowed:
-        raise reader.error(f"{name} is {value:#x}: bits outside {allowed:#x}")
-    return value
-
-
-def _read_at_most(reader: Reader, read: Callable[[str], int], name: str, limit: int) -> int:
-    value = read(name)
-    if value > limit:
-        raise reader.error(f"{name} is {value}, more than {limit}")
-    return value
+def _le(value: int, size: int) -> bytes:
+    """The ``size`` bytes of a register write, as the guest stored them."""
+    return (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 import guestmem as gm
-from guestmem.vmm import virtio_blk as blk
-from guestmem.vmm import virtio_console as hvc
-from guestmem.vmm import virtio_mmio as mmio
+from guestmem.devices import virtio_blk as blk
+from guestmem.devices import virtio_console as hvc
+from guestmem.devices import virtio_device as virtio
+from guestmem.devices import virtio_mmio as mmio
 from virtq_driver import Driver
 
 BASE = 0x4000_0000
@@ -56,7 +57,7 @@ def image(tmp_path: Path) -> Path:
 
 
 def set_up(
-    mem: gm.GuestMemory, device: mmio.VirtioDevice
+    mem: gm.GuestMemory, device: virtio.VirtioDevice
 ) -> tuple[mmio.MmioTransport, Driver, Line]:
     """What a guest's virtio_mmio driver does before DRIVER_OK; the first queue's driver."""
     transport, drivers, line = set_up_queues(mem, device)
@@ -64,7 +65,7 @@ def set_up(
 
 
 def set_up_queues(
-    mem: gm.GuestMemory, device: mmio.VirtioDevice, rings: int = RINGS
+    mem: gm.GuestMemory, device: virtio.VirtioDevice, rings: int = RINGS
 ) -> tuple[mmio.MmioTransport, list[Driver], Line]:
     """The same for every queue of ``device``, each with its own rings (from ``rings`` up)."""
     line = Line()
@@ -72,15 +73,15 @@ def set_up_queues(
     assert transport.read(mmio.MAGIC_VALUE, 4) == mmio.MAGIC
     assert transport.read(mmio.VERSION_REG, 4) == 2
     assert transport.read(mmio.DEVICE_ID, 4) == device.device_id
-    transport.write(mmio.STATUS, 4, mmio.S_ACKNOWLEDGE | mmio.S_DRIVER)
+    transport.write(mmio.STATUS, 4, virtio.S_ACKNOWLEDGE | virtio.S_DRIVER)
     transport.write(mmio.DEVICE_FEATURES_SEL, 4, 1)
     assert transport.read(mmio.DEVICE_FEATURES, 4) & 1  # VERSION_1
     transport.write(mmio.DRIVER_FEATURES_SEL, 4, 0)
-    transport.write(mmio.DRIVER_FEATURES, 4, device.features | mmio.F_EVENT_IDX)
+    transport.write(mmio.DRIVER_FEATURES, 4, device.features | virtio.F_EVENT_IDX)
     transport.write(mmio.DRIVER_FEATURES_SEL, 4, 1)
     transport.write(mmio.DRIVER_FEATURES, 4, 1)
-    transport.write(mmio.STATUS, 4, mmio.S_ACKNOWLEDGE | mmio.S_DRIVER | mmio.S_FEATURES_OK)
-    assert transport.read(mmio.STATUS, 4) & mmio.S_FEATURES_OK
+    transport.write(mmio.STATUS, 4, virtio.S_ACKNOWLEDGE | virtio.S_DRIVER | virtio.S_FEATURES_OK)
+    assert transport.read(mmio.STATUS, 4) & virtio.S_FEATURES_OK
     drivers = []
     for queue in range(device.queue_count):
         driver = Driver(mem, SIZE, rings + 0x4000 * queue)
@@ -193,7 +194,7 @@ def test_a_malformed_ring_sets_needs_reset_and_a_reset_recovers(
     driver.set_desc(0, BASE + RAM + 0x1000, 512, 0)  # a buffer outside guest RAM
     driver.publish(0)
     kick(transport)
-    assert transport.read(mmio.STATUS, 4) & mmio.S_NEEDS_RESET
+    assert transport.read(mmio.STATUS, 4) & virtio.S_NEEDS_RESET
     assert transport.read(mmio.INTERRUPT_STATUS, 4) & mmio.INT_CONFIG and line.level
     kick(transport)  # ignored until the reset
     transport.write(mmio.STATUS, 4, 0)
@@ -208,10 +209,10 @@ def test_a_malformed_ring_sets_needs_reset_and_a_reset_recovers(
 def test_a_legacy_driver_is_refused_features_ok(mem: gm.GuestMemory, image: Path) -> None:
     device = blk.VirtioBlock(mem, str(image))
     transport = mmio.MmioTransport(mem, device, Line())
-    transport.write(mmio.STATUS, 4, mmio.S_ACKNOWLEDGE | mmio.S_DRIVER)
+    transport.write(mmio.STATUS, 4, virtio.S_ACKNOWLEDGE | virtio.S_DRIVER)
     transport.write(mmio.DRIVER_FEATURES, 4, 0)  # no VERSION_1
-    transport.write(mmio.STATUS, 4, mmio.S_ACKNOWLEDGE | mmio.S_DRIVER | mmio.S_FEATURES_OK)
-    assert not transport.read(mmio.STATUS, 4) & mmio.S_FEATURES_OK
+    transport.write(mmio.STATUS, 4, virtio.S_ACKNOWLEDGE | virtio.S_DRIVER | virtio.S_FEATURES_OK)
+    assert not transport.read(mmio.STATUS, 4) & virtio.S_FEATURES_OK
     device.close()
 
 
@@ -231,7 +232,6 @@ def test_the_console_sends_what_the_guest_writes_and_delivers_what_is_typed(
     out: list[bytes] = []
     device = hvc.VirtioConsole(mem, out.append)
     transport, (receiveq, transmitq), line = set_up_queues(mem, device)
-    device.interrupt = lambda: transport.raise_interrupt(mmio.INT_USED)
     mem.write(DATA, b"hello, hvc0\n", access=gm.Access.DEBUG)
     transmitq.add([(DATA, 12, False)])
     transport.write(mmio.QUEUE_NOTIFY, 4, hvc.TRANSMIT)

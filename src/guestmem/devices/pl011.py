@@ -15,7 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from guestmem.vmm.state_codec import Reader, StateError, Writer
+from guestmem.devices.interrupt import InterruptLine
+from guestmem.saved_state import Reader, StateError, Writer
 
 DR, RSR, FR, ILPR, IBRD, FBRD, LCR_H, CR, IFLS, IMSC, RIS, MIS, ICR, DMACR = (
     0x00, 0x04, 0x18, 0x20, 0x24, 0x28, 0x2C, 0x30, 0x34, 0x38, 0x3C, 0x40, 0x44, 0x48,
@@ -37,16 +38,16 @@ _MASK_BITS = 0x7FF
 class Pl011:
     """The UART's registers; the VMM's bus calls :meth:`read` and :meth:`write`.
 
-    ``output`` receives what the guest transmits; ``set_irq`` drives the
-    interrupt line (called only when its level changes). :meth:`receive`
+    ``output`` receives what the guest transmits; the UART drives ``line``
+    (only when its level changes). :meth:`receive`
     queues input; what does not fit in the FIFO waits in a backlog until the
     guest reads.
     """
 
-    def __init__(self, output: Callable[[bytes], None], set_irq: Callable[[bool], None]) -> None:
+    def __init__(self, output: Callable[[bytes], None], line: InterruptLine) -> None:
         """A UART at reset."""
         self._output = output
-        self._set_irq = set_irq
+        self._line = line
         self._lock = threading.Lock()
         self._rx: deque[int] = deque()
         self._backlog: deque[int] = deque()
@@ -122,7 +123,7 @@ class Pl011:
             self._raw = state.raw
             self._mask = state.mask
             self._level = state.level
-            self._set_irq(state.level)
+            self._line(state.level)
 
     def load_state(self, data: bytes) -> None:
         """Decode ``data`` and apply it: a StateError, and nothing changed, if it is bad."""
@@ -140,7 +141,7 @@ class Pl011:
         level = bool(self._raw & self._mask)
         if level != self._level:
             self._level = level
-            self._set_irq(level)
+            self._line(level)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import guestmem as gm
+from guestmem.devices.interrupt import UsedBuffers
+from guestmem.saved_state import Reader, Writer
 from guestmem.virtio import SplitQueue, chain_read, chain_write
-from guestmem.vmm.state_codec import Reader, Writer
 
 DEVICE_ID = 3
 RECEIVE, TRANSMIT = 0, 1
@@ -35,8 +36,8 @@ class ConsoleState:
 class VirtioConsole:
     """A virtio-console device: ``output`` gets the guest's bytes as it writes them.
 
-    ``interrupt`` (set by whoever wires the device to its transport) raises
-    the used-buffer interrupt when input lands outside a guest's kick.
+    Input that lands outside a guest's kick is reported through the
+    :class:`UsedBuffers` its transport gave :meth:`activate`.
     """
 
     device_id = DEVICE_ID
@@ -50,21 +51,26 @@ class VirtioConsole:
         self._lock = threading.Lock()
         self._backlog: deque[bytes] = deque()
         self._queues: Sequence[SplitQueue] = ()
-        self.interrupt: Callable[[], None] = lambda: None
+        self._used: UsedBuffers = _nobody
 
     def config(self) -> bytes:
         """cols, rows, max_nr_ports, emerg_wr: unused without SIZE and MULTIPORT."""
         return bytes(12)
 
-    def activate(self, queues: Sequence[SplitQueue], features: int) -> None:
-        """Serve the receive and transmit queues."""
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Ignored: emerg_wr needs EMERG_WRITE, which is not offered."""
+
+    def activate(self, queues: Sequence[SplitQueue], features: int, used: UsedBuffers) -> None:
+        """Serve the receive and transmit queues; ``used`` reports input delivered later."""
         with self._lock:
             self._queues = queues
+            self._used = used
 
     def reset(self) -> None:
         """Forget the queues; typed input waits for the next driver."""
         with self._lock:
             self._queues = ()
+            self._used = _nobody
 
     def notify(self, queue: int) -> bool:
         """The guest wrote (transmit) or posted input buffers (receive)."""
@@ -80,8 +86,9 @@ class VirtioConsole:
         with self._lock:
             self._backlog.append(data)
             delivered = bool(self._queues) and self._deliver(self._queues[RECEIVE])
+            used = self._used
         if delivered:
-            self.interrupt()
+            used()
 
     def save_state(self) -> bytes:
         """The typed input not delivered yet (versioned)."""
@@ -99,6 +106,10 @@ class VirtioConsole:
         """Take the saved backlog in place of this one."""
         with self._lock:
             self._backlog = deque([state.backlog] if state.backlog else [])
+
+    def load_state(self, data: bytes) -> None:
+        """Decode ``data`` and apply it: a StateError, and nothing changed, if it is bad."""
+        self.apply_state(self.decode_state(Reader(data)))
 
     def _transmit(self, ring: SplitQueue) -> bool:
         interrupt = False
@@ -121,3 +132,7 @@ class VirtioConsole:
                 self._backlog.append(rest)
             interrupt |= ring.push(chain.head, chain_write(self._memory, chain, now))
         return interrupt
+
+
+def _nobody() -> None:
+    """No driver to tell: the device is not active."""

@@ -17,12 +17,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import guestmem as gm
-from guestmem.vmm import uart as pl011
-from guestmem.vmm import virtio_blk as blk
-from guestmem.vmm import virtio_console as hvc
-from guestmem.vmm import virtio_mmio as mmio
-from guestmem.vmm.state_codec import Reader, StateError, Writer
-from test_vmm_virtio_mmio import (
+from guestmem.devices import pl011
+from guestmem.devices import virtio_blk as blk
+from guestmem.devices import virtio_console as hvc
+from guestmem.devices import virtio_device as virtio
+from guestmem.devices import virtio_mmio as mmio
+from guestmem.saved_state import Reader, StateError, Writer
+from test_devices_virtio_mmio import (
     BASE,
     DATA,
     RAM,
@@ -129,14 +130,14 @@ def test_a_transport_saved_before_driver_ok_is_restored_unactivated(
     mem: gm.GuestMemory, image: Path
 ) -> None:
     source, _, _ = fresh_block(mem, image)
-    source.write(mmio.STATUS, 4, mmio.S_ACKNOWLEDGE | mmio.S_DRIVER)
+    source.write(mmio.STATUS, 4, virtio.S_ACKNOWLEDGE | virtio.S_DRIVER)
     source.write(mmio.QUEUE_NUM, 4, 32)
     source.write(mmio.QUEUE_DESC_LOW, 4, 0x1234_5670)
     saved = source.save_state()
     target, _, line = fresh_block(mem, image)
     target.load_state(saved)
     assert target.save_state() == saved and target.queues == [] and not line.changes
-    assert target.read(mmio.STATUS, 4) == mmio.S_ACKNOWLEDGE | mmio.S_DRIVER
+    assert target.read(mmio.STATUS, 4) == virtio.S_ACKNOWLEDGE | virtio.S_DRIVER
 
 
 def test_an_interrupt_the_guest_had_not_acked_is_raised_again(
@@ -274,7 +275,7 @@ def test_the_uart_state_is_laid_out_as_documented() -> None:
 def test_bad_uart_state_is_refused_and_changes_nothing(state: bytes, field: str) -> None:
     line = Levels()
     uart = busy_uart()
-    uart._set_irq = line
+    uart._line = line
     before = uart.save_state()
     with pytest.raises(StateError, match=field):
         uart.load_state(state)

@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import guestmem as gm
+from guestmem.devices.disk_lock import DiskLock
+from guestmem.devices.interrupt import UsedBuffers
+from guestmem.saved_state import Reader, Writer
 from guestmem.virtio import DescriptorChain, SplitQueue
-from guestmem.vmm.disk_lock import DiskLock
-from guestmem.vmm.state_codec import Reader, Writer
 
 DEVICE_ID = 2
 SECTOR = 512
@@ -95,8 +96,11 @@ class VirtioBlock:
         """Capacity (sectors), size_max, seg_max, geometry, blk_size."""
         return struct.pack("<QIIHBBI", self.size // SECTOR, 0, SEG_MAX, 0, 0, 0, SECTOR)
 
-    def activate(self, queues: Sequence[SplitQueue], features: int) -> None:
-        """Serve the request queue."""
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Ignored: no field is writable without CONFIG_WCE, which is not offered."""
+
+    def activate(self, queues: Sequence[SplitQueue], features: int, used: UsedBuffers) -> None:
+        """Serve the request queue (requests are used within their kick: ``used`` is not needed)."""
         self._queue = queues[0]
 
     def reset(self) -> None:
@@ -136,6 +140,10 @@ class VirtioBlock:
     def apply_state(self, state: BlockState) -> None:
         """Continue the saved device's count."""
         self.requests = state.requests
+
+    def load_state(self, data: bytes) -> None:
+        """Decode ``data`` and apply it: a StateError, and nothing changed, if it is bad."""
+        self.apply_state(self.decode_state(Reader(data)))
 
     @property
     def locked(self) -> bool:
