@@ -17,18 +17,13 @@ from hypothesis import strategies as st
 
 import guestmem as gm
 from conftest import BASE, HOLE, LAYOUT, assert_unchanged, snapshot
-from guestmem.gdbstub import GdbStub
+from guestmem.gdbstub import GdbStub, RemoteAddressError
+from guestmem.gdbstub.commands import MAX_OPEN_FILES
 from guestmem.gdbstub.packets import Ack, Nak, Packet, PacketReader, escape, frame, unescape
-from guestmem.gdbstub.server import (
-    BUSY_REPLY,
-    MAX_REFUSING,
-    REFUSAL_WAIT,
-    RemoteAddressError,
-    is_loopback,
-)
-from guestmem.gdbstub.session import MAX_OPEN_FILES, Session
+from guestmem.gdbstub.session import Session
 from guestmem.gdbstub.smaps import smaps_text
 from guestmem.gdbstub.target import TARGET_XML
+from guestmem.gdbstub.wire import BUSY_REPLY, MAX_REFUSING, REFUSAL_WAIT, is_loopback
 
 CORPUS = Path(__file__).parent / "corpus" / "rsp"
 

@@ -1,4 +1,4 @@
-"""GDB run control (guestmem.vmm.debug) against a simulated machine: packets,
+"""GDB run control (guestmem.gdbstub.GuestDebugServer) against a simulated machine: packets,
 breakpoints that never outlive a session, memory and tags by virtual address,
 and Debian's gdb-multiarch driving it all for real."""
 
@@ -22,18 +22,18 @@ from hypothesis import strategies as st
 import guestmem as gm
 from conftest import LANE
 from guestmem.errors import UnsupportedError, UsageError
-from guestmem.gdbstub.packets import Ack, Packet, PacketReader, escape, frame
-from guestmem.gdbstub.server import BUSY_REPLY, RemoteAddressError
-from guestmem.gdbstub.target import TARGET_XML
-from guestmem.vmm.debug import (
-    BRK,
-    PC,
+from guestmem.gdbstub import (
     GuestDebugServer,
+    RemoteAddressError,
     StopEvent,
     UnmappedAddressError,
     WatchKind,
     Watchpoint,
 )
+from guestmem.gdbstub.packets import Ack, Packet, PacketReader, escape, frame
+from guestmem.gdbstub.run_control import BRK, PC
+from guestmem.gdbstub.target import TARGET_XML
+from guestmem.gdbstub.wire import BUSY_REPLY
 
 BASE = 0x4000_0000  # guest RAM (IPA)
 SIZE = 0x10000

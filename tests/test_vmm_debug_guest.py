@@ -69,7 +69,7 @@ def find_the_probe(client: Client, cpus: int) -> tuple[int, int]:
 def test_gdb_stops_steps_and_breaks_the_guest_and_reads_its_tags_by_virtual_address(
     tags: gm.TagMode, tmp_path: Path
 ) -> None:
-    from guestmem.vmm.debug import GuestDebugServer
+    from guestmem.gdbstub import GuestDebugServer
     from guestmem.vmm.machine import Machine, MachineConfig, Outcome
     from guestmem.vmm.run_control import KvmRunControl
     from guestmem.vmm.vcpu import install_kick_handler

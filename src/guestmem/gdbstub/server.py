@@ -1,19 +1,22 @@
 """The listening side: one GDB session at a time, others refused at once.
 
-TCP binds 127.0.0.1 unless another host is named (a non-loopback address
-needs ``allow_remote=True``: the protocol has no authentication and writes
-memory); a Unix socket path works too. Each session acknowledges packets
-until GDB asks for no-ack mode, answers ``-`` to a damaged packet and resends
-its last reply on ``-``. ``k``, ``vKill``, ``D``, a closed connection, an
-idle timeout or :meth:`GdbStub.close` ends it; the server then takes the
-next client. A client that connects while a session runs is disconnected
-after its first packet, answered ``E.busy...`` if that is ``qSupported``.
+:class:`GdbServer` is the wire loop both targets share. TCP binds 127.0.0.1
+unless another host is named (a non-loopback address needs
+``allow_remote=True``: the protocol has no authentication and writes
+memory); a Unix socket path works too. Each session's packets go through an
+:class:`~guestmem.gdbstub.wire.Exchange`; ``k``, ``vKill``, ``D``, a closed
+connection, an idle timeout or :meth:`GdbServer.close` ends it, and the
+server then takes the next client. A client that connects while a session
+runs is refused (:class:`~guestmem.gdbstub.wire.Refusal`).
+
+:class:`GdbStub` serves guest physical memory
+(:class:`~guestmem.gdbstub.session.Session`); the run-control server is
+:class:`~guestmem.gdbstub.debug_server.GuestDebugServer`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import selectors
@@ -21,190 +24,60 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from guestmem._closing import ClosesOnExit
 from guestmem.errors import GuestMemoryError
-from guestmem.gdbstub.packets import BadPacket, Nak, Packet, PacketReader, frame
 from guestmem.gdbstub.session import Session
 from guestmem.gdbstub.target import RegisterProvider, no_registers
+from guestmem.gdbstub.wire import (
+    MAX_REFUSING,
+    Exchange,
+    Refusal,
+    Refusals,
+    RemoteSession,
+    accept,
+    hang_up,
+    is_loopback,
+)
 from guestmem.memory import GuestMemory
 
 log = logging.getLogger(__name__)
+S = TypeVar("S", bound=RemoteSession)
 
 DEFAULT_IDLE_TIMEOUT = 600.0  # seconds without a packet before a session is dropped
 SEND_TIMEOUT = 30  # a peer that stops reading its replies for this long is dropped
-REFUSAL_WAIT = 5.0  # how long a refused client has to send its first packet
-MAX_REFUSING = 8  # refused clients waiting for their reply; more are closed at once
-BUSY_REPLY = b"E.busy: another debugger session is active on this stub"
 CLOSE_WAIT = 30.0  # how long close() waits for serve() to wind down
+POLL_INTERVAL = 0.01  # seconds between looks at the client while the guest runs
 
 
 class RemoteAddressError(GuestMemoryError, ValueError):
     """A non-loopback address to bind without ``allow_remote=True``."""
 
 
-def is_loopback(host: str) -> bool:
-    """Whether every address ``host`` names is a loopback address."""
-    if not host:
-        return False  # the empty host binds every interface
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False
-    try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
-    except ValueError:
-        return False
-
-
-def accept(listener: socket.socket) -> socket.socket | None:
-    """A waiting client, or None: none waits, it left already, or accept failed (logged)."""
-    try:
-        return listener.accept()[0]
-    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-        return None
-    except OSError as error:  # e.g. out of file descriptors: wait, then try again
-        log.warning("cannot accept a client: %s", error)
-        time.sleep(0.1)
-        return None
-
-
-DRAIN_LIMIT = 1 << 20  # unread bytes hang_up discards before it closes anyway
-
-
-def hang_up(conn: socket.socket) -> None:
-    """Close ``conn`` so the peer reads end-of-stream, not a reset.
-
-    Linux answers a close with unread bytes in the receive queue (half a
-    packet the session never read) with RST, which the peer may see as
-    ECONNRESET instead of the orderly end of the session. So send FIN, read
-    what is already queued (up to DRAIN_LIMIT, never waiting), then close.
-    """
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_WR)
-        conn.setblocking(False)
-        drained = 0
-        while drained < DRAIN_LIMIT:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            drained += len(chunk)
-    conn.close()
-
-
-class _Refusal:
-    """A client that came while a session runs: it gets ``E.busy`` for its first packet."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
-        self.conn = conn
-        self.deadline = time.monotonic() + REFUSAL_WAIT
-        self._reader = PacketReader()
-
-    def on_readable(self) -> bool:
-        """Read what came; True once the client has been answered or has gone."""
-        try:
-            data = self.conn.recv(65536)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        if not data:
-            return True
-        for event in self._reader.feed(data):
-            if isinstance(event, Packet | BadPacket):
-                self._answer(event)
-                return True
-        return False
-
-    def _answer(self, first: Packet | BadPacket) -> None:
-        """``E.busy`` for GDB's first packet (qSupported); no reply to any other.
-
-        LLDB starts with QStartNoAckMode and prints no error text; given a
-        reply it goes on to set up a process on the dead connection (and
-        LLDB 14 can hang there), given none it stops at once: "Connection
-        shut down by remote side while waiting for reply to initial
-        handshake packet".
-        """
-        with contextlib.suppress(OSError):
-            if isinstance(first, Packet) and first.payload.startswith(b"qSupported"):
-                self.conn.sendall(b"+" + frame(BUSY_REPLY))
-            self.conn.shutdown(socket.SHUT_WR)
-
-
-class _Refusals:
-    """The clients being refused during one session, watched by its selector."""
-
-    def __init__(self, selector: selectors.BaseSelector) -> None:
-        self._selector = selector
-        self._waiting: list[_Refusal] = []
-
-    def admit(self, conn: socket.socket) -> None:
-        """Refuse ``conn`` once it sends a packet (at once if too many wait)."""
-        if len(self._waiting) >= MAX_REFUSING:
-            hang_up(conn)
-            return
-        refusal = _Refusal(conn)
-        self._waiting.append(refusal)
-        self._selector.register(conn, selectors.EVENT_READ, refusal)
-
-    def on_readable(self, refusal: _Refusal) -> None:
-        """Answer or drop ``refusal`` if it has sent enough."""
-        if refusal.on_readable():
-            self._drop(refusal)
-
-    def expire(self) -> None:
-        """Drop the clients that sent no packet in time."""
-        now = time.monotonic()
-        for refusal in [r for r in self._waiting if r.deadline <= now]:
-            self._drop(refusal)
-
-    def next_deadline(self) -> float | None:
-        """When the first waiting client expires, if any waits."""
-        return min((r.deadline for r in self._waiting), default=None)
-
-    def close(self) -> None:
-        """Disconnect every waiting client."""
-        for refusal in list(self._waiting):
-            self._drop(refusal)
-
-    def _drop(self, refusal: _Refusal) -> None:
-        self._selector.unregister(refusal.conn)
-        self._waiting.remove(refusal)
-        hang_up(refusal.conn)
-
-
-class GdbStub(ClosesOnExit):
-    """A GDB remote stub serving ``memory`` (see :mod:`guestmem.gdbstub`)."""
+class GdbServer(ClosesOnExit, Generic[S]):
+    """Listen, and serve the sessions :meth:`new_session` makes one after another."""
 
     def __init__(
         self,
-        memory: GuestMemory,
         *,
-        registers: RegisterProvider = no_registers,
         host: str = "127.0.0.1",
         port: int = 0,
         unix_path: str | None = None,
         allow_remote: bool = False,
-        read_only: bool = False,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         """Listen on ``host:port`` (0: any free port) or, if given, on ``unix_path``.
 
         ``host`` must be a loopback address unless ``allow_remote``
-        (:class:`RemoteAddressError`). ``read_only`` refuses every write;
-        ``idle_timeout`` (None: never) ends a session that sends no packet
-        for that many seconds.
+        (:class:`RemoteAddressError`). ``idle_timeout`` (None: never) ends a
+        session that sends no packet for that many seconds while nothing runs.
         """
         if unix_path is None and not allow_remote and not is_loopback(host):
             raise RemoteAddressError(
                 f"{host!r} is not a loopback address: the GDB protocol has no "
                 "authentication and writes guest memory; pass allow_remote=True to bind it"
             )
-        self.memory = memory
-        self.registers = registers
-        self.read_only = read_only
         self.idle_timeout = idle_timeout
         self._closed = threading.Event()
         self._serving = threading.RLock()
@@ -212,6 +85,21 @@ class GdbStub(ClosesOnExit):
         self._unix_path = unix_path
         self._listener = self._listen(host, port, unix_path)
         self._wake_reader, self._wake_writer = socket.socketpair()
+
+    # ---- what a target's server provides ---------------------------------------------
+
+    def new_session(self) -> S | None:
+        """A session for the next client; None if there is nothing left to serve."""
+        raise NotImplementedError
+
+    def begin(self, session: S) -> bool:
+        """Prepare the target for ``session``; False ends it before its first packet."""
+        return True
+
+    def finish(self, session: S) -> None:
+        """``session`` is over, however it ended (also when :meth:`begin` failed)."""
+
+    # ---- serving ------------------------------------------------------------------------
 
     @staticmethod
     def _listen(host: str, port: int, unix_path: str | None) -> socket.socket:
@@ -245,7 +133,7 @@ class GdbStub(ClosesOnExit):
                 served += 1
 
     def _next_client(self) -> socket.socket | None:
-        """The next client to serve, or None once the stub is closed."""
+        """The next client to serve, or None once the server is closed."""
         with selectors.DefaultSelector() as selector:
             selector.register(self._listener, selectors.EVENT_READ)
             selector.register(self._wake_reader, selectors.EVENT_READ)
@@ -260,73 +148,81 @@ class GdbStub(ClosesOnExit):
         """Run one session on a connected socket until it ends; then close the socket."""
         conn.setblocking(True)  # reads follow select; a send waits SEND_TIMEOUT at most
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
+        with contextlib.suppress(OSError):  # a Unix socket has no Nagle to turn off
+            # "+" and the reply go out as two writes: with Nagle, the reply
+            # waits for the client's delayed ACK (40 ms a packet, a slow stepi).
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._active = conn
         try:
-            if not self._closed.is_set():
-                session = Session(
-                    self.memory, self.registers, os.getpid(), read_only=self.read_only
-                )
-                self._run(session, conn)
+            session = None if self._closed.is_set() else self.new_session()
+            if session is not None:
+                try:
+                    if self.begin(session):
+                        self._run(session, conn)
+                finally:
+                    self.finish(session)
         except OSError as error:
             log.info("session ended: %s", error)
+        except Exception:
+            log.exception("session ended by a failure")  # the target's, or a bug: serve on
         finally:
             self._active = None
             hang_up(conn)
 
-    def _run(self, session: Session, conn: socket.socket) -> None:
+    def _run(self, session: S, conn: socket.socket) -> None:
         with selectors.DefaultSelector() as selector:
             selector.register(conn, selectors.EVENT_READ, "client")
             selector.register(self._listener, selectors.EVENT_READ, "newcomer")
             selector.register(self._wake_reader, selectors.EVENT_READ, "wake")
-            refusals = _Refusals(selector)
+            refusals = Refusals(selector)
             try:
-                self._loop(_Exchange(session, conn, self._reply), selector, refusals)
+                self._loop(Exchange(session, conn), selector, refusals)
             finally:
                 refusals.close()
 
     def _loop(
-        self, exchange: _Exchange, selector: selectors.BaseSelector, refusals: _Refusals
+        self, exchange: Exchange, selector: selectors.BaseSelector, refusals: Refusals
     ) -> None:
+        session = exchange.session
         last_packet = time.monotonic()
-        while not exchange.session.ended and not self._closed.is_set():
-            idle_deadline = None if self.idle_timeout is None else last_packet + self.idle_timeout
-            if idle_deadline is not None and time.monotonic() >= idle_deadline:
-                log.info("session idle for %.0f s: ended", self.idle_timeout)
-                return
-            deadlines = [d for d in (idle_deadline, refusals.next_deadline()) if d is not None]
-            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        while not session.ended and not self._closed.is_set():
+            if session.running:
+                reply = session.poll(POLL_INTERVAL)
+                if reply is not None:
+                    exchange.send(reply)
+                    continue
+                wait: float | None = 0.0
+            else:
+                idle = None if self.idle_timeout is None else last_packet + self.idle_timeout
+                if idle is not None and time.monotonic() >= idle:
+                    log.info("session idle for %.0f s: ended", self.idle_timeout)
+                    return
+                deadlines = [d for d in (idle, refusals.next_deadline()) if d is not None]
+                wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             ready = selector.select(wait)
             # The client first: one that left just before a newcomer came makes way for it.
             for key, _ in sorted(ready, key=lambda event: event[0].data != "client"):
                 if key.data == "client":
-                    if not exchange.receive() or exchange.session.ended:
+                    if not exchange.receive() or session.ended:
                         return
                     last_packet = time.monotonic() if exchange.progressed else last_packet
                 elif key.data == "newcomer":
                     newcomer = accept(self._listener)
                     if newcomer is not None:
                         refusals.admit(newcomer)
-                elif isinstance(key.data, _Refusal):
+                elif isinstance(key.data, Refusal):
                     refusals.on_readable(key.data)
             refusals.expire()
 
-    @staticmethod
-    def _reply(session: Session, payload: bytes) -> bytes | None:
-        """The session's reply, or E01 for a failure it did not foresee.
-
-        A register provider that raises, or a bug, is logged; serving goes on.
-        """
-        try:
-            return session.handle(payload)
-        except Exception:
-            log.exception("packet %r failed", payload[:64])
-            return b"E01"
-
-    def close(self) -> None:
-        """End the session in progress, make :meth:`serve` return and stop listening."""
+    def stop_serving(self) -> None:
+        """Make :meth:`serve` return once the session in progress ends."""
         self._closed.set()
         with contextlib.suppress(OSError):
             self._wake_writer.send(b"x")
+
+    def close(self) -> None:
+        """End the session in progress, make :meth:`serve` return and stop listening."""
+        self.stop_serving()
         active = self._active
         if active is not None:
             with contextlib.suppress(OSError):  # unblocks a send to a peer that stopped reading
@@ -343,58 +239,36 @@ class GdbStub(ClosesOnExit):
                 self._serving.release()
 
 
-class _Exchange:
-    """Bytes in, replies out, for one session: acknowledgements, naks and resends."""
+class GdbStub(GdbServer[Session]):
+    """A GDB remote stub serving guest physical ``memory`` (see :mod:`guestmem.gdbstub`)."""
 
     def __init__(
         self,
-        session: Session,
-        conn: socket.socket,
-        reply: Callable[[Session, bytes], bytes | None],
+        memory: GuestMemory,
+        *,
+        registers: RegisterProvider = no_registers,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        unix_path: str | None = None,
+        allow_remote: bool = False,
+        read_only: bool = False,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
-        self.session = session
-        self.conn = conn
-        self.reply = reply
-        self.reader = PacketReader()
-        self.last_reply: bytes | None = None
-        self.progressed = False  # whether the last receive completed a packet
+        """Listen as :class:`GdbServer` does; ``read_only`` refuses every write.
 
-    def receive(self) -> bool:
-        """Handle what the peer sent; False once it has closed the connection."""
-        data = self.conn.recv(65536)
-        if not data:
-            return False
-        events = self.reader.feed(data)
-        self.progressed = bool(events)
-        for event in events:
-            self._handle(event)
-            if self.session.ended:
-                break
-        return not self._peer_closed()
-
-    def _peer_closed(self) -> bool:
-        """Whether the peer's end-of-stream already waits behind what was read.
-
-        GDB acknowledges its last reply and hangs up at once: seeing that now
-        lets a client that connects just after it be served, not refused.
+        ``registers`` gives the values ``g`` and ``p`` report (default: zeros).
         """
-        try:
-            return self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
+        super().__init__(
+            host=host,
+            port=port,
+            unix_path=unix_path,
+            allow_remote=allow_remote,
+            idle_timeout=idle_timeout,
+        )
+        self.memory = memory
+        self.registers = registers
+        self.read_only = read_only
 
-    def _handle(self, event: object) -> None:
-        session, conn = self.session, self.conn
-        if isinstance(event, Packet):
-            if not session.no_ack:
-                conn.sendall(b"+")
-            reply = self.reply(session, event.payload)
-            if reply is not None:
-                self.last_reply = frame(reply)
-                conn.sendall(self.last_reply)
-        elif isinstance(event, BadPacket):
-            log.info("bad packet: %s", event.reason)
-            if not session.no_ack:
-                conn.sendall(b"-")
-        elif isinstance(event, Nak) and self.last_reply is not None and not session.no_ack:
-            conn.sendall(self.last_reply)
+    def new_session(self) -> Session:
+        """A session over :attr:`memory`, as this process."""
+        return Session(self.memory, self.registers, os.getpid(), read_only=self.read_only)

@@ -14,7 +14,8 @@ from contextlib import ExitStack
 
 import guestmem as gm
 from guestmem.errors import GuestMemoryError
-from guestmem.gdbstub.server import DEFAULT_IDLE_TIMEOUT, GdbStub, is_loopback
+from guestmem.gdbstub.server import DEFAULT_IDLE_TIMEOUT, GdbStub
+from guestmem.gdbstub.wire import is_loopback
 from guestmem.migration import inspect, restore
 from guestmem.tools.demo import DEMO_GPA, demo_memory
 from guestmem.tools.migrate import DEFAULT_MAX_MEMORY, memory_size

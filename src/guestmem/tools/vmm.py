@@ -2,7 +2,7 @@
 
 The guest's console is this process's stdout (each byte as the guest
 writes it) and stdin (on a terminal, in raw mode; Ctrl-A x quits).
-``--gdb HOST:PORT`` serves the running guest to GDB (guestmem.vmm.debug).
+``--gdb HOST:PORT`` serves the running guest to GDB (guestmem.gdbstub.GuestDebugServer).
 ``--control PATH`` serves the control socket (guestmem.vmm.control) that
 ``vmm snapshot``, ``migrate``, ``cancel``, ``resume``, ``quit`` and
 ``status`` talk to; ``--restore FILE`` resumes a snapshot and
@@ -420,7 +420,7 @@ def _debugger(machine: Machine, where: tuple[str, object] | None) -> Iterator[No
     if where is None:
         yield
         return
-    from guestmem.vmm.debug import GuestDebugServer
+    from guestmem.gdbstub import GuestDebugServer
     from guestmem.vmm.run_control import KvmRunControl
 
     assert machine.memory is not None

@@ -8,8 +8,8 @@ check. One concern per module: ``kvm_api`` (the ioctls), ``vcpu``, ``gate``,
 ``boot`` (kernel, initrd), ``machine`` (building the machine and running
 it), ``io_loop`` (ioeventfd kicks), ``machine_state`` with ``vcpu_state``,
 ``gic_state`` and ``state_codec`` (saved state), ``stage1`` (guest virtual
-to physical), ``debug`` and ``run_control`` (GDB run control), and the
-migration and control-socket modules. The devices are not here: the PL011,
+to physical), ``run_control`` (KVM's side of GDB run control; the protocol
+is :mod:`guestmem.gdbstub`'s), and the migration and control-socket modules. The devices are not here: the PL011,
 virtio-blk, virtio-console and the virtio-mmio transport are the library's
 (:mod:`guestmem.devices`), which this package builds and wires to KVM (a
 virtio-mmio window and a GIC line per device). The library never imports

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import guestmem as gm
 from guestmem import owner_only
-from guestmem.gdbstub.server import hang_up
+from guestmem.gdbstub.wire import hang_up
 from guestmem.migration import channel
 from guestmem.migration.live import Progress
 from guestmem.vmm import handover, transfer

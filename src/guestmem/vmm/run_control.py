@@ -1,6 +1,7 @@
-"""The debugger's hold on a running machine: KVM's side of ``debug.RunControl``.
+"""The debugger's hold on a running machine: KVM's side of GDB run control.
 
-:class:`KvmRunControl` implements :class:`~guestmem.vmm.debug.RunControl`.
+:class:`KvmRunControl` implements :class:`~guestmem.gdbstub.RunControl`
+(the protocol engine is :mod:`guestmem.gdbstub`; this is all the VMM keeps).
 Stops go through the machine's :class:`~guestmem.vmm.gate.Gate` (a kick
 takes each vCPU out of KVM_RUN, then it parks); registers through
 KVM_GET/SET_ONE_REG; breakpoints, watchpoints and single steps through
@@ -18,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from guestmem.errors import GuestMemoryError
+from guestmem.gdbstub.commands import InvalidRequest
+from guestmem.gdbstub.run_control import StopEvent, Watchpoint
 from guestmem.vmm import kvm_api as k
 from guestmem.vmm import stage1
-from guestmem.vmm.debug import StopEvent, Unavailable, Watchpoint
 from guestmem.vmm.gate import GateEvent
 from guestmem.vmm.machine import Machine
 
@@ -117,13 +119,13 @@ class KvmRunControl:
     def set_register(self, cpu: int, index: int, value: int) -> None:
         """Set register ``index`` (0..33) of ``cpu``."""
         if not 0 <= index < len(_REGISTERS) or not 0 <= value < 1 << 64:
-            raise Unavailable(f"no register {index}, or {value:#x} does not fit it")
+            raise InvalidRequest(f"no register {index}, or {value:#x} does not fit it")
         self._vcpus[cpu].set(_REGISTERS[index], value)
 
     def set_hw_debug(self, breakpoints: Sequence[int], watchpoints: Sequence[Watchpoint]) -> None:
         """Keep these breakpoints and watchpoints (virtual addresses) for every vCPU's next run."""
         if len(breakpoints) > self._slots[0] or len(watchpoints) > self._slots[1]:
-            raise Unavailable(f"the vCPUs have {self._slots} breakpoint and watchpoint slots")
+            raise InvalidRequest(f"the vCPUs have {self._slots} breakpoint and watchpoint slots")
         for watch in watchpoints:
             _watch_registers(watch)  # refuses what DBGWCR cannot express, before any change
         self._breakpoints, self._watchpoints = tuple(breakpoints), tuple(watchpoints)
@@ -181,7 +183,7 @@ def _watch_registers(watch: Watchpoint) -> tuple[int, int]:
     """DBGWCR and DBGWVR for ``watch``: 1 to 8 bytes inside one aligned doubleword."""
     offset = watch.address & 7
     if not 1 <= watch.length <= 8 - offset:
-        raise Unavailable(
+        raise InvalidRequest(
             f"a hardware watchpoint covers 1 to 8 bytes within an aligned doubleword, not "
             f"{watch.length} at {watch.address:#x}"
         )
