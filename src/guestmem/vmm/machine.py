@@ -31,9 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import guestmem as gm
-from guestmem._native import lib
 from guestmem.kvm import KvmVm
-from guestmem.vmm import boot, fdt, layout
+from guestmem.vmm import boot, fdt, kvm_binding, layout
 from guestmem.vmm import kvm_api as k
 from guestmem.vmm.disk_lock import acquire_all
 from guestmem.vmm.gate import Gate
@@ -389,7 +388,7 @@ def _size(data: bytes | None) -> int | None:
 
 
 def _vcpu_mmap_size() -> int:
-    kvm = int(lib.gm_kvm_open())
+    kvm = kvm_binding.open_kvm()
     if kvm < 0:
         raise gm.UnsupportedError("/dev/kvm cannot be opened")
     try:
