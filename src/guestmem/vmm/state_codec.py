@@ -19,7 +19,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 
-from guestmem.errors import GuestMemoryError
+from guestmem.errors import GuestMemoryError, UsageError
 
 MAGIC = b"GMVMSTAT"
 VERSION = 1
@@ -169,7 +169,7 @@ class Reader:
 def encode(sections: Sequence[tuple[str, bytes]]) -> bytes:
     """Frame named sections as one machine state (see the module's docstring)."""
     if len(sections) > MAX_SECTIONS:
-        raise ValueError(f"{len(sections)} sections, more than {MAX_SECTIONS}")
+        raise UsageError(f"{len(sections)} sections, more than {MAX_SECTIONS}")
     out = [_HEAD.pack(MAGIC, VERSION, 0, len(sections))]
     for name, payload in sections:
         label = name.encode("ascii")
