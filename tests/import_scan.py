@@ -97,6 +97,34 @@ def scan(package: Package) -> set[Violation]:
     return found
 
 
+def load_time_cycles(package: Package) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The cycles among imports that run when a module loads: no allowlist covers these.
+
+    Left out: imports inside functions and under ``if TYPE_CHECKING:``.
+    """
+    modules = package.modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.Module(
+            body=list(_run_at_load(ast.parse(path.read_text()).body)), type_ignores=[]
+        )
+        edges = _edges(tree, name, path.name == "__init__.py", set(modules))
+        graph[name] = {e.target for e in edges}
+    return cycles(graph)
+
+
+def _run_at_load(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    for node in body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+            yield from _run_at_load(node.body)
+            yield from _run_at_load(node.orelse)
+        elif isinstance(node, ast.Try):
+            for part in (node.body, *(h.body for h in node.handlers), node.orelse):
+                yield from _run_at_load(part)
+
+
 def ratchet(found: Iterable[Violation], allowed: Iterable[str]) -> tuple[list[str], list[str]]:
     """What is found but not allowed (new), and what is allowed but no longer found (stale)."""
     seen = {str(v) for v in found}

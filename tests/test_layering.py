@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import guestmem as gm
-from import_scan import Package, Violation, ratchet, scan
+from import_scan import Package, Violation, load_time_cycles, ratchet, scan
 
 GUESTMEM = Package(
     root=Path(gm.__file__).parent,
@@ -108,6 +108,11 @@ def test_the_package_breaks_no_layering_rule_beyond_the_known_ones() -> None:
     )
 
 
+def test_no_import_cycle_runs_at_load_time() -> None:
+    # Stricter than the ratchet: even the known circle is type-only or deferred.
+    assert not load_time_cycles(GUESTMEM), "import cycles at load time"
+
+
 def test_the_scan_sees_every_module() -> None:
     modules = GUESTMEM.modules()
     assert {"guestmem", "guestmem.vmm.control", "guestmem.tools.cli"} <= set(modules)
@@ -190,6 +195,20 @@ def test_the_scan_reports_each_kind_of_violation(synthetic: Package) -> None:
         "private: pkg.peek_object -> ?._secret",
         "cycle: pkg.ring_a -> pkg.ring_a pkg.ring_b pkg.ring_c",
     }
+
+
+def test_load_time_cycles_leave_out_type_only_and_deferred_imports(
+    synthetic: Package,
+) -> None:
+    assert load_time_cycles(synthetic) == []
+    (synthetic.root / "ring_b.py").write_text("import pkg.ring_c\n")
+    (synthetic.root / "ring_a.py").write_text("from pkg import ring_b\n")
+    assert load_time_cycles(synthetic) == [
+        (
+            ("pkg.ring_a", "pkg.ring_b", "pkg.ring_c"),
+            ("pkg.ring_a", "pkg.ring_b", "pkg.ring_c", "pkg.ring_a"),
+        )
+    ]
 
 
 def test_the_scan_names_the_cycle_it_found(synthetic: Package) -> None:
