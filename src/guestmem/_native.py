@@ -15,17 +15,26 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from guestmem._gm import ffi, lib
-from guestmem.errors import NativeOSError, TagCheckError, TagRaceError, UnsupportedError
+from guestmem.errors import (
+    LengthError,
+    NativeOSError,
+    TagCheckError,
+    TagRaceError,
+    UnsupportedError,
+)
 
 __all__ = [
     "access_request",
+    "bounce_pool",
     "check",
     "closed_hot",
+    "entry_address",
     "ffi",
     "hot_region",
     "lib",
     "pointer_keeping",
     "raise_for",
+    "read_request",
     "scratch",
     "spans",
     "stream_regions",
@@ -119,6 +128,40 @@ def access_request(
     request.pool = pool
     request.vm_fd = -1  # set inside KvmVm.in_use() where CHECKED needs it
     return request
+
+
+def bounce_pool(buffer_size: int, count: int) -> Any:
+    """A pool of ``count`` untagged staging buffers of ``buffer_size`` bytes (BOUNCE route).
+
+    Freed with its last reference.
+    """
+    sane = 0 < buffer_size < 1 << 40 and 0 < count < 1 << 20
+    pool = lib.gm_pool_new(buffer_size, count) if sane else ffi.NULL
+    if pool == ffi.NULL:
+        raise LengthError("bounce pool: buffer size and count must be positive and sane")
+    return ffi.gc(pool, lib.gm_pool_free)
+
+
+def read_request(
+    mode: int, route: int, tag: int | None, pieces: Sequence[tuple[SpanSource, int, int]],
+    out: Any, pool: Any,
+) -> tuple[int, tuple[Any, ...]]:  # fmt: skip
+    """The address of a native ``struct gm_access`` reading ``pieces`` into buffer ``out``.
+
+    With it, what keeps it valid: hold that while native code uses the
+    address (the benchmarks' loops reuse one request many times).
+    """
+    span_array = spans(pieces)
+    buf = ffi.from_buffer(out)
+    request = access_request(
+        mode, route, tag, lib.GM_OP_READ, span_array, len(pieces), buf, 0, pool
+    )
+    return int(ffi.cast("uintptr_t", request)), (request, span_array, buf)
+
+
+def entry_address(name: str) -> int:
+    """The address of the core's entry point ``name`` (e.g. ``gm_access``), for native loops."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
 
 
 def hot_region(

@@ -28,19 +28,26 @@ while a migration goes on, then exactly one ``{"ok": true, "report":
 paused here until ``resume`` or ``quit``) and ``internal`` (a fault in the
 VMM; the server serves on). Up to :data:`MAX_CLIENTS` connections are
 served at once; more are answered ``busy`` at once.
+
+Inside the server a request is typed as soon as it is read
+(:func:`parse_request`: :class:`Snapshot`, :class:`Migrate` or
+:class:`Decision`, as crosvm's ``VmRequest``) and each answer is an
+:class:`Answer` of an :class:`AnswerKind`; JSON is only the wire.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import guestmem as gm
 from guestmem import owner_only
@@ -65,16 +72,92 @@ MAX_TIMEOUT = 600.0
 Say = Callable[[dict[str, Any]], None]
 
 
+class Command(enum.Enum):
+    """What a request asks for: its ``command`` field."""
+
+    SNAPSHOT = "snapshot"
+    MIGRATE = "migrate"
+    CANCEL = "cancel"
+    RESUME = "resume"
+    QUIT = "quit"
+    STATUS = "status"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Write the machine's state to the file ``to`` (absolute: the client resolves it)."""
+
+    to: str
+
+
+@dataclass(frozen=True)
+class Migrate:
+    """Live-migrate the machine to ``where``, with its options, TLS files and opt-in."""
+
+    where: channel.Endpoint
+    options: transfer.Options
+    tls: channel.TlsConfig | None
+    allow_insecure: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A request with no fields: cancel, resume, quit or status."""
+
+    command: Command
+
+
+Request = Snapshot | Migrate | Decision
+
+
+class AnswerKind(enum.Enum):
+    """How a request ended: ``ok``, or the ``kind`` of the error answered."""
+
+    OK = "ok"
+    REFUSED = "refused"  # not a request this VMM takes; nothing changed
+    BUSY = "busy"  # another snapshot, migration or decision holds the machine
+    FAILED = "failed"  # the guest runs on here
+    HELD = "held"  # the outcome is unknown: the guest stays paused until resume or quit
+    INTERNAL = "internal"  # a fault in the VMM; the server serves on
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The one final answer to a request: its kind, and a report or an error."""
+
+    kind: AnswerKind
+    report: dict[str, Any] | None = None
+    error: str = ""
+    paused_ms: int | None = None  # how long a failed migration kept the guest paused
+
+    def wire(self) -> dict[str, Any]:
+        """The answer as the JSON object sent."""
+        if self.kind is AnswerKind.OK:
+            return {"ok": True, "report": self.report}
+        message: dict[str, Any] = {"ok": False, "kind": self.kind.value, "error": self.error}
+        if self.paused_ms is not None:
+            message["paused_ms"] = self.paused_ms
+        return message
+
+
+class State(enum.Enum):
+    """The machine as ``status`` reports it."""
+
+    RUNNING = "running"
+    BUSY = "busy"
+    HELD = "held"
+
+
 class Refused(gm.UsageError):
     """A request this VMM does not take as sent; nothing changed."""
 
-    kind = "refused"
+    kind: ClassVar[AnswerKind] = AnswerKind.REFUSED
 
 
 class Busy(gm.UsageError):
     """Another operation holds the machine."""
 
-    kind = "busy"
+    kind: ClassVar[AnswerKind] = AnswerKind.BUSY
 
 
 class ControlServer:
@@ -141,7 +224,8 @@ class ControlServer:
                     pass
             with contextlib.suppress(OSError):
                 client.settimeout(ANSWER_TIMEOUT)
-                _say(client, _error("busy", f"busy: {MAX_CLIENTS} control connections are open"))
+                busy = f"busy: {MAX_CLIENTS} control connections are open"
+                _say(client, Answer(AnswerKind.BUSY, error=busy).wire())
         finally:
             hang_up(client)
             self._turning_away.release()
@@ -160,41 +244,38 @@ class ControlServer:
             client.settimeout(ANSWER_TIMEOUT)
             _say(client, message)
 
+        say(self._outcome(client, say).wire())
+
+    def _outcome(self, client: socket.socket, say: Say) -> Answer:
+        """Read, parse and carry out one request: its answer, whatever happened."""
         try:
-            request = read_request(client)
-            report = self._carry_out(request, say)
+            report = self._carry_out(parse_request(read_request(client)), say)
         except handover.OutcomeUnknown as err:
             self.hold(err.hold)
-            say(_error("held", str(err)))
+            return Answer(AnswerKind.HELD, error=str(err))
         except handover.MigrationFailed as err:
-            say(_error("failed", str(err), paused_ms=round(err.paused * 1000)))
+            paused = round(err.paused * 1000)
+            return Answer(AnswerKind.FAILED, error=str(err), paused_ms=paused)
         except (Refused, Busy) as err:
-            say(_error(err.kind, str(err)))
+            return Answer(err.kind, error=str(err))
         except (gm.GuestMemoryError, ValueError, OSError) as err:
-            say(_error("failed", _why(err)))
+            return Answer(AnswerKind.FAILED, error=_why(err))
         except Exception as err:  # a fault in the VMM: answered, and the server serves on
-            say(_error("internal", f"internal error: {type(err).__name__}: {err}"))
-        else:
-            say({"ok": True, "report": report})
+            internal = f"internal error: {type(err).__name__}: {err}"
+            return Answer(AnswerKind.INTERNAL, error=internal)
+        return Answer(AnswerKind.OK, report=report)
 
-    def _carry_out(self, request: dict[str, Any], say: Say) -> dict[str, Any]:
-        command = request.get("command")
-        if command == "snapshot":
-            path = _only(request, "to")["to"]
-            with self.occupied(f"a snapshot to {path}"):
-                return _snapshot(self._machine, path)
-        if command == "migrate":
-            where, options, tls, insecure = migrate_options(request)
+    def _carry_out(self, request: Request, say: Say) -> dict[str, Any]:
+        if isinstance(request, Snapshot):
+            with self.occupied(f"a snapshot to {request.to}"):
+                return _snapshot(self._machine, request.to)
+        if isinstance(request, Migrate):
             cancellation = handover.Cancellation()
-            with self.occupied(f"a migration to {where}", cancellation.cancel):
-                return _migrate(self._machine, where, options, tls, insecure, cancellation, say)
-        decisions = {"cancel": self._do_cancel, "resume": self._do_resume,
-                     "quit": self._do_quit, "status": self._do_status}  # fmt: skip
-        if command in decisions:
-            _only(request)
-            return decisions[command]()
-        raise Refused(f"not a command this VMM knows: {command!r} "
-                      "(snapshot, migrate, cancel, resume, quit, status)")  # fmt: skip
+            with self.occupied(f"a migration to {request.where}", cancellation.cancel):
+                return _migrate(self._machine, request, cancellation, say)
+        decisions = {Command.CANCEL: self._do_cancel, Command.RESUME: self._do_resume,
+                     Command.QUIT: self._do_quit, Command.STATUS: self._do_status}  # fmt: skip
+        return decisions[request.command]()
 
     def _do_cancel(self) -> dict[str, Any]:
         with self._lock:
@@ -208,10 +289,10 @@ class ControlServer:
     def _do_status(self) -> dict[str, Any]:
         with self._lock:
             if self._hold is not None:
-                return {"state": "held", "reason": self._hold.reason}
+                return {"state": State.HELD.value, "reason": self._hold.reason}
             if self._operation is not None:
-                return {"state": "busy", "operation": self._operation}
-        return {"state": "running"}
+                return {"state": State.BUSY.value, "operation": self._operation}
+        return {"state": State.RUNNING.value}
 
     def _do_resume(self) -> dict[str, Any]:
         hold = self._take_hold("resume")
@@ -279,6 +360,21 @@ def read_request(client: socket.socket) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise Refused("a request is a JSON object")
     return request
+
+
+def parse_request(fields: dict[str, Any]) -> Request:
+    """A request object's typed form; :class:`Refused` for anything this VMM does not take."""
+    try:
+        command = Command(fields.get("command"))
+    except ValueError:
+        raise Refused(f"not a command this VMM knows: {fields.get('command')!r} "
+                      "(snapshot, migrate, cancel, resume, quit, status)") from None  # fmt: skip
+    if command is Command.SNAPSHOT:
+        return Snapshot(_only(fields, "to")["to"])
+    if command is Command.MIGRATE:
+        return Migrate(*migrate_options(fields))
+    _only(fields)
+    return Decision(command)
 
 
 def migrate_options(
@@ -351,20 +447,17 @@ def _snapshot(machine: Machine, path: str) -> dict[str, Any]:
 
 
 def _migrate(
-    machine: Machine,
-    where: channel.Endpoint,
-    options: transfer.Options,
-    tls: channel.TlsConfig | None,
-    insecure: bool,
-    cancellation: handover.Cancellation,
-    say: Say,
+    machine: Machine, request: Migrate, cancellation: handover.Cancellation, say: Say
 ) -> dict[str, Any]:
     def progress(p: Progress) -> None:
         with contextlib.suppress(OSError):  # the operator may stop watching
             say({"progress": dataclasses.asdict(p)})
 
+    where, options = request.where, request.options
     try:
-        target = channel.connect(where, tls=tls, timeout=options.timeout, allow_insecure=insecure)
+        target = channel.connect(
+            where, tls=request.tls, timeout=options.timeout, allow_insecure=request.allow_insecure
+        )
     except OSError as err:
         raise handover.MigrationFailed(f"cannot reach the target {where}: {_why(err)}") from err
     with target:
@@ -376,10 +469,6 @@ def _migrate(
 
 def _say(client: socket.socket, message: dict[str, Any]) -> None:
     client.sendall(json.dumps(message, allow_nan=False).encode() + b"\n")
-
-
-def _error(kind: str, message: str, **facts: Any) -> dict[str, Any]:
-    return {"ok": False, "kind": kind, "error": message, **facts}
 
 
 def _why(err: BaseException) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from guestmem.errors import UsageError
 from guestmem.vmm import kvm_api as k
 from guestmem.vmm import layout
 
@@ -24,7 +25,7 @@ class Gic:
     def __init__(self, vm_fd: int, cpus: int) -> None:
         """Create the vGIC on ``vm_fd`` and place it for ``cpus`` redistributors."""
         if not 1 <= cpus <= layout.MAX_CPUS:
-            raise ValueError(f"the vGIC layout holds 1 to {layout.MAX_CPUS} vCPUs, not {cpus}")
+            raise UsageError(f"the vGIC layout holds 1 to {layout.MAX_CPUS} vCPUs, not {cpus}")
         self.vm_fd = vm_fd
         self.line_ioctls: dict[int, int] = {}  # KVM_IRQ_LINE calls, by SPI
         request = bytearray(k.CREATE_DEVICE.pack(k.DEV_VGIC_V3, 0, 0))

@@ -1,7 +1,8 @@
 """The KVM ioctls the VMM makes beyond the library's own (Documentation/virt/kvm/api.rst).
 
 Structures are packed with :mod:`struct` in the kernel's layout for arm64;
-every call goes through the core's ``gm_kvm_ioctl``, which drops the GIL, so
+every call goes through :mod:`guestmem.vmm.kvm_binding` (the core's
+``gm_kvm_ioctl``, which drops the GIL), so
 a vCPU thread sits in KVM_RUN while the others go on. A failed ioctl raises
 :class:`~guestmem.errors.NativeOSError` naming the request, errno EINTR
 included (a kicked KVM_RUN).
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Any
 
-from guestmem._native import check, ffi, lib
 from guestmem.errors import NativeOSError
+from guestmem.vmm.kvm_binding import Pointee
+from guestmem.vmm.kvm_binding import ioctl as ioctl
 
 _KVMIO = 0xAE
 _WRITE, _READ = 1, 2
@@ -139,42 +140,33 @@ TTBR1_EL1 = sys_reg(3, 0, 2, 0, 1)
 TCR_EL1 = sys_reg(3, 0, 2, 0, 2)
 
 
-def ioctl(fd: int, request: int, arg: bytearray | int, what: str) -> int:
-    """Make one ioctl; ``arg`` is a structure (changed in place) or an integer."""
-    pointer: Any = ffi.cast("void *", arg) if isinstance(arg, int) else ffi.from_buffer(arg)
-    result = int(lib.gm_kvm_ioctl(fd, request, pointer))
-    if result < 0:
-        check(result, what)
-    return result
-
-
 def get_one_reg(vcpu_fd: int, reg: int) -> int:
     """Read one 64-bit vCPU register."""
-    value = ffi.new("uint64_t *")
-    request = bytearray(ONE_REG.pack(reg, int(ffi.cast("uintptr_t", value))))
+    value = Pointee(8)
+    request = bytearray(ONE_REG.pack(reg, value.address))
     ioctl(vcpu_fd, KVM_GET_ONE_REG, request, f"KVM_GET_ONE_REG {reg:#x}")
-    return int(value[0])
+    return int.from_bytes(value.value(), "little")
 
 
 def set_one_reg(vcpu_fd: int, reg: int, value: int) -> None:
     """Write one 64-bit vCPU register."""
-    holder = ffi.new("uint64_t *", value)
-    request = bytearray(ONE_REG.pack(reg, int(ffi.cast("uintptr_t", holder))))
+    holder = Pointee(value.to_bytes(8, "little"))
+    request = bytearray(ONE_REG.pack(reg, holder.address))
     ioctl(vcpu_fd, KVM_SET_ONE_REG, request, f"KVM_SET_ONE_REG {reg:#x}")
 
 
 def get_reg(vcpu_fd: int, reg: int) -> bytes:
     """Read one vCPU register of any size (the size is in its id) as its bytes."""
-    holder = ffi.new("uint8_t[]", reg_size(reg))
-    request = bytearray(ONE_REG.pack(reg, int(ffi.cast("uintptr_t", holder))))
+    holder = Pointee(reg_size(reg))
+    request = bytearray(ONE_REG.pack(reg, holder.address))
     ioctl(vcpu_fd, KVM_GET_ONE_REG, request, f"KVM_GET_ONE_REG {reg:#x}")
-    return bytes(ffi.buffer(holder))
+    return holder.value()
 
 
 def set_reg(vcpu_fd: int, reg: int, value: bytes) -> None:
     """Write one vCPU register of any size from its bytes."""
-    holder = ffi.new("uint8_t[]", bytes(value))
-    request = bytearray(ONE_REG.pack(reg, int(ffi.cast("uintptr_t", holder))))
+    holder = Pointee(bytes(value))
+    request = bytearray(ONE_REG.pack(reg, holder.address))
     ioctl(vcpu_fd, KVM_SET_ONE_REG, request, f"KVM_SET_ONE_REG {reg:#x}")
 
 
@@ -199,10 +191,10 @@ def reg_list(vcpu_fd: int) -> list[int]:
 
 def get_device_attr(device_fd: int, group: int, attr: int, size: int = 8) -> int:
     """A device attribute's value (a u32 or u64) the kernel writes through a pointer."""
-    holder = ffi.new("uint64_t *" if size == 8 else "uint32_t *")
-    request = bytearray(DEVICE_ATTR.pack(0, group, attr, int(ffi.cast("uintptr_t", holder))))
+    holder = Pointee(8 if size == 8 else 4)
+    request = bytearray(DEVICE_ATTR.pack(0, group, attr, holder.address))
     ioctl(device_fd, KVM_GET_DEVICE_ATTR, request, f"KVM_GET_DEVICE_ATTR {group}/{attr:#x}")
-    return int(holder[0])
+    return int.from_bytes(holder.value(), "little")
 
 
 def set_memory_flags(vm_fd: int, slot: int, gpa: int, size: int, host: int, flags: int) -> None:
@@ -213,15 +205,15 @@ def set_memory_flags(vm_fd: int, slot: int, gpa: int, size: int, host: int, flag
 
 def get_dirty_log(vm_fd: int, slot: int, bitmap: bytearray) -> None:
     """Fill ``bitmap`` with the pages of ``slot`` written since the last call, and re-arm it."""
-    holder = ffi.from_buffer(bitmap)
-    request = bytearray(DIRTY_LOG.pack(slot, 0, int(ffi.cast("uintptr_t", holder))))
+    holder = Pointee(bitmap)  # the kernel writes into the caller's bitmap
+    request = bytearray(DIRTY_LOG.pack(slot, 0, holder.address))
     ioctl(vm_fd, KVM_GET_DIRTY_LOG, request, f"KVM_GET_DIRTY_LOG slot {slot}")
 
 
 def set_device_attr(device_fd: int, group: int, attr: int, value: int, size: int = 8) -> None:
     """Set a device attribute whose value (a u32 or u64) the kernel reads through a pointer."""
-    holder = ffi.new("uint64_t *" if size == 8 else "uint32_t *", value)
-    request = bytearray(DEVICE_ATTR.pack(0, group, attr, int(ffi.cast("uintptr_t", holder))))
+    holder = Pointee(value.to_bytes(8 if size == 8 else 4, "little"))
+    request = bytearray(DEVICE_ATTR.pack(0, group, attr, holder.address))
     ioctl(device_fd, KVM_SET_DEVICE_ATTR, request, f"KVM_SET_DEVICE_ATTR {group}/{attr}")
 
 

@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import guestmem as gm
-from guestmem._native import lib
 from guestmem.devices.disk_lock import acquire_all
 from guestmem.devices.pl011 import Pl011
 from guestmem.devices.virtio_blk import VirtioBlock
@@ -39,7 +38,7 @@ from guestmem.devices.virtio_console import VirtioConsole
 from guestmem.devices.virtio_device import VirtioDevice
 from guestmem.devices.virtio_mmio import QUEUE_NOTIFY, MmioTransport
 from guestmem.kvm import KvmVm
-from guestmem.vmm import boot, fdt, layout
+from guestmem.vmm import boot, fdt, kvm_binding, layout
 from guestmem.vmm import kvm_api as k
 from guestmem.vmm.gate import Gate
 from guestmem.vmm.gic import EdgeInterrupt, Gic
@@ -387,7 +386,7 @@ def _size(data: bytes | None) -> int | None:
 
 
 def _vcpu_mmap_size() -> int:
-    kvm = int(lib.gm_kvm_open())
+    kvm = kvm_binding.open_kvm()
     if kvm < 0:
         raise gm.UnsupportedError("/dev/kvm cannot be opened")
     try:

@@ -20,6 +20,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 
+from guestmem.errors import UsageError
 from guestmem.saved_state import MAX_STATE, Reader, StateError
 
 MAGIC = b"GMVMSTAT"
@@ -32,7 +33,7 @@ _CRC = struct.Struct("<I")
 def encode(sections: Sequence[tuple[str, bytes]]) -> bytes:
     """Frame named sections as one machine state (see the module's docstring)."""
     if len(sections) > MAX_SECTIONS:
-        raise ValueError(f"{len(sections)} sections, more than {MAX_SECTIONS}")
+        raise UsageError(f"{len(sections)} sections, more than {MAX_SECTIONS}")
     out = [_HEAD.pack(MAGIC, VERSION, 0, len(sections))]
     for name, payload in sections:
         label = name.encode("ascii")

@@ -10,9 +10,8 @@ from functools import cache
 from typing import Any
 
 import guestmem as gm
-from guestmem._native import check
-from guestmem._native import ffi as core_ffi
-from guestmem._native import lib as core_lib
+from guestmem._native import bounce_pool, check, entry_address, read_request
+from guestmem.memory import BOUNCE_BUFFER_SIZE, BOUNCE_BUFFERS
 from guestmem.plan import resolve
 from guestmem.tools.bench import plan
 from guestmem.tools.bench._gmbench import ffi, lib
@@ -21,29 +20,29 @@ from guestmem.tools.bench.subject import CHECKED_TAG, Subject
 from guestmem.tools.bench.timing import Timing, timed
 
 
-def _address(core_cdata: Any) -> int:
-    return int(core_ffi.cast("uintptr_t", core_cdata))
-
-
 @cache
 def _core() -> Any:
     """The production core's entry points, as the loops call them."""
     core = ffi.new("struct gm_bench_core *")
-    core.access = ffi.cast(
-        "int (*)(struct gm_access *)", _address(core_ffi.addressof(core_lib, "gm_access"))
-    )
+    core.access = ffi.cast("int (*)(struct gm_access *)", entry_address("gm_access"))
     for field in ("unchecked_thread_enter", "unchecked_thread_exit"):
-        pointer = core_ffi.addressof(core_lib, f"gm_{field}")
-        setattr(core, field, ffi.cast("int (*)(void)", _address(pointer)))
+        setattr(core, field, ffi.cast("int (*)(void)", entry_address(f"gm_{field}")))
     return core
 
 
-def _request(subject: Subject, route: gm.Route, point: plan.Point, buf: Any) -> tuple[Any, Any]:
-    """A ``struct gm_access`` for one read, and its span, which must outlive it."""
+@cache
+def _pool() -> Any:
+    """Staging buffers for BOUNCE, as many and as large as a GuestMemory's own."""
+    return bounce_pool(BOUNCE_BUFFER_SIZE, BOUNCE_BUFFERS)
+
+
+def _request(subject: Subject, route: gm.Route, point: plan.Point) -> tuple[int, Any]:
+    """The address of a ``struct gm_access`` for one read, and what must outlive its use."""
     tag = CHECKED_TAG if route is gm.Route.CHECKED else None
     plan = resolve(subject.memory.policy, gm.Access.DMA, route, tag)
     piece = (subject.region, point.offset, point.size)
-    return subject.memory._request(plan, core_lib.GM_OP_READ, [piece], buf)  # guest -> device
+    mode = subject.memory.tag_mode
+    return read_request(mode, plan.route, plan.tag, [piece], subject.device, _pool())
 
 
 def time_native(
@@ -57,7 +56,7 @@ def time_native(
         if case.name == BASELINE:
             src = ffi.from_buffer(subject.source) + point.offset
         else:
-            src = ffi.cast("uint8_t *", _address(subject.guest_pointer(point.offset)))
+            src = ffi.cast("uint8_t *", subject.guest_address(point.offset))
         checks_off = int(case.name == CHECKS_OFF)
 
         def run_memcpy(n: int) -> int:
@@ -69,9 +68,8 @@ def time_native(
 
         return timed(run_memcpy, point.size, repeats, target_ns)
 
-    device = core_ffi.from_buffer(subject.device)
-    request, span = _request(subject, gm.Route[case.route], point, device)
-    access = ffi.cast("struct gm_access *", _address(request))
+    request, keep = _request(subject, gm.Route[case.route], point)  # guest -> device
+    access = ffi.cast("struct gm_access *", request)
     scope = int(case.thread_scope)
 
     def run_route(n: int) -> int:
@@ -79,5 +77,5 @@ def time_native(
         return int(ns[0])
 
     result = timed(run_route, point.size, repeats, target_ns)
-    del span, request, device
+    del keep
     return result

@@ -8,7 +8,6 @@ shared zero page); the destination is one device buffer, as in DMA.
 from __future__ import annotations
 
 import mmap
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -48,9 +47,9 @@ class Subject:
             self.memory.set_tags(GPA, self.window, layout)
         self._uniform = uniform
 
-    def guest_pointer(self, offset: int) -> Any:
-        """The untagged host address of guest byte ``offset`` (a cffi pointer)."""
-        return self.region._base + offset
+    def guest_address(self, offset: int) -> int:
+        """The untagged host address of guest byte ``offset``."""
+        return self.region.host_address + offset
 
     def close(self) -> None:
         """Unmap guest memory (the twin goes with its last view)."""
