@@ -39,7 +39,6 @@ GUESTMEM = Package(
 # Item names are issue 20's "What to build" bullets.
 MOVER = "issue 20 Library: AddressSpace + Mover, GuestMemory a facade; the circle gone"
 NATIVE = "issue 20 Native: _native exports typed functions; no other module names lib/ffi"
-GDB = "issue 20 One debugger protocol: gdbstub/ holds the engine, vmm/ only run control"
 
 KNOWN_VIOLATIONS: dict[str, str] = {
     # memory <-> dma <-> dma_io <-> dma_mapping <-> dirty, and their reaching in.
@@ -78,14 +77,6 @@ KNOWN_VIOLATIONS: dict[str, str] = {
     "native: guestmem.scopes -> guestmem._native.lib": NATIVE,
     "native: guestmem.virtio -> guestmem._native.ffi": NATIVE,
     "native: guestmem.virtio -> guestmem._native.lib": NATIVE,
-    # vmm/debug.py, a second GDB server reaching into the library stub's privates.
-    "private: guestmem.vmm.debug -> ?._closed": GDB,
-    "private: guestmem.vmm.debug -> ?._listener": GDB,
-    "private: guestmem.vmm.debug -> ?._wake_reader": GDB,
-    "private: guestmem.vmm.debug -> ?._wake_writer": GDB,
-    "private: guestmem.vmm.debug -> guestmem.gdbstub.server._Refusal": GDB,
-    "private: guestmem.vmm.debug -> guestmem.gdbstub.server._Refusals": GDB,
-    "private: guestmem.vmm.debug -> guestmem.gdbstub.session._xfer": GDB,
 }
 
 
