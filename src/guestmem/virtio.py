@@ -141,15 +141,15 @@ class SplitQueue:
                 raise _error(lib.GM_VQ_RING_RANGE, i, gpa)
         self._mem = mem
         self._regions = mem.regions  # their mappings live while the queue does
-        table = [(r.gpa, r.size, r._base) for r in self._regions]
+        table = [(r.gpa, r.size, r.base_pointer) for r in self._regions]
         self._q, self._table, self._out = virtqueue(mem.tag_mode, n, bool(event_idx), table, rings)
         self.size = n
         self.event_idx = bool(event_idx)
-        self._dirty = mem.dirty
-        self._used_ring = (rings[2], 6 + 8 * n)  # what push (and EVENT_IDX's pop) write
         self._failure: VirtqueueError | None = None
         if lib.gm_virtq_init(self._q) != _OK:
             raise self._fail()
+        # What push (and EVENT_IDX's pop) write natively: the mover marks it dirty.
+        self._used_ring = mem.translate(rings[2], 6 + 8 * n)
         self._pop = lib.gm_virtq_pop
         self._push = lib.gm_virtq_push
         self._words = memoryview(ffi.buffer(self._out)).cast("Q")
@@ -184,17 +184,15 @@ class SplitQueue:
 
     def pop(self) -> DescriptorChain | None:
         """The next available descriptor chain, or None if the ring is empty."""
-        if self._mem._closed:
+        if self._mem.closed:
             raise ClosedError("this GuestMemory is closed")
         count = self._pop(self._q)
+        if count >= 0 and self.event_idx:
+            self._mem.mark_written(self._used_ring)  # the avail event
         if count <= 0:
             if count == 0:
-                if self.event_idx and self._dirty.active:
-                    self._dirty.mark(*self._used_ring)
                 return None
             raise self._fail()
-        if self.event_idx and self._dirty.active:
-            self._dirty.mark(*self._used_ring)
         unpack = self._formats.get(count)
         if unpack is None:
             unpack = self._formats[count] = struct.Struct(f"={_HEADER + 2 * count}Q").unpack_from
@@ -219,7 +217,7 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> bool:
         """Return chain ``head`` with ``written`` bytes written; whether to notify the driver."""
-        if self._mem._closed:
+        if self._mem.closed:
             raise ClosedError("this GuestMemory is closed")
         if type(head) is not int or type(written) is not int:
             head, written = as_int(head, "a descriptor index"), as_int(written, "a length")
@@ -227,8 +225,7 @@ class SplitQueue:
             raise LengthError(f"used element ({head}, {written}) does not fit the used ring")
         status = self._push(self._q, head, written) if head < 1 << 32 else lib.GM_ERR_VIRTQ
         if status >= 0:
-            if self._dirty.active:
-                self._dirty.mark(*self._used_ring)
+            self._mem.mark_written(self._used_ring)
             notify: bool = status == 1
             return notify
         if self._failure is None and self._q.error == lib.GM_VQ_OK:

@@ -52,10 +52,10 @@ class Totals:
 def native_regions(memory: GuestMemory) -> Any:
     """The native description of ``memory``'s regions for the stream codec.
 
-    Its KVM fd is -1: set it inside ``memory._vm_fd_in_use()`` for each use,
+    Its KVM fd is -1: set it inside ``memory.vm_fd_in_use()`` for each use,
     so that close() never closes the VM under the codec.
     """
-    entries = [(r._base, r._table_base, r.gpa, r.size) for r in memory.regions]
+    entries = [(r.base_pointer, r.tag_table_pointer, r.gpa, r.size) for r in memory.regions]
     return stream_regions(memory.tag_mode, entries)
 
 
@@ -65,7 +65,7 @@ def _vm_fd_set(memory: GuestMemory | None, table: Any, count: int) -> Iterator[N
     if memory is None:
         yield
         return
-    with memory._vm_fd_in_use() as fd:
+    with memory.vm_fd_in_use() as fd:
         for i in range(count):
             table[i].vm_fd = fd
         yield

@@ -43,7 +43,7 @@ def _request(subject: Subject, route: gm.Route, point: plan.Point, buf: Any) -> 
     tag = CHECKED_TAG if route is gm.Route.CHECKED else None
     plan = resolve(subject.memory.policy, gm.Access.DMA, route, tag)
     piece = (subject.region, point.offset, point.size)
-    return subject.memory._request(plan, core_lib.GM_OP_READ, [piece], buf)  # guest -> device
+    return subject.memory.access_request(plan, core_lib.GM_OP_READ, [piece], buf)  # guest -> device
 
 
 def time_native(
