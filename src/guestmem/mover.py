@@ -67,6 +67,7 @@ _ROUTE_PLANS: dict[Route, Plan] = {
 # re-entered between the native call and the copy out (by a signal handler
 # or a finalizer). The pool grows to the most reads in flight at once.
 _SCRATCH: list[tuple[Any, Any]] = []  # (char[] cdata, its ffi.buffer)
+_take_scratch, _give_scratch = _SCRATCH.pop, _SCRATCH.append
 
 
 class Mover:
@@ -170,14 +171,14 @@ class Mover:
         """
         if tag is None and type(gpa) is int and type(length) is int and 0 <= length <= SCRATCH_SIZE:
             try:
-                pair = _SCRATCH.pop()
+                pair = _take_scratch()
             except IndexError:
                 pair = scratch()
             try:
                 if self._fast(_hot_read, access, route, gpa, length, pair[0]):
                     return pair[1][:length]  # type: ignore[no-any-return]
             finally:
-                _SCRATCH.append(pair)
+                _give_scratch(pair)
         plan = self.plan_for(access, route, tag)
         gpa, length, where = self._where(gpa, length)
         out = bytearray(length)
