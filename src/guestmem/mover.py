@@ -89,7 +89,7 @@ class Mover:
     ) -> None:
         """Move data over ``space``; under TagMode.KVM its regions become memslots of ``kvm``.
 
-        Without ``kvm`` a new VM with MTE enabled is made (and closed by :meth:`stop`).
+        Without ``kvm`` a new VM with MTE enabled is made; :meth:`stop` closes the VM.
         """
         self.address_space = space
         self.tag_mode: TagMode = space.tag_mode
@@ -143,7 +143,7 @@ class Mover:
         self._fast_routes = {access: plan.route for access, plan in self._defaults.items()}
 
     def stop(self) -> None:
-        """Serve no more moves (the address space is closed first); close an owned KVM VM.
+        """Serve no more moves (close the address space first) and close the KVM VM.
 
         A call that already found its region finishes on it; the VM fd is
         closed when the last in-flight ioctl on it has returned.
