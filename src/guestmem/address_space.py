@@ -57,7 +57,8 @@ class AddressSpace:
         )
         self._host_ranges = [(r.host_address, r.host_address + r.size) for r in ordered]
         self.tag_mode: TagMode = ordered[0].tag_mode
-        self._closed = False
+        self.closed = False
+        """Whether :meth:`close` was called (a plain attribute: every virtqueue call reads it)."""
 
     @property
     def regions(self) -> tuple[GuestRegion, ...]:
@@ -67,19 +68,14 @@ class AddressSpace:
             raise ClosedError("this GuestMemory is closed")
         return regions
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
-
     def close(self) -> None:
         """Forget the regions: later lookups raise ClosedError."""
-        self._closed = True
+        self.closed = True
         self._table = ((), [])
 
     def require_open(self) -> None:
         """Raise ClosedError once closed."""
-        if self._closed:
+        if self.closed:
             raise ClosedError("this GuestMemory is closed")
 
     def find_region(self, gpa: int) -> GuestRegion:
