@@ -258,7 +258,7 @@ class DmaIO:
                 error = WouldBlockError if code in (errno.EAGAIN, errno.EWOULDBLOCK) else OSError
                 raise error(code, os.strerror(code))
             check(count, f"{route.name} system-call I/O")
-        if into_guest:
+        if into_guest and memory.dirty.active:  # the pieces the kernel wrote, only if asked
             memory.mark_written(_prefix_pieces(pieces, count))
         return count
 
