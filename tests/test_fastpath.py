@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import guestmem as gm
-import guestmem.memory as memory_module
+import guestmem.mover as mover_module
 from conftest import BASE, MODES, REGION
 
 TAG = 5
@@ -136,7 +136,7 @@ def test_a_read_reentered_on_its_thread_keeps_its_own_bytes(
     with gm.GuestMemory.anonymous(REGION, gpa=BASE, tags="none") as memory:
         memory.write(BASE, b"\x11" * 64)
         memory.write(BASE + 64, b"\x22" * 64)
-        native = memory_module._hot_read
+        native = mover_module._hot_read
         inner: list[bytes] = []
 
         def reentering(*args: Any) -> int:
@@ -146,7 +146,7 @@ def test_a_read_reentered_on_its_thread_keeps_its_own_bytes(
                 inner[0] = memory.read(BASE + 64, 64)
             return status
 
-        monkeypatch.setattr(memory_module, "_hot_read", reentering)
+        monkeypatch.setattr(mover_module, "_hot_read", reentering)
         assert memory.read(BASE, 64) == b"\x11" * 64
         assert inner == [b"\x22" * 64]
 

@@ -1,4 +1,4 @@
-"""Checks shared by every public call: integers, lengths, tags, the GPA space.
+"""Checks shared by every public call: integers, lengths, tags, the GPA space, buffers.
 
 Each raises a GuestMemoryError subclass, so a bad argument never escapes as a
 bare TypeError, OverflowError or MemoryError.
@@ -6,11 +6,14 @@ bare TypeError, OverflowError or MemoryError.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from guestmem.errors import (
     AddressError,
     ArgumentTypeError,
+    BufferTypeError,
     LengthError,
     TagError,
     UsageError,
@@ -61,3 +64,22 @@ def check_byte(byte: object) -> int:
     if not 0 <= value <= 255:
         raise UsageError(f"a fill byte is 0..255, not {value}")
     return value
+
+
+def readable_buffer(data: Any) -> memoryview:
+    """``data`` as a flat byte memoryview (BufferTypeError if it is no contiguous buffer)."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise BufferTypeError(f"expected a bytes-like object, not {type(data).__name__}") from None
+    if not view.c_contiguous:
+        raise BufferTypeError("the buffer must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def writable_buffer(buffer: Any) -> memoryview:
+    """``buffer`` as a flat, writable byte memoryview (BufferTypeError otherwise)."""
+    view = readable_buffer(buffer)
+    if view.readonly:
+        raise BufferTypeError(f"{type(buffer).__name__} is read-only: cannot receive data")
+    return view

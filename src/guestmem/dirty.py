@@ -5,24 +5,22 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from guestmem.address_space import AddressSpace
 from guestmem.errors import UsageError
+from guestmem.region import GuestRegion
 from guestmem.units import HOST_PAGE, Frames
-
-if TYPE_CHECKING:
-    from guestmem.memory import GuestMemory
-    from guestmem.region import GuestRegion
 
 
 class DirtyLog:
-    """Per-host-page dirty bits over a GuestMemory (``mem.dirty``).
+    """Per-host-page dirty bits over an address space (``mem.dirty``).
 
-    Off until :meth:`start`. While on, the library's own writes, fills, tag
-    changes and device-written DMA scopes mark their pages; a VMM feeds the
+    Off until :meth:`start`. While on, the mover marks the pages of every
+    write the library makes (writes, fills, tag changes, device-written DMA
+    scopes, system-call I/O, the used ring); a VMM feeds the
     rest (e.g. KVM's dirty log, which counts host pages too) through
     :meth:`mark` or :meth:`mark_frames`. :meth:`take` returns the dirty pages
     and clears them in one step. The unit is the host page (:data:`HOST_PAGE`):
@@ -31,31 +29,31 @@ class DirtyLog:
 
     page = HOST_PAGE
 
-    def __init__(self, memory: GuestMemory) -> None:
-        """Track ``memory``'s pages (off until :meth:`start`)."""
-        self._memory = memory
+    def __init__(self, space: AddressSpace) -> None:
+        """Track the pages of ``space``'s regions (off until :meth:`start`)."""
+        self._space = space
         self._lock = threading.Lock()
         self._bits: dict[GuestRegion, npt.NDArray[np.bool_]] | None = None
+        # Whether pages are being tracked: a plain attribute, as every write
+        # of the mover's fast path asks it.
+        self.active = False
         _LOGS.add(self)
-
-    @property
-    def active(self) -> bool:
-        """Whether pages are being tracked."""
-        return self._bits is not None
 
     def start(self) -> None:
         """Start tracking, with no page dirty."""
         with self._lock:
             self._bits = self._clean()
+            self.active = True
 
     def stop(self) -> None:
         """Stop tracking and forget what was dirty."""
         with self._lock:
             self._bits = None
+            self.active = False
 
     def mark(self, gpa: int, length: int) -> None:
         """Mark the pages of ``[gpa, gpa + length)`` dirty (AddressError if unmapped)."""
-        for region, offset, n in self._memory.translate(gpa, length):
+        for region, offset, n in self._space.translate(gpa, length):
             self.mark_region(region, offset, n)
 
     def mark_region(self, region: GuestRegion, offset: int, length: int) -> None:
@@ -70,7 +68,7 @@ class DirtyLog:
     def mark_frames(self, frames: Frames) -> None:
         """Mark whole pages dirty, in any unit (e.g. host frames from KVM's dirty log)."""
         host = frames.to(HOST_PAGE)
-        for region in self._memory.regions:
+        for region in self._space.regions:
             first = region.gpa // HOST_PAGE
             mine = host.numbers[
                 (host.numbers >= first) & (host.numbers < first + region.size // HOST_PAGE)
@@ -93,7 +91,7 @@ class DirtyLog:
         return Frames(np.sort(joined), HOST_PAGE)
 
     def _clean(self) -> dict[GuestRegion, npt.NDArray[np.bool_]]:
-        return {r: np.zeros(r.size // HOST_PAGE, dtype=np.bool_) for r in self._memory.regions}
+        return {r: np.zeros(r.size // HOST_PAGE, dtype=np.bool_) for r in self._space.regions}
 
 
 # A child forked while another thread held a log's lock must not wait for it.

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from guestmem.dma_io import DmaIO
 from guestmem.dma_mapping import DmaMapping
 from guestmem.errors import UnsupportedError
 from guestmem.kinds import Direction, Route
-
-if TYPE_CHECKING:
-    from guestmem.memory import GuestMemory
+from guestmem.mover import Mover
 
 __all__ = ["Direction", "Dma", "DmaMapping"]
 
@@ -20,8 +17,8 @@ __all__ = ["Direction", "Dma", "DmaMapping"]
 class Dma:
     """The DMA face of a GuestMemory (``mem.dma``)."""
 
-    def __init__(self, memory: GuestMemory) -> None:
-        """Serve DMA buffers over ``memory``."""
+    def __init__(self, memory: Mover) -> None:
+        """Serve DMA buffers over ``memory`` (a GuestMemory, or any Mover)."""
         self._memory = memory
 
     @property

@@ -19,18 +19,17 @@ import errno
 import os
 import socket
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from guestmem._args import as_int
 from guestmem._native import check, ffi, lib, spans
+from guestmem.address_space import Piece
 from guestmem.dma_mapping import STAGE_PLAN, DmaMapping
 from guestmem.errors import ArgumentTypeError, LengthError, WouldBlockError, from_os_error
 from guestmem.kinds import Direction, Lending, Route
-
-if TYPE_CHECKING:
-    from guestmem.memory import GuestMemory, Piece
+from guestmem.mover import OP_READ, OP_WRITE, Mover
 
 Ranges = Sequence[tuple[int, int]]
 Transfer = Callable[[list[memoryview]], int]
@@ -63,7 +62,7 @@ def _fd(target: int | HasFileno) -> int:
 class DmaIO:
     """System-call I/O into and out of guest memory (``mem.dma.io``)."""
 
-    def __init__(self, memory: GuestMemory) -> None:
+    def __init__(self, memory: Mover) -> None:
         """Serve I/O over ``memory``."""
         self._memory = memory
 
@@ -218,8 +217,8 @@ class DmaIO:
         offset: int = -1,
     ) -> int:
         memory = self._memory
-        chosen = memory._io_plan(route, tag).route
-        pieces = memory._pieces(ranges, None)  # every range valid before any system call
+        chosen = memory.io_plan_for(route, tag).route
+        pieces = memory.pieces_of(ranges, None)  # every range valid before any system call
         try:
             if native_fd is not None and chosen.native_iovec:
                 return self._native(native_fd, pieces, direction, chosen, offset)
@@ -242,7 +241,7 @@ class DmaIO:
         one = len(pieces) == 1  # a block request's data buffer: no span array to allocate
         if one:
             region, start, length = pieces[0]
-            guest, gpa = region._base + start, region.gpa + start
+            guest, gpa = region.base_pointer + start, region.gpa + start
         else:
             span_array = spans(pieces)
         while True:
@@ -259,9 +258,8 @@ class DmaIO:
                 error = WouldBlockError if code in (errno.EAGAIN, errno.EWOULDBLOCK) else OSError
                 raise error(code, os.strerror(code))
             check(count, f"{route.name} system-call I/O")
-        if into_guest and memory.dirty.active:
-            for region, offset, n in _prefix_pieces(pieces, count):
-                memory.dirty.mark_region(region, offset, n)
+        if into_guest and memory.dirty.active:  # the pieces the kernel wrote, only if asked
+            memory.mark_written(_prefix_pieces(pieces, count))
         return count
 
     def _bounce(self, pieces: list[Piece], direction: Direction, call: Transfer) -> int:
@@ -270,10 +268,10 @@ class DmaIO:
         staging = bytearray(sum(n for _, _, n in pieces))
         buf = ffi.from_buffer(staging)
         if direction.copies_in:
-            memory._move(STAGE_PLAN, lib.GM_OP_READ, pieces, buf)
+            memory.move(STAGE_PLAN, OP_READ, pieces, buf)
             return call([memoryview(staging)])
         count = call([memoryview(staging)])
-        memory._move(STAGE_PLAN, lib.GM_OP_WRITE, _prefix_pieces(pieces, count), buf)
+        memory.move(STAGE_PLAN, OP_WRITE, _prefix_pieces(pieces, count), buf)
         return count
 
 

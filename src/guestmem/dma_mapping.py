@@ -6,21 +6,19 @@ import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from guestmem._native import check, ffi, lib
+from guestmem.address_space import Piece
 from guestmem.errors import ArgumentTypeError, TagCheckError, UnsupportedError, UsageError
 from guestmem.kinds import Access, Direction, Lending, Route, TagMode
+from guestmem.mover import OP_READ, OP_WRITE, Mover
 from guestmem.plan import Plan
 from guestmem.region import GuestRegion
+from guestmem.tags import read_tags
 from guestmem.units import GRANULE
-
-if TYPE_CHECKING:
-    from guestmem.memory import GuestMemory, Piece
-
 
 # Guest memory <-> a staging copy (BOUNCE scopes, dma.io's BOUNCE): the
 # library's own copy of pieces already checked, never a system call.
@@ -32,7 +30,7 @@ class DmaMapping:
 
     def __init__(
         self,
-        memory: GuestMemory,
+        memory: Mover,
         ranges: Sequence[tuple[int, int]],
         direction: Direction,
         route: Route | None,
@@ -43,8 +41,8 @@ class DmaMapping:
         if not isinstance(direction, Direction):
             raise ArgumentTypeError(f"direction must be a Direction, not {direction!r}")
         self._direction = direction
-        self.plan = memory._plan(Access.DMA, route, tag)
-        self._pieces: list[Piece] = memory._pieces(ranges, None)
+        self.plan = memory.plan_for(Access.DMA, route, tag)
+        self._pieces: list[Piece] = memory.pieces_of(ranges, None)
         self._segments: list[memoryview] = []
         self._staging: bytearray | None = None
         self._thread: int | None = None
@@ -100,11 +98,9 @@ class DmaMapping:
                     segment.release()
         if self.plan.route.lending is Lending.STAGING:
             if staging is not None and self._direction.copies_out and exc_type is None:
-                self._memory._move(
-                    STAGE_PLAN, lib.GM_OP_WRITE, self._pieces, ffi.from_buffer(staging)
-                )
+                self._memory.move(STAGE_PLAN, OP_WRITE, self._pieces, ffi.from_buffer(staging))
         elif self._direction.copies_out:
-            self._mark_dirty()
+            self._memory.mark_written(self._pieces)  # device code wrote guest memory itself
 
     def _restore_thread(self) -> None:
         lending = self.plan.route.lending
@@ -118,28 +114,23 @@ class DmaMapping:
         """The route this scope lends memory under."""
         return self.plan.route
 
-    def _mark_dirty(self) -> None:
-        if self._memory.dirty.active:
-            for region, offset, n in self._pieces:
-                self._memory.dirty.mark_region(region, offset, n)
-
     def _stage_in(self) -> memoryview:
         total = sum(n for _, _, n in self._pieces)
         self._staging = bytearray(total)
         if self._direction.copies_in:
-            self._memory._move(
-                STAGE_PLAN, lib.GM_OP_READ, self._pieces, ffi.from_buffer(self._staging)
-            )
+            self._memory.move(STAGE_PLAN, OP_READ, self._pieces, ffi.from_buffer(self._staging))
         return memoryview(self._staging)
 
     def _piece_tags(self) -> Iterator[tuple[GuestRegion, int, int, int, npt.NDArray[np.uint8]]]:
         """Each piece with its first whole granule's offset and the tags of its granules."""
-        if self._memory.tag_mode is TagMode.HARDWARE:
+        memory = self._memory
+        if memory.tag_mode is TagMode.HARDWARE:
             check(lib.gm_thread_enable_mte(), "enabling the tagged-address ABI")
         for region, offset, n in self._pieces:
             first = offset - offset % GRANULE
             last = -(-(offset + n) // GRANULE) * GRANULE
-            yield region, offset, n, first, self._memory.get_tags(region.gpa + first, last - first)
+            tags = read_tags(memory.address_space, memory.kvm, region.gpa + first, last - first)
+            yield region, offset, n, first, tags
 
     def _tag_runs(self) -> list[memoryview]:
         segments = []

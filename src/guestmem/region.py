@@ -153,6 +153,16 @@ class GuestRegion:
         """The VMM's (untagged) address of the region's first byte."""
         return int(ffi.cast("uintptr_t", self._base))
 
+    @property
+    def base_pointer(self) -> Any:
+        """The native ``uint8_t *`` to the mapping's first byte (it keeps the mapping alive)."""
+        return self._base
+
+    @property
+    def tag_table_pointer(self) -> Any:
+        """The native pointer to the SOFTWARE tag table (one byte a granule), else NULL."""
+        return self._table_base
+
     def contains(self, gpa: int) -> bool:
         """Whether ``gpa`` lies inside the region."""
         return self.gpa <= gpa < self.end

@@ -1,4 +1,4 @@
-"""The split virtqueue of virtio 1.x over a GuestMemory: the device's half.
+"""The split virtqueue of virtio 1.x over guest memory: the device's half.
 
 The ring walk is native (csrc/gm_virtq.c): :meth:`SplitQueue.pop` is one
 call that follows a whole descriptor chain, :meth:`SplitQueue.push` one call
@@ -25,7 +25,7 @@ from guestmem.errors import (
     VirtqueueError,
 )
 from guestmem.kinds import Access
-from guestmem.memory import GuestMemory
+from guestmem.mover import Mover
 
 __all__ = ["MAX_QUEUE_SIZE", "DescriptorChain", "SplitQueue", "chain_read", "chain_write"]
 
@@ -117,7 +117,7 @@ class SplitQueue:
 
     def __init__(
         self,
-        mem: GuestMemory,
+        mem: Mover,
         size: int,
         desc_gpa: int,
         avail_gpa: int,
@@ -126,7 +126,7 @@ class SplitQueue:
         event_idx: bool = False,
     ) -> None:
         """Check the queue's size and rings and start from index 0."""
-        if not isinstance(mem, GuestMemory):
+        if not isinstance(mem, Mover):
             raise UsageError(f"expected a GuestMemory, not {type(mem).__name__}")
         n = as_int(size, "a queue size")
         rings = (
@@ -140,16 +140,17 @@ class SplitQueue:
             if not 0 <= gpa < GPA_LIMIT:
                 raise _error(lib.GM_VQ_RING_RANGE, i, gpa)
         self._mem = mem
-        self._regions = mem.regions  # their mappings live while the queue does
-        table = [(r.gpa, r.size, r._base) for r in self._regions]
+        self._space = mem.address_space
+        self._regions = self._space.regions  # their mappings live while the queue does
+        table = [(r.gpa, r.size, r.base_pointer) for r in self._regions]
         self._q, self._table, self._out = virtqueue(mem.tag_mode, n, bool(event_idx), table, rings)
         self.size = n
         self.event_idx = bool(event_idx)
-        self._dirty = mem.dirty
-        self._used_ring = (rings[2], 6 + 8 * n)  # what push (and EVENT_IDX's pop) write
         self._failure: VirtqueueError | None = None
         if lib.gm_virtq_init(self._q) != _OK:
             raise self._fail()
+        # What push (and EVENT_IDX's pop) write natively: the mover marks it dirty.
+        self._used_ring = self._space.translate(rings[2], 6 + 8 * n)
         self._pop = lib.gm_virtq_pop
         self._push = lib.gm_virtq_push
         self._words = memoryview(ffi.buffer(self._out)).cast("Q")
@@ -184,17 +185,15 @@ class SplitQueue:
 
     def pop(self) -> DescriptorChain | None:
         """The next available descriptor chain, or None if the ring is empty."""
-        if self._mem._closed:
+        if self._space.closed:
             raise ClosedError("this GuestMemory is closed")
         count = self._pop(self._q)
+        if count >= 0 and self.event_idx:
+            self._mem.mark_written(self._used_ring)  # the avail event
         if count <= 0:
             if count == 0:
-                if self.event_idx and self._dirty.active:
-                    self._dirty.mark(*self._used_ring)
                 return None
             raise self._fail()
-        if self.event_idx and self._dirty.active:
-            self._dirty.mark(*self._used_ring)
         unpack = self._formats.get(count)
         if unpack is None:
             unpack = self._formats[count] = struct.Struct(f"={_HEADER + 2 * count}Q").unpack_from
@@ -219,7 +218,7 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> bool:
         """Return chain ``head`` with ``written`` bytes written; whether to notify the driver."""
-        if self._mem._closed:
+        if self._space.closed:
             raise ClosedError("this GuestMemory is closed")
         if type(head) is not int or type(written) is not int:
             head, written = as_int(head, "a descriptor index"), as_int(written, "a length")
@@ -227,8 +226,7 @@ class SplitQueue:
             raise LengthError(f"used element ({head}, {written}) does not fit the used ring")
         status = self._push(self._q, head, written) if head < 1 << 32 else lib.GM_ERR_VIRTQ
         if status >= 0:
-            if self._dirty.active:
-                self._dirty.mark(*self._used_ring)
+            self._mem.mark_written(self._used_ring)
             notify: bool = status == 1
             return notify
         if self._failure is None and self._q.error == lib.GM_VQ_OK:
@@ -266,7 +264,7 @@ def _error(code: int, index: int, gpa: int | None) -> VirtqueueError:
     return VirtqueueError(f"virtqueue: {message}", reason=reason, index=index, gpa=gpa)
 
 
-def chain_read(mem: GuestMemory, chain: DescriptorChain, *, access: Access = Access.DMA) -> bytes:
+def chain_read(mem: Mover, chain: DescriptorChain, *, access: Access = Access.DMA) -> bytes:
     """The bytes of the chain's readable buffers, gathered in order (one native call)."""
     if not chain.readable:
         return b""
@@ -274,7 +272,7 @@ def chain_read(mem: GuestMemory, chain: DescriptorChain, *, access: Access = Acc
 
 
 def chain_write(
-    mem: GuestMemory, chain: DescriptorChain, data: Any, *, access: Access = Access.DMA
+    mem: Mover, chain: DescriptorChain, data: Any, *, access: Access = Access.DMA
 ) -> int:
     """Scatter ``data`` over the chain's writable buffers from the first; return its size.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from guestmem.errors import ConvergenceError
 from guestmem.migration.stream import (
@@ -21,10 +20,8 @@ from guestmem.migration.stream import (
     StreamWriter,
     Totals,
 )
+from guestmem.mover import Mover
 from guestmem.units import STREAM_PAGE, Frames
-
-if TYPE_CHECKING:
-    from guestmem.memory import GuestMemory
 
 
 @dataclass(frozen=True)
@@ -43,7 +40,7 @@ ProgressCallback = Callable[[Progress], None]
 
 
 def send_live(
-    memory: GuestMemory,
+    memory: Mover,
     sink: Sink,
     *,
     pause: Callable[[], None],
@@ -132,7 +129,7 @@ def final_round_estimate(pages: int, bytes_per_second: float) -> float:
     return pages * RECORD_MAX / max(bytes_per_second, 1.0)
 
 
-def _harvested(memory: GuestMemory, harvest: Callable[[], None]) -> Callable[[], Frames]:
+def _harvested(memory: Mover, harvest: Callable[[], None]) -> Callable[[], Frames]:
     def take() -> Frames:
         harvest()
         return memory.dirty.take()
@@ -142,7 +139,7 @@ def _harvested(memory: GuestMemory, harvest: Callable[[], None]) -> Callable[[],
 
 def receive(
     source: Source,
-    memory: GuestMemory,
+    memory: Mover,
     *,
     progress: ProgressCallback | None = None,
     idle_timeout: float | None = IDLE_TIMEOUT,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from typing import TYPE_CHECKING
 
 from guestmem.migration.header import StreamHeader, check_claims
 from guestmem.migration.stream import (
@@ -16,12 +15,10 @@ from guestmem.migration.stream import (
     StreamWriter,
     Totals,
 )
-
-if TYPE_CHECKING:
-    from guestmem.memory import GuestMemory
+from guestmem.mover import Mover
 
 
-def save(memory: GuestMemory, sink: Sink) -> Totals:
+def save(memory: Mover, sink: Sink) -> Totals:
     """Write every page of ``memory`` (data and tags) to a binary file or socket."""
     writer = StreamWriter(memory, sink)
     writer.header()
@@ -30,9 +27,7 @@ def save(memory: GuestMemory, sink: Sink) -> Totals:
     return writer.totals
 
 
-def restore(
-    source: Source, memory: GuestMemory, *, idle_timeout: float | None = IDLE_TIMEOUT
-) -> Totals:
+def restore(source: Source, memory: Mover, *, idle_timeout: float | None = IDLE_TIMEOUT) -> Totals:
     """Read a stream into ``memory``, whose regions must be the stream's.
 
     Raises StreamError (offset and reason) for anything truncated, corrupt or

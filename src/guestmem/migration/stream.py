@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -20,10 +20,8 @@ from guestmem._native import check, ffi, lib, stream_regions
 from guestmem.errors import StreamError
 from guestmem.kinds import TagMode
 from guestmem.migration.header import StreamHeader, checksum, read_header
+from guestmem.mover import Mover
 from guestmem.units import STREAM_PAGE, Frames
-
-if TYPE_CHECKING:
-    from guestmem.memory import GuestMemory
 
 Sink = BinaryIO | socket.socket
 Source = BinaryIO | socket.socket
@@ -49,23 +47,25 @@ class Totals:
     rounds: int = 0
 
 
-def native_regions(memory: GuestMemory) -> Any:
+def native_regions(memory: Mover) -> Any:
     """The native description of ``memory``'s regions for the stream codec.
 
-    Its KVM fd is -1: set it inside ``memory._vm_fd_in_use()`` for each use,
+    Its KVM fd is -1: set it inside ``memory.vm_fd_in_use()`` for each use,
     so that close() never closes the VM under the codec.
     """
-    entries = [(r._base, r._table_base, r.gpa, r.size) for r in memory.regions]
+    entries = [
+        (r.base_pointer, r.tag_table_pointer, r.gpa, r.size) for r in memory.address_space.regions
+    ]
     return stream_regions(memory.tag_mode, entries)
 
 
 @contextmanager
-def _vm_fd_set(memory: GuestMemory | None, table: Any, count: int) -> Iterator[None]:
+def _vm_fd_set(memory: Mover | None, table: Any, count: int) -> Iterator[None]:
     """Hold ``memory``'s KVM fd open for the scope and put it in the codec's regions."""
     if memory is None:
         yield
         return
-    with memory._vm_fd_in_use() as fd:
+    with memory.vm_fd_in_use() as fd:
         for i in range(count):
             table[i].vm_fd = fd
         yield
@@ -74,7 +74,7 @@ def _vm_fd_set(memory: GuestMemory | None, table: Any, count: int) -> Iterator[N
 class StreamWriter:
     """Writes a stream of ``memory``'s pages to a binary file or a socket."""
 
-    def __init__(self, memory: GuestMemory, sink: Sink) -> None:
+    def __init__(self, memory: Mover, sink: Sink) -> None:
         """Prepare to write; nothing is sent before :meth:`header`."""
         self._memory = memory
         self._send = sink.sendall if isinstance(sink, socket.socket) else sink.write
@@ -85,12 +85,12 @@ class StreamWriter:
 
     def header(self) -> None:
         """Send the header: geometry, tag mode and region table."""
-        layout = tuple((r.gpa, r.size) for r in self._memory.regions)
+        layout = tuple((r.gpa, r.size) for r in self._memory.address_space.regions)
         self._emit(StreamHeader(self._memory.tag_mode, layout).encode())
 
     def all_pages(self) -> None:
         """Send every page of every region."""
-        for region in self._memory.regions:
+        for region in self._memory.address_space.regions:
             first = region.gpa // STREAM_PAGE
             every = np.arange(first, first + region.size // STREAM_PAGE, dtype=np.uint64)
             self.pages(Frames(every, STREAM_PAGE))
@@ -98,13 +98,13 @@ class StreamWriter:
     def pages(self, frames: Frames) -> None:
         """Send the pages ``frames`` covers (in any unit: each record is one stream page)."""
         numbers = frames.to(STREAM_PAGE).numbers
-        for index, region in enumerate(self._memory.regions):
+        for index, region in enumerate(self._memory.address_space.regions):
             first = region.gpa // STREAM_PAGE
             last = first + region.size // STREAM_PAGE
             mine = numbers[(numbers >= first) & (numbers < last)]
             mine = np.ascontiguousarray(mine, dtype=np.uint64)
             pointer = ffi.from_buffer("uint64_t[]", mine)
-            with _vm_fd_set(self._memory, self._regions, len(self._memory.regions)):
+            with _vm_fd_set(self._memory, self._regions, len(self._memory.address_space.regions)):
                 self._encode(index, pointer, mine.size)
 
     def _encode(self, index: int, pointer: Any, count: int) -> None:
@@ -178,7 +178,7 @@ class StreamReader:
 
     def __init__(
         self,
-        memory: GuestMemory | None,
+        memory: Mover | None,
         source: Source,
         *,
         idle_timeout: float | None = None,
@@ -203,7 +203,7 @@ class StreamReader:
         """Read and check the header (against the target's regions, if there is one)."""
         header = read_header(self._read_exactly)
         if self._memory is not None:
-            target = tuple((r.gpa, r.size) for r in self._memory.regions)
+            target = tuple((r.gpa, r.size) for r in self._memory.address_space.regions)
             if header.regions != target:
                 raise StreamError(
                     28, f"region table {header.regions} differs from the target's {target}"
@@ -266,7 +266,7 @@ class StreamReader:
 
     def _native_regions(self, header: StreamHeader) -> tuple[Any, int]:
         if self._memory is not None:
-            return native_regions(self._memory), len(self._memory.regions)
+            return native_regions(self._memory), len(self._memory.address_space.regions)
         check_only = [(ffi.NULL, ffi.NULL, gpa, size) for gpa, size in header.regions]
         return stream_regions(header.tag_mode, check_only), len(check_only)
 

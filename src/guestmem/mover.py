@@ -1,0 +1,515 @@
+"""The mover: how bytes go between guest memory and a caller's buffer.
+
+Every data access takes the same steps: a :class:`~guestmem.plan.Plan`
+(the route, and CHECKED's tag), the pieces of the address space it lands on,
+one native call, and the dirty marks of what it wrote. :class:`Mover` does
+them once for every caller: the data API of :class:`~guestmem.GuestMemory`
+(which is a Mover), the DMA scopes, system-call I/O and the virtqueue. Its
+fast path (a tagless access inside the region used last, on a route known
+without resolving) is one method, ``_fast``, that readinto, write and fill
+call; read, the most used, has its steps written out to save the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from guestmem._args import (
+    check_byte,
+    readable_buffer,
+    require_gpa_range,
+    require_length,
+    writable_buffer,
+)
+from guestmem._native import (
+    SCRATCH_SIZE,
+    access_request,
+    closed_hot,
+    ffi,
+    hot_region,
+    lib,
+    raise_for,
+    scratch,
+    spans,
+)
+from guestmem.address_space import AddressSpace, Piece
+from guestmem.dirty import DirtyLog
+from guestmem.errors import ArgumentTypeError, LengthError
+from guestmem.kinds import Access, Policy, Route, TagMode
+from guestmem.kvm import KvmVm
+from guestmem.plan import Plan, defaults, resolve
+from guestmem.region import GuestRegion
+
+OP_READ: int = lib.GM_OP_READ
+OP_WRITE: int = lib.GM_OP_WRITE
+OP_FILL: int = lib.GM_OP_FILL
+_OP_CHANGES = OP_WRITE | OP_FILL  # an op that writes guest memory
+_OP_STAGE: int = lib.GM_OP_STAGE  # flag: the caller's buffer is tagged guest memory
+_ADDRESS_MASK = (1 << 56) - 1  # a host address without its tag byte
+_OK, _MISS = lib.GM_OK, lib.GM_MISS
+_hot_read, _hot_write, _hot_fill = lib.gm_hot_read, lib.gm_hot_write, lib.gm_hot_fill
+_from_buffer = ffi.from_buffer  # one lookup less on the fast path
+_CHECKED = Route.CHECKED
+# The fast path's view of the region used last: (first GPA, end GPA, base
+# pointer, tag table pointer, the region, its native struct gm_hot). One
+# attribute, swapped whole, so a thread never sees half of it; empty (first >
+# end, a gm_hot nothing fits in) once closed.
+_Hot = tuple[int, int, Any, Any, "GuestRegion | None", Any]
+_CLOSED: _Hot = (1, 0, None, None, None, closed_hot())
+# A route named without a tag resolves to the same plan every time (CHECKED,
+# which needs a tag, is absent: resolve() refuses it).
+_ROUTE_PLANS: dict[Route, Plan] = {
+    route: Plan(route) for route in Route if route is not Route.CHECKED
+}
+# read()'s fast path copies into a scratch buffer taken from this pool and
+# gives it back once its bytes are out: list.pop and list.append are atomic,
+# so no two calls hold one buffer, whether on two threads or on one thread
+# re-entered between the native call and the copy out (by a signal handler
+# or a finalizer). The pool grows to the most reads in flight at once.
+_SCRATCH: list[tuple[Any, Any]] = []  # (char[] cdata, its ffi.buffer)
+_take_scratch, _give_scratch = _SCRATCH.pop, _SCRATCH.append
+
+
+class Mover:
+    """Moves data between an :class:`AddressSpace` and callers' buffers, marking what it wrote.
+
+    It holds what a move needs besides the regions: the policy and its
+    ready plans, the bounce pool, the KVM VM (TagMode.KVM's CHECKED asks it
+    for tags) and the dirty log (:attr:`dirty`).
+    """
+
+    def __init__(
+        self,
+        space: AddressSpace,
+        *,
+        policy: Policy | None,
+        bounce_buffer_size: int,
+        bounce_buffers: int,
+        kvm: KvmVm | None,
+    ) -> None:
+        """Move data over ``space``; under TagMode.KVM its regions become memslots of ``kvm``.
+
+        Without ``kvm`` a new VM with MTE enabled is made; :meth:`stop` closes the VM.
+        """
+        self.address_space = space
+        self.tag_mode: TagMode = space.tag_mode
+        # Under HARDWARE a caller's buffer in guest memory is tagged: see _stage_flag.
+        self._buffers_may_be_tagged = self.tag_mode is TagMode.HARDWARE
+        self.policy = Policy() if policy is None else policy
+        size = require_length(bounce_buffer_size)
+        count = require_length(bounce_buffers)
+        pool = lib.gm_pool_new(size, count) if 0 < size < 1 << 40 and 0 < count < 1 << 20 else None
+        if pool is None or pool == ffi.NULL:
+            raise LengthError("bounce pool: buffer size and count must be positive and sane")
+        self._pool = ffi.gc(pool, lib.gm_pool_free)
+        regions = space.regions
+        self._kvm: KvmVm | None = None
+        if self.tag_mode is TagMode.KVM:
+            self._kvm = kvm or KvmVm.create()
+            try:
+                for region in regions:
+                    self._kvm.add_region(region)
+            except BaseException:
+                if kvm is None:
+                    self._kvm.close()
+                raise
+        self._hots: dict[GuestRegion, _Hot] = {r: self._new_hot(r) for r in regions}
+        self._hot: _Hot = self._hots[regions[0]]
+        self.dirty = DirtyLog(space)
+
+    def _new_hot(self, region: GuestRegion) -> _Hot:
+        base, table = region.base_pointer, region.tag_table_pointer
+        native = hot_region(self.tag_mode, base, table, region.gpa, region.size, self._pool, region)
+        return (region.gpa, region.end, base, table, region, native)
+
+    @property
+    def kvm(self) -> KvmVm | None:
+        """The KVM VM whose memslots the regions are (TagMode.KVM), else None."""
+        return self._kvm
+
+    @property
+    def policy(self) -> Policy:
+        """The default route of each access class."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        if not isinstance(policy, Policy):
+            raise ArgumentTypeError(f"policy must be a Policy, not {type(policy).__name__}")
+        self._policy = policy
+        self._defaults = defaults(policy)
+        self._io_default = Plan(policy.io)
+        # The fast path's default route per access class (never CHECKED).
+        self._fast_routes = {access: plan.route for access, plan in self._defaults.items()}
+
+    def stop(self) -> None:
+        """Serve no more moves (close the address space first) and close the KVM VM.
+
+        A call that already found its region finishes on it; the VM fd is
+        closed when the last in-flight ioctl on it has returned.
+        """
+        self._hot = _CLOSED
+        self._hots = {}
+        if self._kvm is not None:
+            self._kvm.close()
+
+    # ---- the data API ---------------------------------------------------------------
+
+    def read(
+        self,
+        gpa: int,
+        length: int,
+        *,
+        access: Access = Access.DMA,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> bytes:
+        """Read ``length`` bytes at ``gpa``, all or nothing.
+
+        The range is checked before anything is allocated: a bad request
+        costs nothing whatever its length.
+        """
+        if tag is None and type(gpa) is int and type(length) is int and 0 <= length <= SCRATCH_SIZE:
+            # _fast() written out: the call would cost ~40 ns of ~550, the
+            # most used call's whole share of issue 13's gain (docs/benchmarks.md).
+            try:
+                fast = self._fast_routes[access]
+            except (KeyError, TypeError):
+                fast = None
+            if route is not None and fast is not None:
+                fast = route if type(route) is Route else None
+            if fast is not None:
+                try:
+                    pair = _take_scratch()
+                except IndexError:
+                    pair = scratch()
+                try:
+                    status = _hot_read(self._hot[5], fast, gpa, length, pair[0])
+                except OverflowError:  # gpa past 2**64
+                    status = _MISS
+                if status == _OK:
+                    data: bytes = pair[1][:length]
+                    _give_scratch(pair)
+                    return data
+                _give_scratch(pair)
+                if status != _MISS:
+                    raise_for(status, f"{fast.name} access", [gpa])
+        plan = self.plan_for(access, route, tag)
+        gpa, length, where = self._where(gpa, length)
+        out = bytearray(length)
+        self._run(plan, OP_READ, gpa, length, where, ffi.from_buffer(out))
+        return bytes(out)
+
+    def readinto(
+        self,
+        gpa: int,
+        buffer: Any,
+        *,
+        access: Access = Access.DMA,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """Fill ``buffer`` (any writable contiguous buffer) from ``gpa``; return its size.
+
+        ``buffer`` may overlap the range read (memmove semantics), and may be
+        guest memory itself.
+        """
+        if type(buffer) is bytearray and tag is None and type(gpa) is int:
+            n = len(buffer)
+            if self._fast(_hot_read, access, route, gpa, n, _from_buffer(buffer)):
+                return n
+        target = writable_buffer(buffer)
+        plan = self.plan_for(access, route, tag)
+        gpa, n, where = self._where(gpa, target.nbytes)
+        buf = ffi.from_buffer(target, require_writable=True)
+        op = OP_READ | (self._stage_flag(buf, n) if self._buffers_may_be_tagged else 0)
+        self._run(plan, op, gpa, n, where, buf)
+        return n
+
+    def write(
+        self,
+        gpa: int,
+        data: Any,
+        *,
+        access: Access = Access.DMA,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> None:
+        """Write ``data`` (any contiguous buffer) at ``gpa``, all or nothing; tags stay.
+
+        ``data`` may overlap the range written (memmove semantics), and may be
+        guest memory itself.
+        """
+        kind = type(data)
+        if (kind is bytes or kind is bytearray) and tag is None and type(gpa) is int:
+            # A bytes object goes to the core as it is; neither kind is ever
+            # guest memory, so nothing needs staging.
+            buf = data if kind is bytes else _from_buffer(data)
+            if self._fast(_hot_write, access, route, gpa, len(data), buf):
+                return
+        source = readable_buffer(data)
+        plan = self.plan_for(access, route, tag)
+        gpa, n, where = self._where(gpa, source.nbytes)
+        buf = ffi.from_buffer(source)
+        op = OP_WRITE | (self._stage_flag(buf, n) if self._buffers_may_be_tagged else 0)
+        self._run(plan, op, gpa, n, where, buf)
+
+    def fill(
+        self,
+        gpa: int,
+        length: int,
+        byte: int,
+        *,
+        access: Access = Access.DMA,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> None:
+        """Set ``length`` bytes at ``gpa`` to ``byte``, all or nothing; tags stay."""
+        fast = tag is None and type(gpa) is int and type(length) is int and type(byte) is int
+        fast = fast and length >= 0 and 0 <= byte <= 255
+        if fast and self._fast(_hot_fill, access, route, gpa, length, byte):
+            return
+        value = check_byte(byte)
+        plan = self.plan_for(access, route, tag)
+        gpa, n, where = self._where(gpa, length)
+        self._run(plan, OP_FILL, gpa, n, where, ffi.NULL, value)
+
+    def readv(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        access: Access = Access.DMA,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> bytes:
+        """Gather the guest ranges ``[(gpa, length), ...]`` into one bytes object."""
+        plan = self.plan_for(access, route, tag)
+        pieces = self.pieces_of(ranges, None)
+        out = bytearray(sum(n for _, _, n in pieces))
+        self.move(plan, OP_READ, pieces, ffi.from_buffer(out))
+        return bytes(out)
+
+    def readv_into(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        buffer: Any,
+        *,
+        access: Access = Access.DMA,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> int:
+        """Gather the guest ranges into ``buffer``, whose size must be their total."""
+        target = writable_buffer(buffer)
+        plan = self.plan_for(access, route, tag)
+        pieces = self.pieces_of(ranges, target.nbytes)
+        buf = ffi.from_buffer(target, require_writable=True)
+        op = OP_READ | self._stage_flag(buf, target.nbytes)
+        self.move(plan, op, pieces, buf)
+        return target.nbytes
+
+    def writev(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        data: Any,
+        *,
+        access: Access = Access.DMA,
+        route: Route | None = None,
+        tag: int | None = None,
+    ) -> None:
+        """Scatter ``data`` over the guest ranges, whose total must be its size."""
+        source = readable_buffer(data)
+        plan = self.plan_for(access, route, tag)
+        pieces = self.pieces_of(ranges, source.nbytes)
+        buf = ffi.from_buffer(source)
+        self.move(plan, OP_WRITE | self._stage_flag(buf, source.nbytes), pieces, buf)
+
+    # ---- the steps, for the library's own layers (DMA, virtio, migration) ------------
+
+    def plan_for(self, access: Access, route: Route | None, tag: int | None) -> Plan:
+        """The access resolved (see guestmem.plan); the common plans are kept ready."""
+        if tag is None:
+            try:
+                if route is None:
+                    return self._defaults[access]
+                if type(route) is Route and access in self._defaults:
+                    return _ROUTE_PLANS[route]
+            except (KeyError, TypeError):
+                pass  # resolve() says what is wrong
+        return resolve(self._policy, access, route, tag)
+
+    def io_plan_for(self, route: Route | None, tag: int | None) -> Plan:
+        """A system call's access resolved (``resolve(..., io=True)``), common plans kept ready."""
+        if tag is None:
+            if route is None:
+                return self._io_default
+            if type(route) is Route and route.syscall_safe and route in _ROUTE_PLANS:
+                return _ROUTE_PLANS[route]
+        return resolve(self._policy, Access.DMA, route, tag, io=True)
+
+    def pieces_of(self, ranges: Sequence[tuple[int, int]], nbytes: int | None) -> list[Piece]:
+        """Translate every range before anything moves (see AddressSpace.pieces).
+
+        One plain range inside the region used last needs no more checking.
+        """
+        pair = ranges[0] if type(ranges) is list and len(ranges) == 1 else None
+        if type(pair) is tuple and len(pair) == 2:
+            gpa, length = pair
+            lo, end, _, _, region, _ = self._hot
+            fits = type(gpa) is int and type(length) is int and nbytes in (None, length)
+            if fits and region is not None and length >= 0 and lo <= gpa <= end - length:
+                return [(region, gpa - lo, length)]
+        return self.address_space.pieces(ranges, nbytes)
+
+    def move(self, plan: Plan, op: int, pieces: list[Piece], buf: Any, fill: int = 0) -> None:
+        """Carry out ``op`` over ``pieces`` (already translated) in one native call; mark writes."""
+        if not pieces:
+            return
+        request, _spans = self.access_request(plan, op, pieces, buf, fill)
+        if plan.route is _CHECKED and self._kvm is not None:
+            with self._kvm.in_use() as vm_fd:
+                request.vm_fd = vm_fd
+                status = lib.gm_access(request)
+        else:
+            status = lib.gm_access(request)
+        if status != _OK:
+            raise_for(
+                status,
+                f"{plan.route.name} access",
+                [region.gpa + offset for region, offset, _ in pieces],
+            )
+        if op & _OP_CHANGES:
+            self.mark_written(pieces)
+
+    def mark_written(self, pieces: list[Piece]) -> None:
+        """Mark ``pieces`` dirty (while the dirty log is on).
+
+        The mover's own writes come here; so do the writes it lends out: by
+        device code in a DMA scope, by system-call I/O, by the virtqueue's
+        native walk on the used ring.
+        """
+        if self.dirty.active:
+            for region, offset, n in pieces:
+                self.dirty.mark_region(region, offset, n)
+
+    def access_request(
+        self, plan: Plan, op: int, pieces: list[Piece], buf: Any, fill: int = 0
+    ) -> tuple[Any, Any]:
+        """A native ``struct gm_access`` for ``pieces``, and the spans it points to.
+
+        Keep both alive while the request is in use (the benchmarks reuse it).
+        """
+        span_array = spans(pieces)
+        request = access_request(
+            self.tag_mode, plan.route, plan.tag, op, span_array, len(pieces), buf, fill, self._pool
+        )
+        return request, span_array
+
+    @contextmanager
+    def vm_fd_in_use(self) -> Iterator[int]:
+        """The KVM VM's fd, kept open for the scope (-1 without KVM)."""
+        if self._kvm is None:
+            yield -1
+            return
+        with self._kvm.in_use() as fd:
+            yield fd
+
+    # ---- inside the mover -----------------------------------------------------------
+
+    def _fast(
+        self, call: Any, access: Access, route: Route | None, gpa: int, n: int, arg: Any
+    ) -> bool:
+        """The fast path: ``call`` (a gm_hot_* entry) on the region used last, if it can.
+
+        True: done, and a write marked dirty. False: the general path must
+        take the call (it validates it and says what is wrong). Only the
+        route is looked up here, never resolved; the core refuses CHECKED.
+        readinto, write and fill call it; read has the same steps written
+        out (test_fastpath.py holds every one of the four to the general path).
+        """
+        try:
+            fast = self._fast_routes[access]
+        except (KeyError, TypeError):
+            return False
+        if route is not None:
+            if type(route) is not Route:
+                return False
+            fast = route
+        hot = self._hot
+        try:
+            status = call(hot[5], fast, gpa, n, arg)
+        except OverflowError:  # gpa past 2**64
+            return False
+        if status == _OK:
+            if call is not _hot_read and self.dirty.active and hot[4] is not None:
+                self.dirty.mark_region(hot[4], gpa - hot[0], n)
+            return True
+        if status != _MISS:
+            raise_for(status, f"{fast.name} access", [gpa])
+        return False
+
+    def _where(self, gpa: int, length: int) -> tuple[int, int, _Hot | list[Piece]]:
+        """``gpa`` and ``length`` as ints, checked in full, and the hot region or the pieces."""
+        hot = self._hot
+        fits = type(gpa) is int and type(length) is int and length >= 0
+        if fits and hot[0] <= gpa and gpa + length <= hot[1]:
+            return gpa, length, hot
+        space = self.address_space
+        space.require_open()
+        gpa, length = require_gpa_range(gpa, length)
+        pieces = space.split(gpa, length)
+        if len(pieces) != 1:
+            return gpa, length, pieces
+        hot = self._hot = self._hots.get(pieces[0][0], _CLOSED)
+        if space.closed:  # close() ran meanwhile: do not bring the region back
+            self._hot = _CLOSED
+        return gpa, length, hot
+
+    def _stage_flag(self, buf: Any, nbytes: int) -> int:
+        """_OP_STAGE when the caller's buffer lies in a tagged region of this memory.
+
+        The core then copies it through a temporary made under TCO instead of
+        touching it with the route's own checks (it finds overlap with the
+        range being accessed by itself, in every mode).
+        """
+        if not self._buffers_may_be_tagged or nbytes == 0:
+            return 0
+        at = int(ffi.cast("uintptr_t", buf)) & _ADDRESS_MASK
+        return _OP_STAGE if self.address_space.holds_host_range(at, nbytes) else 0
+
+    def _run(
+        self,
+        plan: Plan,
+        op: int,
+        gpa: int,
+        length: int,
+        where: _Hot | list[Piece],
+        buf: Any,
+        fill: int = 0,
+    ) -> None:
+        """Move one checked range: one native call with scalar arguments when it is hot."""
+        if isinstance(where, list):
+            self.move(plan, op, where, buf, fill)
+            return
+        lo, _, base, table, region, hot = where
+        route, tag = plan.route, plan.tag
+        if route is _CHECKED and self._kvm is not None:
+            with self._kvm.in_use() as vm_fd:
+                status = lib.gm_move(
+                    self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
+                    self._pool, vm_fd,
+                )  # fmt: skip
+        elif route is not _CHECKED and op in (OP_READ, OP_WRITE):
+            # No tag, no fill byte, no staging: the region's gm_hot says the rest
+            # (five arguments instead of thirteen; the range fits, so no miss).
+            status = (_hot_read if op == OP_READ else _hot_write)(hot, route, gpa, length, buf)
+        else:
+            status = lib.gm_move(
+                self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
+                self._pool, -1,
+            )  # fmt: skip
+        if status != _OK:
+            raise_for(status, f"{route.name} access", [gpa])
+        if op & _OP_CHANGES and region is not None:
+            self.mark_written([(region, gpa - lo, length)])
