@@ -34,7 +34,7 @@ from guestmem.devices import virtio_console as hvc
 from guestmem.devices import virtio_mmio as mmio
 from guestmem.errors import NativeOSError
 from guestmem.saved_state import StateError
-from guestmem.vmm import gic_state, layout, machine_state, state_codec
+from guestmem.vmm import gic_state, layout, machine_state, state_codec, vcpu_state
 from guestmem.vmm import kvm_api as k
 from guestmem.vmm.gic import Gic
 from guestmem.vmm.machine import Disk, Machine, MachineConfig
@@ -521,6 +521,42 @@ def test_a_section_not_this_machines_is_refused(
     sections = state_codec.decode(saved)
     extra = [(name, reader.whole()) for name, reader in sections.items()] + [("cpu7", b"")]
     refused(kvm, target, state_codec.encode(extra), "section 'cpu7' is not this machine's")
+
+
+# ---- each KVM part alone has the devices' shape ------------------------------------------
+
+
+def test_the_sections_come_from_the_machines_parts_in_the_states_order(saved: bytes) -> None:
+    assert list(state_codec.decode(saved)) == [
+        "machine", "cpu0", "cpu1", "gic", "uart", "virtio0", "virtio1",
+    ]  # fmt: skip
+
+
+def test_a_vcpu_part_loads_alone_and_refuses_bad_bytes_unwritten(
+    kvm: FakeKvm, mem: gm.GuestMemory, image: Path, target: FakeMachine
+) -> None:
+    source = running(kvm, mem, image)
+    data = vcpu_state.VcpuPart(source.vcpus[1], events=True).save_state()
+    part = vcpu_state.VcpuPart(target.vcpus[1], events=True)
+    writes = len(kvm.writes)
+    with pytest.raises(StateError, match="vCPU state version 7"):
+        part.load_state(b"\x07" + data[1:])
+    assert kvm.writes[writes:] == []
+    part.load_state(data)
+    assert part.save_state() == data
+    source.close()
+
+
+def test_a_vgic_part_loads_alone_for_the_vcpus_as_they_are(
+    kvm: FakeKvm, mem: gm.GuestMemory, image: Path, target: FakeMachine
+) -> None:
+    source = running(kvm, mem, image)
+    data = gic_state.GicPart(source.gic, source.vcpus).save_state()
+    part = gic_state.GicPart(target.gic, target.vcpus)
+    assert part.save_state() != data
+    part.load_state(data)
+    assert part.save_state() == data
+    source.close()
 
 
 # ---- fuzz: every prefix, every bit flip --------------------------------------------------

@@ -13,6 +13,7 @@ again after a restore. KVM's vGIC has no ITS here, so there are no LPIs.
 CPU interface registers go SRE first and CTLR before the active priority
 registers (their count follows CTLR.PRIbits); an active priority register
 this vGIC does not implement is saved as absent, not as 0.
+:class:`GicPart` is the vGIC's stateful part: save, decode, apply.
 
 Payload (version 1): irqs u32 | count u32 | count x (offset u32 | value u32)
 (distributor), then per vCPU: mpidr u64 | count u32 | (offset u32 | value
@@ -31,6 +32,7 @@ from guestmem.vmm import kvm_api as k
 from guestmem.vmm import layout
 from guestmem.vmm.gic import Gic
 from guestmem.vmm.vcpu import Vcpu
+from guestmem.vmm.vcpu_state import VcpuState
 
 VERSION = 1
 IRQS = 32 + layout.SPI_COUNT
@@ -199,18 +201,78 @@ def mpidr_of(vcpu: Vcpu) -> int:
     return affinity(vcpu.get(MPIDR_EL1))
 
 
-def save(gic: Gic, vcpus: tuple[Vcpu, ...]) -> GicState:
-    """Read the vGIC's state (no vCPU may be in KVM_RUN)."""
-    dist = tuple(k.get_device_attr(gic.fd, k.VGIC_GRP_DIST_REGS, o, 4) for o in DIST_OFFSETS)
-    cpus = []
-    for vcpu in vcpus:
-        mpidr = mpidr_of(vcpu)
-        redist = tuple(
-            k.get_device_attr(gic.fd, k.VGIC_GRP_REDIST_REGS, mpidr | o, 4) for o in REDIST_OFFSETS
-        )
-        sysregs = tuple(_get_sysreg(gic, mpidr | encoding) for encoding in CPU_SYSREGS)
-        cpus.append(CpuInterface(mpidr, redist, sysregs))
-    return GicState(dist, tuple(cpus))
+class GicPart:
+    """The vGIC as a stateful part (:class:`~guestmem.saved_state.Stateful` of :class:`GicState`).
+
+    Its section in a machine's state is ``gic``, after the vCPUs'.
+    """
+
+    section = "gic"
+
+    def __init__(self, gic: Gic, vcpus: Sequence[Vcpu]) -> None:
+        """The part of ``gic``, whose CPU interfaces are those of ``vcpus`` (by index)."""
+        self.gic = gic
+        self.vcpus = tuple(vcpus)
+
+    def read(self) -> GicState:
+        """The vGIC's state (no vCPU may be in KVM_RUN)."""
+        gic = self.gic
+        dist = tuple(k.get_device_attr(gic.fd, k.VGIC_GRP_DIST_REGS, o, 4) for o in DIST_OFFSETS)
+        cpus = []
+        for vcpu in self.vcpus:
+            mpidr = mpidr_of(vcpu)
+            redist = tuple(
+                k.get_device_attr(gic.fd, k.VGIC_GRP_REDIST_REGS, mpidr | o, 4)
+                for o in REDIST_OFFSETS
+            )
+            sysregs = tuple(_get_sysreg(gic, mpidr | encoding) for encoding in CPU_SYSREGS)
+            cpus.append(CpuInterface(mpidr, redist, sysregs))
+        return GicState(dist, tuple(cpus))
+
+    def save_state(self) -> bytes:
+        """The vGIC's state as its section's payload (see :meth:`read`)."""
+        return self.read().encode()
+
+    def decode_state(self, reader: Reader, cpus: Sequence[VcpuState] | None = None) -> GicState:
+        """Read and check a payload :meth:`save_state` made; writes nothing.
+
+        Each CPU interface's affinity must be its vCPU's once ``cpus`` (the
+        vCPU states loaded with this one, by index) are loaded; without
+        ``cpus``, the vCPUs' affinities now (see :meth:`GicState.decode`).
+        """
+        if cpus is None:
+            affinities = [mpidr_of(vcpu) for vcpu in self.vcpus]
+        else:
+            affinities = [_affinity(v, c) for v, c in zip(self.vcpus, cpus, strict=True)]
+        return GicState.decode(reader, affinities)
+
+    def apply_state(self, state: GicState) -> None:
+        """Write a decoded state into a freshly initialised vGIC whose vCPUs have its affinities.
+
+        The distributor, then each vCPU's redistributor and CPU interface
+        registers (SRE first, CTLR before the active priority registers).
+        """
+        gic = self.gic
+        for offset, value in zip(DIST_OFFSETS, state.dist, strict=True):
+            k.set_device_attr(gic.fd, k.VGIC_GRP_DIST_REGS, offset, value, size=4)
+        for cpu in state.cpus:
+            for offset, value in zip(REDIST_OFFSETS, cpu.redist, strict=True):
+                k.set_device_attr(gic.fd, k.VGIC_GRP_REDIST_REGS, cpu.mpidr | offset, value, size=4)
+            for encoding, reg in zip(CPU_SYSREGS, cpu.sysregs, strict=True):
+                if reg is not None:
+                    k.set_device_attr(gic.fd, k.VGIC_GRP_CPU_SYSREGS, cpu.mpidr | encoding, reg)
+
+    def load_state(self, data: bytes) -> None:
+        """Decode ``data`` (for the vCPUs as they are) and apply it: nothing written if bad."""
+        self.apply_state(self.decode_state(Reader(data)))
+
+
+def _affinity(vcpu: Vcpu, state: VcpuState) -> int:
+    """The vCPU's affinity once ``state`` is loaded: the saved MPIDR_EL1's, or its own."""
+    saved = dict(state.registers).get(MPIDR_EL1)
+    if saved is None:
+        return mpidr_of(vcpu)
+    return affinity(int.from_bytes(saved, "little"))
 
 
 def _get_sysreg(gic: Gic, attr: int) -> int | None:
@@ -220,15 +282,3 @@ def _get_sysreg(gic: Gic, attr: int) -> int | None:
         if err.errno in (errno.EINVAL, errno.ENXIO):
             return None  # an active priority register beyond this vGIC's priority bits
         raise
-
-
-def load(gic: Gic, state: GicState) -> None:
-    """Write ``state`` into a freshly initialised vGIC whose vCPUs have its affinities."""
-    for offset, value in zip(DIST_OFFSETS, state.dist, strict=True):
-        k.set_device_attr(gic.fd, k.VGIC_GRP_DIST_REGS, offset, value, size=4)
-    for cpu in state.cpus:
-        for offset, value in zip(REDIST_OFFSETS, cpu.redist, strict=True):
-            k.set_device_attr(gic.fd, k.VGIC_GRP_REDIST_REGS, cpu.mpidr | offset, value, size=4)
-        for encoding, reg in zip(CPU_SYSREGS, cpu.sysregs, strict=True):
-            if reg is not None:
-                k.set_device_attr(gic.fd, k.VGIC_GRP_CPU_SYSREGS, cpu.mpidr | encoding, reg)

@@ -3,18 +3,25 @@
 :func:`save` runs inside :meth:`Machine.paused` (no vCPU in KVM_RUN, no
 device handler serving); :func:`load` into a machine built from the same
 configuration (no kernel loaded) whose RAM already holds the saved pages,
-before it runs. The sections (:mod:`state_codec` frames them):
+before it runs. Each stateful part of the machine has the same shape
+(:class:`~guestmem.saved_state.Stateful`: save, a decode that checks and
+changes nothing, apply) and is one section of the state, in this order
+(:func:`sections` lists them from the machine's parts; :mod:`state_codec`
+frames them):
 
 ``machine``
-    what must match: RAM base and size, vCPU count, the devices' ids in
-    transport order (the tag mode may differ: a HARDWARE source may go to a
-    KVM target, the stream carries the tags either way).
+    :class:`Description`: what must match: RAM base and size, vCPU count,
+    the devices' ids in transport order (the tag mode may differ: a
+    HARDWARE source may go to a KVM target, the stream carries the tags
+    either way).
 ``cpu<N>``
-    :mod:`vcpu_state` (registers, timers, power state, pending events).
+    :class:`~guestmem.vmm.vcpu_state.VcpuPart` (registers, timers, power
+    state, pending events).
 ``gic``
-    :mod:`gic_state`.
+    :class:`~guestmem.vmm.gic_state.GicPart`, whose affinities are checked
+    against the vCPU sections before it.
 ``uart``, ``virtio<N>``
-    each device's own payload (its ``save_state``).
+    each device's own payload (the PL011's, each virtio-mmio transport's).
 
 :func:`load` is all-or-nothing: it decodes and checks every section
 (:func:`decode`: the description, every vCPU against the target's registers
@@ -28,17 +35,15 @@ target is a fresh process that exits.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import guestmem as gm
-from guestmem.devices.pl011 import Pl011State
-from guestmem.devices.virtio_mmio_state import TransportState
-from guestmem.saved_state import Reader, StateError, Writer
-from guestmem.vmm import gic_state, layout, state_codec, vcpu_state
-from guestmem.vmm.gic_state import GicState
-from guestmem.vmm.vcpu import Vcpu
-from guestmem.vmm.vcpu_state import VcpuState
+from guestmem.saved_state import Reader, StateError, Stateful, Writer
+from guestmem.vmm import layout, state_codec
+from guestmem.vmm.gic_state import GicPart
+from guestmem.vmm.vcpu_state import VcpuPart, VcpuState
 
 if TYPE_CHECKING:
     from guestmem.vmm.machine import Machine
@@ -46,16 +51,48 @@ if TYPE_CHECKING:
 VERSION = 1
 # The tag modes a VMM's RAM may have (machine.TAG_MODES), as the description's byte.
 SOURCE_TAG_MODES = {list(gm.TagMode).index(m): m for m in (gm.TagMode.HARDWARE, gm.TagMode.KVM)}
+Earlier = Mapping[str, object]  # the values of the sections decoded so far, by name
+
+
+def _nothing() -> None:
+    """What a section does once every section is applied, if nothing."""
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of a machine's state: its name and how its part saves, decodes, applies it.
+
+    ``decode`` also sees the values of the sections decoded before it
+    (:data:`Earlier`): the vGIC's affinities are checked against the vCPUs'
+    to be loaded. ``settle`` runs once every section is applied.
+    """
+
+    name: str
+    save: Callable[[], bytes]
+    decode: Callable[[Reader, Earlier], object]
+    apply: Callable[[Any], None]
+    settle: Callable[[], None] = _nothing
+
+    @classmethod
+    def of(cls, name: str, part: Stateful[Any], settle: Callable[[], None] = _nothing) -> Section:
+        """The section ``name`` of a part whose decode needs no other section."""
+        return cls(
+            name,
+            part.save_state,
+            lambda reader, _earlier: part.decode_state(reader),
+            part.apply_state,
+            settle,
+        )
 
 
 @dataclass(frozen=True)
 class MachineState:
-    """A machine's state, decoded and checked against a target, not written yet."""
+    """A machine's state, decoded and checked against a target, not written yet.
 
-    cpus: tuple[VcpuState, ...]
-    gic: GicState
-    uart: Pl011State
-    transports: tuple[TransportState, ...]
+    Each section's decoded value, in the order of the state.
+    """
+
+    values: tuple[tuple[Section, object], ...]
 
 
 def describe(machine: Machine) -> bytes:
@@ -89,17 +126,56 @@ def check_description(machine: Machine, reader: Reader) -> None:
     reader.end()
 
 
+class Description:
+    """The ``machine`` section as a stateful part: what a target must be to take the state.
+
+    Its decode checks, its apply has nothing to write.
+    """
+
+    def __init__(self, machine: Machine) -> None:
+        """The description of ``machine``."""
+        self.machine = machine
+
+    def save_state(self) -> bytes:
+        """The section's payload (:func:`describe`)."""
+        return describe(self.machine)
+
+    def decode_state(self, reader: Reader) -> None:
+        """Refuse a description that is not the machine's (:func:`check_description`)."""
+        check_description(self.machine, reader)
+
+    def apply_state(self, state: None) -> None:
+        """Nothing: a description is checked, not written."""
+
+    def load_state(self, data: bytes) -> None:
+        """Check ``data`` against the machine: a StateError if it is not the machine's."""
+        self.decode_state(Reader(data))
+
+
+def sections(machine: Machine) -> list[Section]:
+    """The machine's stateful parts as the sections of its state, in the state's order."""
+    cpus = [VcpuPart(vcpu, events=machine.has_vcpu_events) for vcpu in machine.vcpus]
+    gic = GicPart(machine.gic, machine.vcpus)
+
+    def decode_gic(reader: Reader, earlier: Earlier) -> object:
+        return gic.decode_state(reader, [cast(VcpuState, earlier[cpu.section]) for cpu in cpus])
+
+    return [
+        Section.of("machine", Description(machine)),
+        *(Section.of(cpu.section, cpu) for cpu in cpus),
+        Section(gic.section, gic.save_state, decode_gic, gic.apply_state),
+        Section.of("uart", machine.uart),
+        *(
+            # a kick pending in an eventfd at the save is not state
+            Section.of(f"virtio{index}", transport, settle=transport.serve_queues)
+            for index, transport in enumerate(machine.transports)
+        ),
+    ]
+
+
 def save(machine: Machine) -> bytes:
     """The machine's whole state but RAM (call inside ``machine.paused()``)."""
-    events = machine.has_vcpu_events
-    sections = [("machine", describe(machine))]
-    for vcpu in machine.vcpus:
-        sections.append((f"cpu{vcpu.index}", vcpu_state.save(vcpu, events=events).encode()))
-    sections.append(("gic", gic_state.save(machine.gic, machine.vcpus).encode()))
-    sections.append(("uart", machine.uart.save_state()))
-    for index, transport in enumerate(machine.transports):
-        sections.append((f"virtio{index}", transport.save_state()))
-    return state_codec.encode(sections)
+    return state_codec.encode([(section.name, section.save()) for section in sections(machine)])
 
 
 def decode(machine: Machine, data: bytes) -> MachineState:
@@ -109,48 +185,27 @@ def decode(machine: Machine, data: bytes) -> MachineState:
     affinities); StateError, at its offset in ``data``, for anything
     corrupt, truncated or not this machine's.
     """
-    sections = state_codec.decode(data)
-    names = [f"cpu{v.index}" for v in machine.vcpus] + ["gic", "uart"]
-    names += [f"virtio{index}" for index in range(len(machine.transports))]
-    for name, reader in sections.items():
-        if name not in {"machine", *names}:
+    readers = state_codec.decode(data)
+    parts = sections(machine)
+    names = {section.name for section in parts}
+    for name, reader in readers.items():
+        if name not in names:
             raise StateError(reader.offset, f"section {name!r} is not this machine's")
-    check_description(machine, state_codec.section(sections, "machine"))
-    cpus = []
-    for vcpu in machine.vcpus:
-        state = VcpuState.decode(
-            state_codec.section(sections, f"cpu{vcpu.index}"), events=machine.has_vcpu_events
-        )
-        vcpu_state.check_fits(vcpu, state)
-        cpus.append(state)
-    affinities = [_affinity(vcpu, cpu) for vcpu, cpu in zip(machine.vcpus, cpus, strict=True)]
-    gic = GicState.decode(state_codec.section(sections, "gic"), affinities)
-    uart = machine.uart.decode_state(state_codec.section(sections, "uart"))
-    transports = tuple(
-        transport.decode_state(state_codec.section(sections, f"virtio{index}"))
-        for index, transport in enumerate(machine.transports)
-    )
-    return MachineState(tuple(cpus), gic, uart, transports)
-
-
-def _affinity(vcpu: Vcpu, state: VcpuState) -> int:
-    """The vCPU's affinity once ``state`` is loaded: the saved MPIDR_EL1's, or its own."""
-    saved = dict(state.registers).get(gic_state.MPIDR_EL1)
-    if saved is None:
-        return gic_state.mpidr_of(vcpu)
-    return gic_state.affinity(int.from_bytes(saved, "little"))
+    earlier: dict[str, object] = {}
+    for section in parts:
+        earlier[section.name] = section.decode(state_codec.section(readers, section.name), earlier)
+    return MachineState(tuple((section, earlier[section.name]) for section in parts))
 
 
 def apply(machine: Machine, state: MachineState) -> None:
-    """Write a state :func:`decode` checked against ``machine`` (nothing is refused)."""
-    for vcpu, cpu in zip(machine.vcpus, state.cpus, strict=True):
-        vcpu_state.load(vcpu, cpu)
-    gic_state.load(machine.gic, state.gic)
-    machine.uart.apply_state(state.uart)
-    for transport, saved in zip(machine.transports, state.transports, strict=True):
-        transport.apply_state(saved)
-    for transport in machine.transports:
-        transport.serve_queues()  # a kick pending in an eventfd at the save is not state
+    """Write a state :func:`decode` checked against ``machine`` (nothing is refused).
+
+    Every section in the state's order, then each one's ``settle``.
+    """
+    for section, value in state.values:
+        section.apply(value)
+    for section, _ in state.values:
+        section.settle()
 
 
 def load(machine: Machine, data: bytes) -> None:
