@@ -31,7 +31,7 @@ from guestmem.errors import NativeOSError
 from guestmem.kvm import KvmVm
 from guestmem.vmm import boot, kvm_binding, layout
 from guestmem.vmm import kvm_api as k
-from guestmem.vmm.machine import Disk, Machine, MachineConfig
+from guestmem.vmm.machine import Disk, EndReason, Machine, MachineConfig
 
 pytest.importorskip("libfdt", reason="the VMM's device tree needs pylibfdt")
 
@@ -328,3 +328,12 @@ def test_the_first_ending_wins(kvm: FakeKvm, tmp_path: Path) -> None:
         machine.stop("error", "too late")
         outcome = machine.run()
     assert (outcome.reason, outcome.detail) == ("migrated", "")
+
+
+def test_a_reason_no_run_ends_for_is_refused(kvm: FakeKvm, tmp_path: Path) -> None:
+    with Machine(config(tmp_path, disks=(), virtio_console=False), Console()) as machine:
+        with pytest.raises(gm.UsageError, match="not a reason a run ends for: 'bored'"):
+            machine.stop("bored")
+        machine.stop(EndReason.QUIT, "enough")
+        outcome = machine.run()
+    assert (outcome.reason, outcome.detail) == (EndReason.QUIT, "enough")
