@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import sys
 import threading
 import warnings
@@ -20,7 +19,6 @@ from guestmem.migration.channel import Endpoint, TlsConfig, parse_endpoint
 from guestmem.migration.live import Progress, receive, send_live
 from guestmem.migration.save import inspect, restore, save
 from guestmem.migration.stream import IDLE_TIMEOUT
-from guestmem.owner_only import bind_unix
 from guestmem.tools.demo import DEMO_GPA, demo_memory, digest
 from guestmem.units import STREAM_PAGE
 
@@ -73,51 +71,16 @@ def positive_int(text: str) -> int:
 
 
 def endpoint_arg(text: str) -> Endpoint:
-    """An argparse type: ``unix:PATH`` or ``[tcp:]HOST:PORT`` as an :class:`Endpoint`."""
+    """An argparse type: ``unix:PATH`` or ``[tcp:]HOST:PORT`` as an :class:`Endpoint`.
+
+    The library parses (:func:`~guestmem.migration.channel.parse_endpoint`);
+    this only turns its UsageError into argparse's error, which names the flag.
+    Every front end's endpoint flag uses it.
+    """
     try:
         return parse_endpoint(text)
     except gm.UsageError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-# The three names below keep the reference VMM's old (family, address) tuples
-# working until it uses guestmem.migration.channel itself.
-
-
-def endpoint(text: str) -> tuple[str, str | tuple[str, int]]:
-    """An argparse type: an endpoint as the old ``(family, address)`` tuple."""
-    where = endpoint_arg(text)
-    if where.family == "unix":
-        assert where.path is not None
-        return "unix", where.path
-    assert where.host is not None and where.port is not None
-    return "tcp", (where.host, where.port)
-
-
-def _from_tuple(where: tuple[str, str | tuple[str, int]]) -> Endpoint:
-    family, address = where
-    if family == "unix":
-        assert isinstance(address, str)
-        return Endpoint("unix", path=address)
-    assert isinstance(address, tuple)
-    return Endpoint("tcp", host=address[0], port=address[1])
-
-
-def connect(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
-    """A socket connected to an old-style :func:`endpoint` (plain; remote tcp warns)."""
-    return channel.connect(_from_tuple(where), timeout=None, allow_insecure=True)
-
-
-def listen(where: tuple[str, str | tuple[str, int]]) -> socket.socket:
-    """A socket listening on an old-style :func:`endpoint`; a unix one is owner-only."""
-    family, address = where
-    if family == "unix":
-        assert isinstance(address, str)
-        return bind_unix(address, 1)
-    assert isinstance(address, tuple)
-    server = socket.create_server(address)
-    server.listen(1)
-    return server
 
 
 def _tls(args: argparse.Namespace) -> TlsConfig | None:

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import guestmem as gm
 from guestmem.migration import channel
-from guestmem.tools.migrate import endpoint, memory_size, positive_int
+from guestmem.tools.migrate import endpoint_arg, memory_size, positive_int
+from guestmem.vmm.outcome import EndReason, Outcome
 
 if TYPE_CHECKING:  # the VMM (and libfdt) load only when a machine is built
     from guestmem.vmm.control import ControlServer
@@ -78,7 +79,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument(
         "--gdb",
         metavar="HOST:PORT",
-        type=endpoint,
+        type=endpoint_arg,
         help="serve the running guest to GDB (loopback, or unix:PATH): stop, step, "
         "breakpoints, registers, memory and tags by virtual address",
     )
@@ -90,7 +91,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     start.add_argument(
         "--incoming",
         metavar="unix:PATH|tcp:HOST:PORT",
-        type=_endpoint,
+        type=endpoint_arg,
         help="wait for a live migration here instead of booting a kernel",
     )
     run.add_argument(
@@ -123,7 +124,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
             action.add_argument("--to", required=True, type=Path, help="the snapshot file")
         if name == "migrate":
             action.add_argument(
-                "--to", required=True, type=_endpoint, help="the target's --incoming"
+                "--to", required=True, type=endpoint_arg, help="the target's --incoming"
             )
             action.add_argument(
                 "--max-rounds",
@@ -159,13 +160,6 @@ def _disk(text: str) -> tuple[str, bool]:
     if not path or option not in ("", "ro"):
         raise argparse.ArgumentTypeError(f"not PATH or PATH,ro: {text!r}")
     return path, option == "ro"
-
-
-def _endpoint(text: str) -> channel.Endpoint:
-    try:
-        return channel.parse_endpoint(text)
-    except gm.UsageError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _seconds(text: str) -> float:
@@ -260,12 +254,17 @@ def _run_machine(
         return 0  # quit while waiting
     with _debugger(machine, args.gdb), _console_input(machine):
         outcome = machine.run()
-    if outcome.reason == "migrated":
+    return _exit_status(outcome)
+
+
+def _exit_status(outcome: Outcome) -> int:
+    """0 when the run ended as the guest or the operator meant; else raise, saying how."""
+    if outcome.reason is EndReason.MIGRATED:
         print("guestmem vmm: the guest migrated; this VMM is done", file=sys.stderr)
         return 0
-    if outcome.reason == "reset":
+    if outcome.reason is EndReason.RESET:
         print("guestmem vmm: the guest reset; the VMM does not reboot it", file=sys.stderr)
-    if outcome.reason in ("power-off", "reset", "quit"):
+    if outcome.reason in (EndReason.POWER_OFF, EndReason.RESET, EndReason.QUIT):
         return 0
     raise gm.GuestMemoryError(f"vmm: the run ended: {outcome.reason} {outcome.detail}".strip())
 
@@ -415,7 +414,7 @@ def _write_stdout(data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def _debugger(machine: Machine, where: tuple[str, object] | None) -> Iterator[None]:
+def _debugger(machine: Machine, where: channel.Endpoint | None) -> Iterator[None]:
     """Serve ``machine`` to GDB from a thread while the block runs; breakpoints out after."""
     if where is None:
         yield
@@ -424,14 +423,13 @@ def _debugger(machine: Machine, where: tuple[str, object] | None) -> Iterator[No
     from guestmem.vmm.run_control import KvmRunControl
 
     assert machine.memory is not None
-    family, address = where
-    if family == "unix":
-        assert isinstance(address, str)
-        server = GuestDebugServer(machine.memory, KvmRunControl(machine), unix_path=address)
+    target = KvmRunControl(machine)
+    if where.family == "unix":
+        assert where.path is not None
+        server = GuestDebugServer(machine.memory, target, unix_path=where.path)
     else:
-        assert isinstance(address, tuple)
-        host, port = address
-        server = GuestDebugServer(machine.memory, KvmRunControl(machine), host=host, port=port)
+        assert where.host is not None and where.port is not None
+        server = GuestDebugServer(machine.memory, target, host=where.host, port=where.port)
     print(f"guestmem vmm: GDB: target remote {server.address}", file=sys.stderr, flush=True)
     with _serving(server, "gdb"):
         yield
@@ -481,7 +479,7 @@ def _pump_stdin(machine: Machine) -> None:
             return
         if os.isatty(0):
             if _QUIT_PREFIX + _QUIT_KEY in (_QUIT_PREFIX if escape else b"") + data:
-                machine.stop("quit")
+                machine.stop(EndReason.QUIT)
                 return
             escape = data.endswith(_QUIT_PREFIX)
         machine.console_input(data)

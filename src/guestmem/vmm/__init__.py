@@ -6,8 +6,11 @@ reach that memory through guestmem's routes, and the VMM never dies of a tag
 check. One concern per module: ``kvm_binding`` (raw ioctls, its one binding
 to the core), ``kvm_api`` (the ioctls), ``vcpu``, ``gate``, ``gic`` (the vGIC
 and its interrupt lines), ``fdt`` (the device tree), ``boot`` (kernel,
-initrd), ``machine`` (building the machine and running it), ``io_loop``
-(ioeventfd kicks), ``machine_state`` with ``vcpu_state``, ``gic_state`` and
+initrd), ``config`` (what machine to build), ``builder`` (building it:
+VM, RAM, vCPUs, vGIC, devices), ``mmio_bus`` (device windows),
+``runner`` (running it: vCPU threads, pause, the run loop), ``outcome``
+(how a run ended, typed), ``machine`` (the built parts with their runner),
+``io_loop`` (ioeventfd kicks), ``machine_state`` with ``vcpu_state``, ``gic_state`` and
 ``state_codec`` (saved state), ``stage1`` (guest virtual to physical),
 ``run_control`` (KVM's side of GDB run control; the protocol is
 :mod:`guestmem.gdbstub`'s), ``control`` (the control socket's typed

@@ -55,6 +55,7 @@ from guestmem.gdbstub.wire import hang_up
 from guestmem.migration import channel
 from guestmem.migration.live import Progress
 from guestmem.vmm import handover, transfer
+from guestmem.vmm.outcome import EndReason
 
 if TYPE_CHECKING:
     from guestmem.vmm.machine import Machine
@@ -312,7 +313,7 @@ class ControlServer:
             hold.quit()
         elif cancel is not None:
             cancel()
-        self._machine.stop("quit")
+        self._machine.stop(EndReason.QUIT)
         return {"quit": True}
 
     def _take_hold(self, decision: str) -> handover.Hold:

@@ -40,6 +40,7 @@ from guestmem.units import GRANULE, STREAM_PAGE
 from guestmem.vmm import handover, machine_state
 from guestmem.vmm.dirty_log import KvmDirtyLog
 from guestmem.vmm.handover import Cancellation, Hold, MigrationFailed
+from guestmem.vmm.outcome import EndReason
 from guestmem.vmm.throttle import Throttle
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ def migrate(
             kept.close()
 
         def quit_() -> None:
-            machine.stop("quit")
+            machine.stop(EndReason.QUIT)
             kept.close()
 
         return Hold(reason, resume, quit_)
@@ -199,7 +200,7 @@ def migrate(
             throttle.stop()
             log.stop()
             memory.dirty.stop()
-        machine.stop("migrated")
+        machine.stop(EndReason.MIGRATED)
     report = _report(machine, totals.pages, totals.bytes, len(state))
     report.rounds = [r for r in rounds if r.pages or r.bytes]
     report.dirty_pages_from_kvm = log.pages

@@ -1,6 +1,6 @@
 """A vCPU: its fd, its shared ``kvm_run`` page, its registers and its exits.
 
-Each vCPU runs on a thread of its own (:class:`~guestmem.vmm.machine.Machine`
+Each vCPU runs on a thread of its own (:class:`~guestmem.vmm.runner.Runner`
 starts them). To take one out of the guest from another thread,
 :meth:`Vcpu.kick` sets ``immediate_exit`` in ``kvm_run`` and sends the
 thread :data:`KICK_SIGNAL`: a vCPU in the guest leaves KVM_RUN with EINTR,
