@@ -13,7 +13,7 @@ import pytest
 
 import guestmem as gm
 from conftest import BASE, REGION, assert_unchanged, needs_mte, snapshot
-from guestmem._native import lib
+from guestmem._native import IO_MAX_IOV
 
 SAFE = [gm.Route.MATCH_ALL, gm.Route.BOUNCE, gm.Route.UNCHECKED_THREAD]
 
@@ -105,7 +105,7 @@ def test_a_failing_call_leaves_the_thread_checked(mem: gm.GuestMemory, route: gm
 
 @needs_mte
 def test_more_tag_runs_than_iov_max_is_a_short_transfer() -> None:
-    runs = 2 * lib.GM_IO_MAX_IOV
+    runs = 2 * IO_MAX_IOV
     with gm.GuestMemory.anonymous(runs * 16, gpa=BASE, tags="hardware") as memory:
         memory.set_tags(BASE, runs * 16, (np.arange(runs) % 2).astype(np.uint8))
         r, w = os.pipe()
@@ -115,7 +115,7 @@ def test_more_tag_runs_than_iov_max_is_a_short_transfer() -> None:
         finally:
             os.close(r)
             os.close(w)
-        assert got == lib.GM_IO_MAX_IOV * 16  # one buffer per run, at most 1024 per call
+        assert got == IO_MAX_IOV * 16  # one buffer per run, at most 1024 per call
         assert memory.read(BASE, runs * 16) == b"z" * got + b"\0" * (runs * 16 - got)
 
 

@@ -24,12 +24,24 @@ from typing import Protocol
 import numpy as np
 
 from guestmem._args import as_int
-from guestmem._native import check, ffi, lib, spans
+from guestmem._native import (
+    ERR_ERRNO,
+    IO_FROM_GUEST,
+    IO_INTO_GUEST,
+    OP_READ,
+    OP_WRITE,
+    check,
+    from_buffer,
+    io_span,
+    io_spans,
+    last_errno,
+    spans,
+)
 from guestmem.address_space import Piece
 from guestmem.dma_mapping import STAGE_PLAN, DmaMapping
 from guestmem.errors import ArgumentTypeError, LengthError, WouldBlockError, from_os_error
 from guestmem.kinds import Direction, Lending, Route
-from guestmem.mover import OP_READ, OP_WRITE, Mover
+from guestmem.mover import Mover
 
 Ranges = Sequence[tuple[int, int]]
 Transfer = Callable[[list[memoryview]], int]
@@ -237,7 +249,7 @@ class DmaIO:
         memory = self._memory
         mode = memory.tag_mode
         into_guest = direction is Direction.FROM_DEVICE
-        way = lib.GM_IO_INTO_GUEST if into_guest else lib.GM_IO_FROM_GUEST
+        way = IO_INTO_GUEST if into_guest else IO_FROM_GUEST
         one = len(pieces) == 1  # a block request's data buffer: no span array to allocate
         if one:
             region, start, length = pieces[0]
@@ -246,15 +258,15 @@ class DmaIO:
             span_array = spans(pieces)
         while True:
             if one:
-                count = int(lib.gm_io_span(fd, way, mode, route, guest, gpa, length, offset))
+                count = io_span(fd, way, mode, route, guest, gpa, length, offset)
             else:
-                count = int(lib.gm_io(fd, way, mode, route, span_array, len(pieces), offset))
+                count = io_spans(fd, way, mode, route, span_array, len(pieces), offset)
             if count >= 0:
                 break
-            code = ffi.errno
-            if count == lib.GM_ERR_ERRNO and code == errno.EINTR:
+            code = last_errno()
+            if count == ERR_ERRNO and code == errno.EINTR:
                 continue  # as os.readv does (PEP 475); signal handlers have run
-            if count == lib.GM_ERR_ERRNO:
+            if count == ERR_ERRNO:
                 error = WouldBlockError if code in (errno.EAGAIN, errno.EWOULDBLOCK) else OSError
                 raise error(code, os.strerror(code))
             check(count, f"{route.name} system-call I/O")
@@ -266,7 +278,7 @@ class DmaIO:
         """Stage through an untagged copy; the pieces are already checked and translated."""
         memory = self._memory
         staging = bytearray(sum(n for _, _, n in pieces))
-        buf = ffi.from_buffer(staging)
+        buf = from_buffer(staging)
         if direction.copies_in:
             memory.move(STAGE_PLAN, OP_READ, pieces, buf)
             return call([memoryview(staging)])

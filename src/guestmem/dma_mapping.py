@@ -10,11 +10,20 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from guestmem._native import check, ffi, lib
+from guestmem._native import (
+    OP_READ,
+    OP_WRITE,
+    enable_mte,
+    from_buffer,
+    unchecked_enter,
+    unchecked_exit,
+    unchecked_thread_enter,
+    unchecked_thread_exit,
+)
 from guestmem.address_space import Piece
 from guestmem.errors import ArgumentTypeError, TagCheckError, UnsupportedError, UsageError
 from guestmem.kinds import Access, Direction, Lending, Route, TagMode
-from guestmem.mover import OP_READ, OP_WRITE, Mover
+from guestmem.mover import Mover
 from guestmem.plan import Plan
 from guestmem.region import GuestRegion
 from guestmem.tags import read_tags
@@ -61,12 +70,8 @@ class DmaMapping:
         elif lending is Lending.TAGGED:
             self._segments = self._checked_segments()
         else:
-            enter = (
-                lib.gm_unchecked_enter
-                if lending is Lending.TCO_SCOPE
-                else lib.gm_unchecked_thread_enter
-            )
-            check(enter(), f"{self.plan.route.name} scope")
+            enter = unchecked_enter if lending is Lending.TCO_SCOPE else unchecked_thread_enter
+            enter(f"{self.plan.route.name} scope")
             self._segments = [region.bytes_at(offset, n) for region, offset, n in self._pieces]
         self._thread = threading.get_ident()
         return self._segments
@@ -98,16 +103,16 @@ class DmaMapping:
                     segment.release()
         if self.plan.route.lending is Lending.STAGING:
             if staging is not None and self._direction.copies_out and exc_type is None:
-                self._memory.move(STAGE_PLAN, OP_WRITE, self._pieces, ffi.from_buffer(staging))
+                self._memory.move(STAGE_PLAN, OP_WRITE, self._pieces, from_buffer(staging))
         elif self._direction.copies_out:
             self._memory.mark_written(self._pieces)  # device code wrote guest memory itself
 
     def _restore_thread(self) -> None:
         lending = self.plan.route.lending
         if lending is Lending.TCO_SCOPE:
-            check(lib.gm_unchecked_exit(), "TCO scope exit")
+            unchecked_exit("TCO scope exit")
         elif lending is Lending.UNCHECKED_SCOPE:
-            check(lib.gm_unchecked_thread_exit(), "UNCHECKED_THREAD scope exit")
+            unchecked_thread_exit("UNCHECKED_THREAD scope exit")
 
     @property
     def route(self) -> Route:
@@ -118,14 +123,14 @@ class DmaMapping:
         total = sum(n for _, _, n in self._pieces)
         self._staging = bytearray(total)
         if self._direction.copies_in:
-            self._memory.move(STAGE_PLAN, OP_READ, self._pieces, ffi.from_buffer(self._staging))
+            self._memory.move(STAGE_PLAN, OP_READ, self._pieces, from_buffer(self._staging))
         return memoryview(self._staging)
 
     def _piece_tags(self) -> Iterator[tuple[GuestRegion, int, int, int, npt.NDArray[np.uint8]]]:
         """Each piece with its first whole granule's offset and the tags of its granules."""
         memory = self._memory
         if memory.tag_mode is TagMode.HARDWARE:
-            check(lib.gm_thread_enable_mte(), "enabling the tagged-address ABI")
+            enable_mte()
         for region, offset, n in self._pieces:
             first = offset - offset % GRANULE
             last = -(-(offset + n) // GRANULE) * GRANULE

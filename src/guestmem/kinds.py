@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from guestmem._native import lib
+from guestmem._native import MODE_VALUES, ROUTE_VALUES
 from guestmem.errors import ArgumentTypeError, UsageError
 
 
@@ -45,11 +45,11 @@ class Route(enum.IntEnum):
     :attr:`syscall_safe`, :attr:`lending`, :attr:`native_iovec`.
     """
 
-    TCO = lib.GM_ROUTE_TCO
-    MATCH_ALL = lib.GM_ROUTE_MATCH_ALL
-    BOUNCE = lib.GM_ROUTE_BOUNCE
-    UNCHECKED_THREAD = lib.GM_ROUTE_UNCHECKED_THREAD
-    CHECKED = lib.GM_ROUTE_CHECKED
+    TCO = ROUTE_VALUES["TCO"]
+    MATCH_ALL = ROUTE_VALUES["MATCH_ALL"]
+    BOUNCE = ROUTE_VALUES["BOUNCE"]
+    UNCHECKED_THREAD = ROUTE_VALUES["UNCHECKED_THREAD"]
+    CHECKED = ROUTE_VALUES["CHECKED"]
 
     @property
     def syscall_safe(self) -> bool:
@@ -82,10 +82,10 @@ _LENDING = {
 class TagMode(enum.IntEnum):
     """Where allocation tags live (``enum gm_mode``)."""
 
-    NONE = lib.GM_MODE_NONE
-    SOFTWARE = lib.GM_MODE_SOFTWARE
-    HARDWARE = lib.GM_MODE_HARDWARE
-    KVM = lib.GM_MODE_KVM
+    NONE = MODE_VALUES["NONE"]
+    SOFTWARE = MODE_VALUES["SOFTWARE"]
+    HARDWARE = MODE_VALUES["HARDWARE"]
+    KVM = MODE_VALUES["KVM"]
 
 
 class Direction(enum.Enum):

@@ -14,12 +14,23 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from guestmem._native import check, ffi, lib
+from guestmem._native import (
+    OK,
+    check,
+    kvm_add_memslot,
+    kvm_check_extension,
+    kvm_create_vm,
+    kvm_enable_mte,
+    kvm_open,
+    kvm_tags_get,
+    kvm_tags_set,
+    last_errno,
+)
 from guestmem.errors import (
     AlignmentError,
     ClosedError,
@@ -42,11 +53,11 @@ def _status(value: int, what: str) -> int:
 
 def kvm_mte_available() -> bool:
     """Whether /dev/kvm opens and offers KVM_CAP_ARM_MTE."""
-    fd = int(lib.gm_kvm_open())
+    fd = kvm_open()
     if fd < 0:
         return False
     try:
-        return int(lib.gm_kvm_check_extension(fd, KVM_CAP_ARM_MTE)) > 0
+        return kvm_check_extension(fd, KVM_CAP_ARM_MTE) > 0
     finally:
         os.close(fd)
 
@@ -72,17 +83,17 @@ class KvmVm:
     @classmethod
     def create(cls) -> KvmVm:
         """Open /dev/kvm, create a VM and enable KVM_CAP_ARM_MTE on it."""
-        kvm = int(lib.gm_kvm_open())
+        kvm = kvm_open()
         if kvm < 0:
-            raise UnsupportedError(f"/dev/kvm cannot be opened: {os.strerror(ffi.errno)}")
+            raise UnsupportedError(f"/dev/kvm cannot be opened: {os.strerror(last_errno())}")
         try:
-            if int(lib.gm_kvm_check_extension(kvm, KVM_CAP_ARM_MTE)) <= 0:
+            if kvm_check_extension(kvm, KVM_CAP_ARM_MTE) <= 0:
                 raise UnsupportedError("this KVM does not offer KVM_CAP_ARM_MTE")
-            vm = _status(int(lib.gm_kvm_create_vm(kvm)), "KVM_CREATE_VM")
+            vm = _status(kvm_create_vm(kvm), "KVM_CREATE_VM")
         finally:
             os.close(kvm)
         try:
-            _status(int(lib.gm_kvm_enable_mte(vm)), "KVM_ENABLE_CAP(KVM_CAP_ARM_MTE)")
+            _status(kvm_enable_mte(vm), "KVM_ENABLE_CAP(KVM_CAP_ARM_MTE)")
         except BaseException:
             os.close(vm)
             raise
@@ -99,11 +110,9 @@ class KvmVm:
         """Register ``region`` as the next memslot; return the slot number."""
         slot = self._next_slot
         with self.in_use() as fd:
-            status = lib.gm_kvm_add_memslot(
-                fd, slot, region.gpa, region.size, ffi.cast("uint8_t *", region.host_address)
-            )
+            status = kvm_add_memslot(fd, slot, region.gpa, region.size, region.host_address)
         try:
-            check(int(status), f"KVM_SET_USER_MEMORY_REGION slot {slot} at {region.gpa:#x}")
+            check(status, f"KVM_SET_USER_MEMORY_REGION slot {slot} at {region.gpa:#x}")
         except NativeOSError as err:
             if err.errno == errno.EINVAL and region.fd is not None:
                 raise UnsupportedError(
@@ -123,29 +132,22 @@ class KvmVm:
 
     def get_tags_into(self, gpa: int, out: npt.NDArray[np.uint8]) -> None:
         """Fill ``out`` (one uint8 per granule) with the tags from ``gpa``."""
-        dest = ffi.from_buffer("uint8_t[]", out, require_writable=True)
         with self.in_use() as fd:
-            status = lib.gm_kvm_tags_get(fd, gpa, out.size, dest)
-        check(int(status), "KVM_ARM_MTE_COPY_TAGS")
+            status = kvm_tags_get(fd, gpa, out)
+        check(status, "KVM_ARM_MTE_COPY_TAGS")
 
     def set_tags(self, gpa: int, granules: int, tags: npt.NDArray[np.uint8] | int) -> None:
         """Set ``granules`` tags from ``gpa``: one per granule, or one for all."""
         _require_granule(gpa)
-        source: Any = ffi.NULL
-        uniform = 0
-        if isinstance(tags, int):
-            uniform = tags
-        else:
-            source = ffi.from_buffer("uint8_t[]", tags)
         with self.in_use() as fd:
-            status = lib.gm_kvm_tags_set(fd, gpa, granules, source, uniform)
-        if status != lib.GM_OK and ffi.errno == errno.EBUSY:
+            status = kvm_tags_set(fd, gpa, granules, tags)
+        if status != OK and last_errno() == errno.EBUSY:
             raise TagsBusyError(
                 errno.EBUSY,
                 "KVM_ARM_MTE_COPY_TAGS: KVM writes no tags while it logs dirty pages "
                 "(a live migration is running); no tag was written",
             )
-        check(int(status), "KVM_ARM_MTE_COPY_TAGS")
+        check(status, "KVM_ARM_MTE_COPY_TAGS")
 
     @contextmanager
     def in_use(self) -> Iterator[int]:

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from guestmem._args import check_tag as check_tag
 from guestmem._args import require_gpa_range
 from guestmem._closing import ClosesOnExit
-from guestmem._native import check, lib
+from guestmem._native import enable_mte
 from guestmem.address_space import AddressSpace, Piece, pairs
 from guestmem.dma import Dma
 from guestmem.errors import AddressError, ArgumentTypeError, UnsupportedError, UsageError
@@ -58,7 +58,7 @@ def resolve_tag_mode(tags: str | TagMode) -> TagMode:
     if mode is TagMode.HARDWARE:
         if not has_mte():
             raise UnsupportedError("tags='hardware' needs a CPU and kernel with MTE (HWCAP2_MTE)")
-        check(lib.gm_thread_enable_mte(), "enabling the tagged-address ABI")
+        enable_mte()
     return mode
 
 

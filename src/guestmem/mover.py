@@ -24,33 +24,43 @@ from guestmem._args import (
     writable_buffer,
 )
 from guestmem._native import (
+    MISS,
+    NULL,
+    OK,
+    OP_FILL,
+    OP_READ,
+    OP_STAGE,
+    OP_WRITE,
     SCRATCH_SIZE,
     access_request,
+    address_of,
+    bounce_pool,
     closed_hot,
-    ffi,
+    from_buffer,
+    hot_fill,
+    hot_read,
     hot_region,
-    lib,
+    hot_write,
+    move_range,
     raise_for,
+    run_access,
     scratch,
     spans,
 )
 from guestmem.address_space import AddressSpace, Piece
 from guestmem.dirty import DirtyLog
-from guestmem.errors import ArgumentTypeError, LengthError
+from guestmem.errors import ArgumentTypeError
 from guestmem.kinds import Access, Policy, Route, TagMode
 from guestmem.kvm import KvmVm
 from guestmem.plan import Plan, defaults, resolve
 from guestmem.region import GuestRegion
 
-OP_READ: int = lib.GM_OP_READ
-OP_WRITE: int = lib.GM_OP_WRITE
-OP_FILL: int = lib.GM_OP_FILL
 _OP_CHANGES = OP_WRITE | OP_FILL  # an op that writes guest memory
-_OP_STAGE: int = lib.GM_OP_STAGE  # flag: the caller's buffer is tagged guest memory
+_OP_STAGE = OP_STAGE  # flag: the caller's buffer is tagged guest memory
 _ADDRESS_MASK = (1 << 56) - 1  # a host address without its tag byte
-_OK, _MISS = lib.GM_OK, lib.GM_MISS
-_hot_read, _hot_write, _hot_fill = lib.gm_hot_read, lib.gm_hot_write, lib.gm_hot_fill
-_from_buffer = ffi.from_buffer  # one lookup less on the fast path
+_OK, _MISS = OK, MISS
+_hot_read, _hot_write, _hot_fill = hot_read, hot_write, hot_fill
+_from_buffer = from_buffer  # one lookup less on the fast path
 _CHECKED = Route.CHECKED
 # The fast path's view of the region used last: (first GPA, end GPA, base
 # pointer, tag table pointer, the region, its native struct gm_hot). One
@@ -100,10 +110,7 @@ class Mover:
         self.policy = Policy() if policy is None else policy
         size = require_length(bounce_buffer_size)
         count = require_length(bounce_buffers)
-        pool = lib.gm_pool_new(size, count) if 0 < size < 1 << 40 and 0 < count < 1 << 20 else None
-        if pool is None or pool == ffi.NULL:
-            raise LengthError("bounce pool: buffer size and count must be positive and sane")
-        self._pool = ffi.gc(pool, lib.gm_pool_free)
+        self._pool = bounce_pool(size, count)
         regions = space.regions
         self._kvm: KvmVm | None = None
         if self.tag_mode is TagMode.KVM:
@@ -199,7 +206,7 @@ class Mover:
         plan = self.plan_for(access, route, tag)
         gpa, length, where = self._where(gpa, length)
         out = bytearray(length)
-        self._run(plan, OP_READ, gpa, length, where, ffi.from_buffer(out))
+        self._run(plan, OP_READ, gpa, length, where, _from_buffer(out))
         return bytes(out)
 
     def readinto(
@@ -223,7 +230,7 @@ class Mover:
         target = writable_buffer(buffer)
         plan = self.plan_for(access, route, tag)
         gpa, n, where = self._where(gpa, target.nbytes)
-        buf = ffi.from_buffer(target, require_writable=True)
+        buf = _from_buffer(target, require_writable=True)
         op = OP_READ | (self._stage_flag(buf, n) if self._buffers_may_be_tagged else 0)
         self._run(plan, op, gpa, n, where, buf)
         return n
@@ -252,7 +259,7 @@ class Mover:
         source = readable_buffer(data)
         plan = self.plan_for(access, route, tag)
         gpa, n, where = self._where(gpa, source.nbytes)
-        buf = ffi.from_buffer(source)
+        buf = _from_buffer(source)
         op = OP_WRITE | (self._stage_flag(buf, n) if self._buffers_may_be_tagged else 0)
         self._run(plan, op, gpa, n, where, buf)
 
@@ -274,7 +281,7 @@ class Mover:
         value = check_byte(byte)
         plan = self.plan_for(access, route, tag)
         gpa, n, where = self._where(gpa, length)
-        self._run(plan, OP_FILL, gpa, n, where, ffi.NULL, value)
+        self._run(plan, OP_FILL, gpa, n, where, NULL, value)
 
     def readv(
         self,
@@ -288,7 +295,7 @@ class Mover:
         plan = self.plan_for(access, route, tag)
         pieces = self.pieces_of(ranges, None)
         out = bytearray(sum(n for _, _, n in pieces))
-        self.move(plan, OP_READ, pieces, ffi.from_buffer(out))
+        self.move(plan, OP_READ, pieces, _from_buffer(out))
         return bytes(out)
 
     def readv_into(
@@ -304,7 +311,7 @@ class Mover:
         target = writable_buffer(buffer)
         plan = self.plan_for(access, route, tag)
         pieces = self.pieces_of(ranges, target.nbytes)
-        buf = ffi.from_buffer(target, require_writable=True)
+        buf = _from_buffer(target, require_writable=True)
         op = OP_READ | self._stage_flag(buf, target.nbytes)
         self.move(plan, op, pieces, buf)
         return target.nbytes
@@ -322,7 +329,7 @@ class Mover:
         source = readable_buffer(data)
         plan = self.plan_for(access, route, tag)
         pieces = self.pieces_of(ranges, source.nbytes)
-        buf = ffi.from_buffer(source)
+        buf = _from_buffer(source)
         self.move(plan, OP_WRITE | self._stage_flag(buf, source.nbytes), pieces, buf)
 
     # ---- the steps, for the library's own layers (DMA, virtio, migration) ------------
@@ -370,9 +377,9 @@ class Mover:
         if plan.route is _CHECKED and self._kvm is not None:
             with self._kvm.in_use() as vm_fd:
                 request.vm_fd = vm_fd
-                status = lib.gm_access(request)
+                status = run_access(request)
         else:
-            status = lib.gm_access(request)
+            status = run_access(request)
         if status != _OK:
             raise_for(
                 status,
@@ -475,7 +482,7 @@ class Mover:
         """
         if not self._buffers_may_be_tagged or nbytes == 0:
             return 0
-        at = int(ffi.cast("uintptr_t", buf)) & _ADDRESS_MASK
+        at = address_of(buf) & _ADDRESS_MASK
         return _OP_STAGE if self.address_space.holds_host_range(at, nbytes) else 0
 
     def _run(
@@ -496,7 +503,7 @@ class Mover:
         route, tag = plan.route, plan.tag
         if route is _CHECKED and self._kvm is not None:
             with self._kvm.in_use() as vm_fd:
-                status = lib.gm_move(
+                status = move_range(
                     self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
                     self._pool, vm_fd,
                 )  # fmt: skip
@@ -505,7 +512,7 @@ class Mover:
             # (five arguments instead of thirteen; the range fits, so no miss).
             status = (_hot_read if op == OP_READ else _hot_write)(hot, route, gpa, length, buf)
         else:
-            status = lib.gm_move(
+            status = move_range(
                 self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
                 self._pool, -1,
             )  # fmt: skip

@@ -5,7 +5,17 @@ from __future__ import annotations
 import enum
 import platform as _stdlib_platform
 
-from guestmem._native import check, ffi, lib
+from guestmem._native import (
+    check,
+    cpu_has_mte,
+)
+from guestmem._native import probe_signal_tco as native_probe_signal_tco
+from guestmem._native import (
+    thread_check_mode as native_check_mode,
+)
+from guestmem._native import (
+    thread_tco as native_tco,
+)
 from guestmem.kinds import Route, TagMode
 from guestmem.units import HOST_PAGE
 
@@ -20,17 +30,17 @@ class CheckMode(enum.IntEnum):
 
 def has_mte() -> bool:
     """Whether the CPU and kernel offer MTE to user space (HWCAP2_MTE)."""
-    return bool(lib.gm_cpu_has_mte())
+    return cpu_has_mte()
 
 
 def thread_tco() -> bool:
     """PSTATE.TCO of the calling thread (the library's model of it without MTE)."""
-    return bool(lib.gm_thread_tco())
+    return native_tco()
 
 
 def thread_check_mode() -> CheckMode:
     """The calling thread's tag-check mode (the library's model of it without MTE)."""
-    mode = int(lib.gm_thread_check_mode())
+    mode = native_check_mode()
     if mode < 0:
         check(mode, "prctl(PR_GET_TAGGED_ADDR_CTRL)")
     return CheckMode(mode)
@@ -43,10 +53,7 @@ def probe_signal_tco() -> tuple[bool, bool]:
     interrupted code its TCO back; QEMU user emulation starts them with TCO
     set. Needs MTE (UnsupportedError otherwise).
     """
-    in_handler = ffi.new("int *")
-    after = ffi.new("int *")
-    check(lib.gm_probe_signal_tco(in_handler, after), "probe_signal_tco")
-    return bool(in_handler[0]), bool(after[0])
+    return native_probe_signal_tco()
 
 
 def available_tag_modes() -> list[TagMode]:

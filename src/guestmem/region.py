@@ -13,7 +13,16 @@ import numpy as np
 import numpy.typing as npt
 
 from guestmem._args import GPA_LIMIT, as_int
-from guestmem._native import ffi, lib, pointer_keeping
+from guestmem._native import (
+    NULL,
+    address_of,
+    byte_pointer,
+    bytes_view,
+    last_errno,
+    map_memory,
+    mapping_keeps_tags,
+    pointer_keeping,
+)
 from guestmem.errors import (
     AddressError,
     AlignmentError,
@@ -88,15 +97,15 @@ class GuestRegion:
         self.tag_mode = tag_mode
         self.backing = backing
         self._mapping = _map(size, tag_mode, backing, f"guestmem@{gpa:#x}", shared)
-        address = int(ffi.cast("uintptr_t", self._mapping.addr))
+        address = address_of(self._mapping.addr)
         self._base = pointer_keeping(address, self._mapping)
-        self._bytes = memoryview(ffi.buffer(self._base, size))
+        self._bytes = bytes_view(self._base, size)
         self._table: npt.NDArray[np.uint8] | None = None
-        self._table_base: Any = ffi.NULL
+        self._table_base: Any = NULL
         self._table_fd: int | None = None
         if tag_mode is TagMode.SOFTWARE:
             self._table = self._software_table(shared)
-            self._table_base = ffi.from_buffer("uint8_t[]", self._table)
+            self._table_base = byte_pointer(self._table)
 
     @classmethod
     def anonymous(cls, gpa: int, size: int, tag_mode: TagMode) -> GuestRegion:
@@ -151,7 +160,7 @@ class GuestRegion:
     @property
     def host_address(self) -> int:
         """The VMM's (untagged) address of the region's first byte."""
-        return int(ffi.cast("uintptr_t", self._base))
+        return address_of(self._base)
 
     @property
     def base_pointer(self) -> Any:
@@ -177,13 +186,13 @@ class GuestRegion:
         if self.tag_mode is TagMode.HARDWARE:
             address |= tag << 56
         pointer = pointer_keeping(address, self._base)
-        return memoryview(ffi.buffer(pointer, length))
+        return bytes_view(pointer, length)
 
     def fill_span(self, span: Any, offset: int, length: int) -> None:
         """Describe ``length`` bytes at ``offset`` in a native ``struct gm_span``."""
         span.gpa = self.gpa + offset
         span.guest = self._base + offset
-        span.table = self._table_base + offset // GRANULE if self._table is not None else ffi.NULL
+        span.table = self._table_base + offset // GRANULE if self._table is not None else NULL
         span.len = length
 
     def __repr__(self) -> str:
@@ -248,20 +257,19 @@ def _require_page_multiple(name: str, value: int) -> None:
 def _map(
     size: int, tag_mode: TagMode, backing: Backing, name: str, shared: SharedRegion | None
 ) -> Any:
-    mte = 1 if tag_mode is TagMode.HARDWARE else 0
+    mte = tag_mode is TagMode.HARDWARE
     if shared is not None:
-        raw = lib.gm_map_fd(shared.fd, size, mte)
+        mapping = map_memory(size, mte, fd=shared.fd)
     elif backing is Backing.MEMFD:
-        raw = lib.gm_map_memfd(name.encode(), size, mte)
+        mapping = map_memory(size, mte, memfd_name=name)
     else:
-        raw = lib.gm_map_anonymous(size, mte)
-    if raw == ffi.NULL:
-        code = ffi.errno
+        mapping = map_memory(size, mte)
+    if mapping is None:
+        code = last_errno()
         raise NativeOSError(code, f"mapping {size:#x} bytes of {backing.value} memory failed")
-    mapping = ffi.gc(raw, lib.gm_mapping_free)
     # Probing retags granule 0 for a moment: only on memory no one else uses yet.
     probe = mte and backing is Backing.MEMFD and shared is None
-    if probe and not lib.gm_mapping_keeps_tags(mapping):
+    if probe and not mapping_keeps_tags(mapping):
         raise UnsupportedError(
             f"{backing.value} mappings do not keep MTE tags on this platform "
             "(QEMU user emulation drops tags on shared mappings)"

@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from guestmem._native import check, lib
+from guestmem._native import (
+    unchecked_enter,
+    unchecked_exit,
+    unchecked_thread_enter,
+    unchecked_thread_exit,
+)
 
 
 @contextmanager
@@ -15,11 +20,11 @@ def unchecked() -> Iterator[None]:
     Cheap (one instruction each way) and per thread: other threads keep
     checking. Not for system calls: the kernel checks user memory with TCO=0.
     """
-    check(lib.gm_unchecked_enter(), "unchecked()")
+    unchecked_enter("unchecked()")
     try:
         yield
     finally:
-        check(lib.gm_unchecked_exit(), "unchecked() exit")
+        unchecked_exit("unchecked() exit")
 
 
 @contextmanager
@@ -29,8 +34,8 @@ def unchecked_thread() -> Iterator[None]:
     Two system calls per outermost scope; safe around system calls. The
     thread's previous mode comes back at exit; scopes nest.
     """
-    check(lib.gm_unchecked_thread_enter(), "unchecked_thread()")
+    unchecked_thread_enter("unchecked_thread()")
     try:
         yield
     finally:
-        check(lib.gm_unchecked_thread_exit(), "unchecked_thread() exit")
+        unchecked_thread_exit("unchecked_thread() exit")

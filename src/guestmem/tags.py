@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from guestmem._args import check_tag
-from guestmem._native import check, ffi, lib, spans
+from guestmem._native import NULL, byte_pointer, check, spans, tags_get, tags_set
 from guestmem.address_space import AddressSpace, Piece
 from guestmem.errors import TagError, UnsupportedError
 from guestmem.kinds import TagMode
@@ -38,8 +38,8 @@ def read_tags(
         else:
             owner = spans([(region, offset, n)])  # keeps the span alive
             span = owner[0]
-            dest = ffi.from_buffer("uint8_t[]", part)
-            status = lib.gm_tags_get(space.tag_mode, span.guest, span.table, part.size, dest)
+            dest = byte_pointer(part, writable=True)
+            status = tags_get(space.tag_mode, span, dest, part.size)
             check(status, "get_tags")
         at += part.size
     return out
@@ -71,8 +71,8 @@ def write_tags(
             owner = spans([(region, offset, n)])  # keeps the span alive
             span = owner[0]
             uniform = part if isinstance(part, int) else 0
-            source = ffi.NULL if isinstance(part, int) else ffi.from_buffer("uint8_t[]", part)
-            status = lib.gm_tags_set(space.tag_mode, span.guest, span.table, count, source, uniform)
+            source = NULL if isinstance(part, int) else byte_pointer(part)
+            status = tags_set(space.tag_mode, span, count, source, uniform)
             check(status, "set_tags")
         at += count
         written([(region, offset, n)])

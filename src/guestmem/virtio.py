@@ -16,7 +16,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from guestmem._args import GPA_LIMIT, as_int
-from guestmem._native import ffi, lib, virtqueue
+from guestmem._native import (
+    ERR_VIRTQ,
+    OK,
+    VIRTQ_HEADER,
+    VIRTQ_MAX_SIZE,
+    VirtqError,
+    virtq_init,
+    virtq_pop,
+    virtq_push,
+    virtq_reset,
+    virtqueue,
+    words,
+)
 from guestmem.errors import (
     BufferTypeError,
     ClosedError,
@@ -29,57 +41,57 @@ from guestmem.mover import Mover
 
 __all__ = ["MAX_QUEUE_SIZE", "DescriptorChain", "SplitQueue", "chain_read", "chain_write"]
 
-MAX_QUEUE_SIZE: int = lib.GM_VIRTQ_MAX_SIZE
+MAX_QUEUE_SIZE: int = VIRTQ_MAX_SIZE
 Ranges = tuple[tuple[int, int], ...]
 
-_OK: int = lib.GM_OK
-_HEADER: int = lib.GM_VIRTQ_HEADER
+_OK: int = OK
+_HEADER: int = VIRTQ_HEADER
 _RING_NAMES = ("descriptor table", "available ring", "used ring")
 # What each native gm_virtq_error means: (reason, message with {index} and {gpa}).
 _REASONS: dict[int, tuple[str, str]] = {
-    lib.GM_VQ_NEEDS_RESET: ("needs_reset", "the queue needs a reset"),
-    lib.GM_VQ_AVAIL_AHEAD: (
+    VirtqError.NEEDS_RESET: ("needs_reset", "the queue needs a reset"),
+    VirtqError.AVAIL_AHEAD: (
         "avail_ahead",
         "avail idx {index} runs more than the queue size ahead of the last one seen",
     ),
-    lib.GM_VQ_HEAD_RANGE: ("head_range", "avail ring entry {index} at {gpa} is not < the size"),
-    lib.GM_VQ_DESC_RANGE: (
+    VirtqError.HEAD_RANGE: ("head_range", "avail ring entry {index} at {gpa} is not < the size"),
+    VirtqError.DESC_RANGE: (
         "desc_range",
         "descriptor index {index} is outside its table (at {gpa})",
     ),
-    lib.GM_VQ_CHAIN_LONG: (
+    VirtqError.CHAIN_LONG: (
         "chain_too_long",
         "the chain runs past the queue size at descriptor {index} ({gpa}): a loop?",
     ),
-    lib.GM_VQ_BUFFER_RANGE: (
+    VirtqError.BUFFER_RANGE: (
         "buffer_range",
         "descriptor {index}: its buffer at {gpa} is not inside guest RAM",
     ),
-    lib.GM_VQ_INDIRECT_LEN: (
+    VirtqError.INDIRECT_LEN: (
         "indirect_length",
         "descriptor {index}: an indirect table at {gpa} must be a non-zero multiple of 16 bytes",
     ),
-    lib.GM_VQ_INDIRECT_RANGE: (
+    VirtqError.INDIRECT_RANGE: (
         "indirect_range",
         "descriptor {index}: its indirect table at {gpa} is not inside one region of guest RAM",
     ),
-    lib.GM_VQ_INDIRECT_NESTED: (
+    VirtqError.INDIRECT_NESTED: (
         "indirect_nested",
         "descriptor {index} at {gpa}: INDIRECT inside an indirect table",
     ),
-    lib.GM_VQ_INDIRECT_NEXT: (
+    VirtqError.INDIRECT_NEXT: (
         "indirect_next",
         "descriptor {index} at {gpa}: INDIRECT together with NEXT",
     ),
-    lib.GM_VQ_READ_AFTER_WRITE: (
+    VirtqError.READ_AFTER_WRITE: (
         "read_after_write",
         "descriptor {index} at {gpa}: a device-readable buffer after a writable one",
     ),
-    lib.GM_VQ_RING_RANGE: (
+    VirtqError.RING_RANGE: (
         "ring_range",
         "the {ring} at {gpa} is misaligned or not inside one region of guest RAM",
     ),
-    lib.GM_VQ_SIZE: ("size", "queue size {index} is not a power of two in 1..32768"),
+    VirtqError.SIZE: ("size", "queue size {index} is not a power of two in 1..32768"),
 }
 
 
@@ -135,10 +147,10 @@ class SplitQueue:
             as_int(used_gpa, "a GPA"),
         )
         if not 0 < n <= MAX_QUEUE_SIZE or n & (n - 1):
-            raise _error(lib.GM_VQ_SIZE, n, None)
+            raise _error(VirtqError.SIZE, n, None)
         for i, gpa in enumerate(rings):
             if not 0 <= gpa < GPA_LIMIT:
-                raise _error(lib.GM_VQ_RING_RANGE, i, gpa)
+                raise _error(VirtqError.RING_RANGE, i, gpa)
         self._mem = mem
         self._space = mem.address_space
         self._regions = self._space.regions  # their mappings live while the queue does
@@ -147,13 +159,13 @@ class SplitQueue:
         self.size = n
         self.event_idx = bool(event_idx)
         self._failure: VirtqueueError | None = None
-        if lib.gm_virtq_init(self._q) != _OK:
+        if virtq_init(self._q) != _OK:
             raise self._fail()
         # What push (and EVENT_IDX's pop) write natively: the mover marks it dirty.
         self._used_ring = self._space.translate(rings[2], 6 + 8 * n)
-        self._pop = lib.gm_virtq_pop
-        self._push = lib.gm_virtq_push
-        self._words = memoryview(ffi.buffer(self._out)).cast("Q")
+        self._pop = virtq_pop
+        self._push = virtq_push
+        self._words = words(self._out)
         self._formats: dict[int, Any] = {}
 
     @property
@@ -180,7 +192,7 @@ class SplitQueue:
 
     def reset(self) -> None:
         """Forget the indices and any error, as a device reset does."""
-        lib.gm_virtq_reset(self._q)
+        virtq_reset(self._q)
         self._failure = None
 
     def pop(self) -> DescriptorChain | None:
@@ -224,12 +236,12 @@ class SplitQueue:
             head, written = as_int(head, "a descriptor index"), as_int(written, "a length")
         if not 0 <= written < 1 << 32 or head < 0:
             raise LengthError(f"used element ({head}, {written}) does not fit the used ring")
-        status = self._push(self._q, head, written) if head < 1 << 32 else lib.GM_ERR_VIRTQ
+        status = self._push(self._q, head, written) if head < 1 << 32 else ERR_VIRTQ
         if status >= 0:
             self._mem.mark_written(self._used_ring)
             notify: bool = status == 1
             return notify
-        if self._failure is None and self._q.error == lib.GM_VQ_OK:
+        if self._failure is None and self._q.error == VirtqError.OK:
             raise UsageError(f"head {head} is not a descriptor index of a {self.size}-entry queue")
         raise self._fail()
 
@@ -258,7 +270,7 @@ class SplitQueue:
 
 def _error(code: int, index: int, gpa: int | None) -> VirtqueueError:
     reason, text = _REASONS.get(code, ("unknown", "malformed virtqueue (error {index})"))
-    ring = _RING_NAMES[index] if code == lib.GM_VQ_RING_RANGE and index < 3 else ""
+    ring = _RING_NAMES[index] if code == VirtqError.RING_RANGE and index < 3 else ""
     where = "?" if gpa is None else f"GPA {gpa:#x}"
     message = text.format(index=index, gpa=where, ring=ring)
     return VirtqueueError(f"virtqueue: {message}", reason=reason, index=index, gpa=gpa)

@@ -6,7 +6,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from guestmem._native import lib
+from guestmem._native import checksum as native_checksum
 from guestmem.errors import StreamError
 from guestmem.kinds import TagMode
 from guestmem.units import GRANULE, STREAM_PAGE
@@ -53,7 +53,7 @@ class StreamHeader:
 
 def checksum(data: bytes) -> int:
     """The stream's 64-bit checksum of ``data`` (the native core's)."""
-    return int(lib.gm_checksum(data, len(data)))
+    return native_checksum(data)
 
 
 ReadExactly = Callable[[int], bytes]

@@ -16,7 +16,18 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from guestmem._native import check, ffi, lib, stream_regions
+from guestmem._native import (
+    NEED_MORE,
+    NULL,
+    Decoder,
+    RecordKind,
+    StreamStatus,
+    check,
+    from_buffer,
+    stream_encode,
+    stream_regions,
+    word_pointer,
+)
 from guestmem.errors import StreamError
 from guestmem.kinds import TagMode
 from guestmem.migration.header import StreamHeader, checksum, read_header
@@ -28,13 +39,13 @@ Source = BinaryIO | socket.socket
 RECORD_MAX = 8 + STREAM_PAGE + 128 + 8
 BATCH_PAGES = 64
 IDLE_TIMEOUT = 60.0  # seconds a receiving socket waits for the next byte by default
-_REASONS = {
-    lib.GM_STREAM_BAD_TYPE: "unknown record type",
-    lib.GM_STREAM_BAD_FLAGS: "unknown record flags",
-    lib.GM_STREAM_BAD_CHECKSUM: "record checksum mismatch",
-    lib.GM_STREAM_OUT_OF_REGION: "page outside the declared regions",
-    lib.GM_STREAM_TAGS_UNSUPPORTED: "tagged page, but the target has no tag storage",
-    lib.GM_STREAM_TAGS_FROM_UNTAGGED: "tagged page in a stream whose source had no tags",
+_REASONS: dict[int, str] = {
+    StreamStatus.BAD_TYPE: "unknown record type",
+    StreamStatus.BAD_FLAGS: "unknown record flags",
+    StreamStatus.BAD_CHECKSUM: "record checksum mismatch",
+    StreamStatus.OUT_OF_REGION: "page outside the declared regions",
+    StreamStatus.TAGS_UNSUPPORTED: "tagged page, but the target has no tag storage",
+    StreamStatus.TAGS_FROM_UNTAGGED: "tagged page in a stream whose source had no tags",
 }
 
 
@@ -80,7 +91,7 @@ class StreamWriter:
         self._send = sink.sendall if isinstance(sink, socket.socket) else sink.write
         self._regions = native_regions(memory)
         self._out = bytearray(RECORD_MAX * BATCH_PAGES)
-        self._out_ptr = ffi.from_buffer(self._out)
+        self._out_ptr = from_buffer(self._out)
         self.totals = Totals()
 
     def header(self) -> None:
@@ -103,7 +114,7 @@ class StreamWriter:
             last = first + region.size // STREAM_PAGE
             mine = numbers[(numbers >= first) & (numbers < last)]
             mine = np.ascontiguousarray(mine, dtype=np.uint64)
-            pointer = ffi.from_buffer("uint64_t[]", mine)
+            pointer = word_pointer(mine)
             with _vm_fd_set(self._memory, self._regions, len(self._memory.address_space.regions)):
                 self._encode(index, pointer, mine.size)
 
@@ -111,30 +122,22 @@ class StreamWriter:
         """Encode and send ``count`` pages of region ``index``, a batch at a time."""
         at = 0
         while at < count:
-            done = ffi.new("size_t *")
-            written = ffi.new("size_t *")
-            status = lib.gm_stream_encode(
-                self._regions + index,
-                pointer + at,
-                count - at,
-                self._out_ptr,
-                len(self._out),
-                done,
-                written,
+            status, done, written = stream_encode(
+                self._regions + index, pointer + at, count - at, self._out_ptr, len(self._out)
             )
             check(status, "encoding pages")
-            self._emit(memoryview(self._out)[: written[0]])
-            self.totals.pages += done[0]
-            at += done[0]
+            self._emit(memoryview(self._out)[:written])
+            self.totals.pages += done
+            at += done
 
     def round(self) -> None:
         """Mark the end of a pre-copy round."""
-        self._control(lib.GM_REC_ROUND, self.totals.rounds)
+        self._control(RecordKind.ROUND, self.totals.rounds)
         self.totals.rounds += 1
 
     def end(self) -> None:
         """Send the end record (the page count) and flush."""
-        self._control(lib.GM_REC_END, self.totals.pages)
+        self._control(RecordKind.END, self.totals.pages)
 
     def _control(self, kind: int, value: int) -> None:
         head = (kind | (value << 16)).to_bytes(8, "little")
@@ -221,39 +224,25 @@ class StreamReader:
 
     def _decode(self, regions: Any, count: int, on_round: Any) -> Totals:
         assert self._header is not None
-        tagged = int(self._header.tag_mode is not TagMode.NONE)
-        pages = ffi.new("uint64_t *")
-        kind = ffi.new("int *")
-        value = ffi.new("uint64_t *")
-        consumed = ffi.new("size_t *")
+        decoder = Decoder(regions, count, self._header.tag_mode is not TagMode.NONE)
         while True:
-            status = lib.gm_stream_decode(
-                regions,
-                count,
-                tagged,
-                ffi.from_buffer(self._buffer),
-                self._have,
-                consumed,
-                pages,
-                kind,
-                value,
-            )
-            self.totals.pages = int(pages[0])
-            self._drop(consumed[0])
-            if status == lib.GM_STREAM_NEED_MORE:
+            status, consumed = decoder.decode(self._buffer, self._have)
+            self.totals.pages = decoder.pages
+            self._drop(consumed)
+            if status == NEED_MORE:
                 self._fill()
                 continue
             if status < 0:
                 raise StreamError(self.offset, _REASONS.get(status, f"native status {status}"))
-            if kind[0] == lib.GM_REC_ROUND:
+            if decoder.kind == RecordKind.ROUND:
                 self.totals.rounds += 1
                 if on_round is not None:
                     on_round(self.totals)
                 continue
-            if value[0] != self.totals.pages:
+            if decoder.value != self.totals.pages:
                 raise StreamError(
                     self.offset - 16,
-                    f"end record counts {value[0]} pages, the stream had {self.totals.pages}",
+                    f"end record counts {decoder.value} pages, the stream had {self.totals.pages}",
                 )
             if not self._trailing and (self._have or more_arrived(self._source)):
                 raise StreamError(self.offset, "data after the end record")
@@ -267,7 +256,7 @@ class StreamReader:
     def _native_regions(self, header: StreamHeader) -> tuple[Any, int]:
         if self._memory is not None:
             return native_regions(self._memory), len(self._memory.address_space.regions)
-        check_only = [(ffi.NULL, ffi.NULL, gpa, size) for gpa, size in header.regions]
+        check_only = [(NULL, NULL, gpa, size) for gpa, size in header.regions]
         return stream_regions(header.tag_mode, check_only), len(check_only)
 
     def _fill(self) -> None:

@@ -1,0 +1,164 @@
+"""Access requests: the native descriptions of guest ranges and the calls that move data.
+
+Spans, access requests, the per-region fast-path struct (``gm_hot``), the
+bounce pool, and the entry points that copy, fill, tag and do system-call
+I/O over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from guestmem._gm import ffi, lib
+from guestmem._native.mapping import holding
+from guestmem.errors import LengthError
+
+OP_READ: int = lib.GM_OP_READ
+OP_WRITE: int = lib.GM_OP_WRITE
+OP_FILL: int = lib.GM_OP_FILL
+OP_STAGE: int = lib.GM_OP_STAGE  # flag: the caller's buffer is tagged guest memory
+IO_INTO_GUEST: int = lib.GM_IO_INTO_GUEST
+IO_FROM_GUEST: int = lib.GM_IO_FROM_GUEST
+IO_MAX_IOV: int = lib.GM_IO_MAX_IOV
+
+# The fast path's entries, bound once: (hot, route, gpa, len, buf or byte) -> status.
+hot_read: Callable[[Any, int, int, int, Any], int] = lib.gm_hot_read
+hot_write: Callable[[Any, int, int, int, Any], int] = lib.gm_hot_write
+hot_fill: Callable[[Any, int, int, int, int], int] = lib.gm_hot_fill
+run_access: Callable[[Any], int] = lib.gm_access
+"""``gm_access(request)``: carry out a request from :func:`access_request`; a status."""
+move_range: Callable[..., int] = lib.gm_move
+"""``gm_move(mode, route, op, base, table, region_gpa, offset, len, buf, fill, tag, pool,
+vm_fd)``: one range of one region, with scalar arguments; a status."""
+
+
+class SpanSource(Protocol):
+    """Anything that can describe a range of itself as a native span (a GuestRegion)."""
+
+    def fill_span(self, span: Any, offset: int, length: int) -> None:
+        """Describe ``length`` bytes at ``offset`` in ``span``."""
+        ...
+
+
+def spans(pieces: Sequence[tuple[SpanSource, int, int]]) -> Any:
+    """A native ``struct gm_span[]`` for ``(region, offset, length)`` pieces."""
+    out = ffi.new("struct gm_span[]", len(pieces))
+    for span, (region, offset, n) in zip(out, pieces, strict=True):
+        region.fill_span(span, offset, n)
+    return out
+
+
+def access_request(
+    mode: int,
+    route: int,
+    tag: int,
+    op: int,
+    span_array: Any,
+    count: int,
+    buf: Any,
+    fill: int,
+    pool: Any,
+) -> Any:
+    """A native ``struct gm_access``; keep ``span_array`` alive while it is used."""
+    request = ffi.new("struct gm_access *")
+    request.mode = mode
+    request.route = route
+    request.op = op
+    request.spans = span_array
+    request.nspans = count
+    request.buf = buf
+    request.fill_byte = fill
+    request.logical_tag = tag
+    request.pool = pool
+    request.vm_fd = -1  # set inside KvmVm.in_use() where CHECKED needs it
+    return request
+
+
+def bounce_pool(buffer_size: int, count: int) -> Any:
+    """A pool of ``count`` untagged staging buffers of ``buffer_size`` bytes (BOUNCE route).
+
+    Freed with its last reference.
+    """
+    sane = 0 < buffer_size < 1 << 40 and 0 < count < 1 << 20
+    pool = lib.gm_pool_new(buffer_size, count) if sane else ffi.NULL
+    if pool == ffi.NULL:
+        raise LengthError("bounce pool: buffer size and count must be positive and sane")
+    return ffi.gc(pool, lib.gm_pool_free)
+
+
+def read_request(
+    mode: int, route: int, tag: int, pieces: Sequence[tuple[SpanSource, int, int]],
+    out: Any, pool: Any,
+) -> tuple[int, tuple[Any, ...]]:  # fmt: skip
+    """The address of a native ``struct gm_access`` reading ``pieces`` into buffer ``out``.
+
+    With it, what keeps it valid: hold that while native code uses the
+    address (the benchmarks' loops reuse one request many times).
+    """
+    span_array = spans(pieces)
+    buf = ffi.from_buffer(out)
+    request = access_request(
+        mode, route, tag, lib.GM_OP_READ, span_array, len(pieces), buf, 0, pool
+    )
+    return int(ffi.cast("uintptr_t", request)), (request, span_array, buf)
+
+
+def entry_address(name: str) -> int:
+    """The address of the core's entry point ``name`` (e.g. ``gm_access``), for native loops."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+
+
+def hot_region(
+    mode: int, base: Any, table: Any, gpa: int, size: int, pool: Any, owner: object
+) -> Any:
+    """A native ``struct gm_hot`` for one region; it keeps ``owner`` alive as long as it lives.
+
+    ``owner`` must hold what ``base``, ``table`` and ``pool`` point into.
+    """
+    hot = ffi.new("struct gm_hot *")
+    hot.mode = mode
+    hot.base = base
+    hot.table = table
+    hot.gpa = gpa
+    hot.size = size
+    hot.pool = pool
+    return holding(hot, owner)
+
+
+def closed_hot() -> Any:
+    """A ``struct gm_hot`` no access fits in (the fast path always misses it)."""
+    return ffi.new("struct gm_hot *")
+
+
+SCRATCH_SIZE = 4096
+
+
+def scratch() -> tuple[Any, Any]:
+    """A ``char[SCRATCH_SIZE]`` to read into, and its buffer: ``buffer[:n]`` is its bytes."""
+    buf = ffi.new("char[]", SCRATCH_SIZE)
+    return buf, ffi.buffer(buf)
+
+
+def tags_get(mode: int, span: Any, dest: Any, count: int) -> int:
+    """Read ``count`` allocation tags of one span (SOFTWARE or HARDWARE) into ``dest``."""
+    return int(lib.gm_tags_get(mode, span.guest, span.table, count, dest))
+
+
+def tags_set(mode: int, span: Any, count: int, source: Any, uniform: int) -> int:
+    """Set ``count`` allocation tags of one span: from ``source``, or ``uniform`` if it is NULL."""
+    return int(lib.gm_tags_set(mode, span.guest, span.table, count, source, uniform))
+
+
+def io_span(
+    fd: int, way: int, mode: int, route: int, guest: Any, gpa: int, length: int, offset: int
+) -> int:
+    """One readv/writev (preadv/pwritev at ``offset`` >= 0) over one range: bytes, or a status."""
+    return int(lib.gm_io_span(fd, way, mode, route, guest, gpa, length, offset))
+
+
+def io_spans(
+    fd: int, way: int, mode: int, route: int, span_array: Any, count: int, offset: int
+) -> int:
+    """Like :func:`io_span`, over ``count`` spans of a span array."""
+    return int(lib.gm_io(fd, way, mode, route, span_array, count, offset))

@@ -1,0 +1,111 @@
+"""The migration stream's native codec (gm_stream.c): region tables, encode, decode."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+from guestmem._gm import ffi, lib
+
+NEED_MORE: int = lib.GM_STREAM_NEED_MORE  # not an error: the record is not all here yet
+
+
+class RecordKind(enum.IntEnum):
+    """A record's type."""
+
+    PAGE = lib.GM_REC_PAGE
+    ROUND = lib.GM_REC_ROUND
+    END = lib.GM_REC_END
+
+
+class StreamStatus(enum.IntEnum):
+    """Why the decoder refused a stream."""
+
+    BAD_TYPE = lib.GM_STREAM_BAD_TYPE
+    BAD_FLAGS = lib.GM_STREAM_BAD_FLAGS
+    BAD_CHECKSUM = lib.GM_STREAM_BAD_CHECKSUM
+    OUT_OF_REGION = lib.GM_STREAM_OUT_OF_REGION
+    TAGS_UNSUPPORTED = lib.GM_STREAM_TAGS_UNSUPPORTED
+    TAGS_FROM_UNTAGGED = lib.GM_STREAM_TAGS_FROM_UNTAGGED
+
+
+def checksum(data: bytes) -> int:
+    """The stream's 64-bit checksum of ``data``."""
+    return int(lib.gm_checksum(data, len(data)))
+
+
+def stream_regions(mode: int, regions: Sequence[tuple[Any, Any, int, int]]) -> Any:
+    """A native ``struct gm_stream_region[]`` for ``(base, table, gpa, size)`` entries.
+
+    A NULL ``base`` only validates (decoding applies nothing). The KVM fd is
+    -1: set it for each use, inside the VM's in-use scope.
+    """
+    out = ffi.new("struct gm_stream_region[]", len(regions))
+    for entry, (base, table, gpa, size) in zip(out, regions, strict=True):
+        entry.mode = mode
+        entry.base = base
+        entry.table = table
+        entry.gpa = gpa
+        entry.size = size
+        entry.vm_fd = -1
+    return out
+
+
+def stream_encode(region: Any, pages: Any, count: int, out: Any, room: int) -> tuple[int, int, int]:
+    """Encode up to ``count`` page frames of one region into ``out`` (``room`` bytes).
+
+    ``(status, pages done, bytes written)``.
+    """
+    done = ffi.new("size_t *")
+    written = ffi.new("size_t *")
+    status = int(lib.gm_stream_encode(region, pages, count, out, room, done, written))
+    return status, int(done[0]), int(written[0])
+
+
+class Decoder:
+    """Applies records to a region table; its output cells are made once."""
+
+    def __init__(self, regions: Any, count: int, tagged: bool) -> None:
+        """Decode into ``count`` regions of ``regions``; ``tagged``: the source had tags."""
+        self._regions = regions
+        self._count = count
+        self._tagged = int(tagged)
+        self._pages = ffi.new("uint64_t *")
+        self._kind = ffi.new("int *")
+        self._value = ffi.new("uint64_t *")
+        self._consumed = ffi.new("size_t *")
+
+    def decode(self, buffer: bytearray, have: int) -> tuple[int, int]:
+        """Apply whole records from the first ``have`` bytes of ``buffer``: (status, consumed).
+
+        The status is GM_OK at a control record (see :attr:`kind`, :attr:`value`),
+        NEED_MORE, or a negative StreamStatus.
+        """
+        status = lib.gm_stream_decode(
+            self._regions,
+            self._count,
+            self._tagged,
+            ffi.from_buffer(buffer),
+            have,
+            self._consumed,
+            self._pages,
+            self._kind,
+            self._value,
+        )
+        return int(status), int(self._consumed[0])
+
+    @property
+    def pages(self) -> int:
+        """Pages applied so far."""
+        return int(self._pages[0])
+
+    @property
+    def kind(self) -> int:
+        """The control record's type at the last GM_OK."""
+        return int(self._kind[0])
+
+    @property
+    def value(self) -> int:
+        """The control record's counter at the last GM_OK."""
+        return int(self._value[0])
