@@ -71,9 +71,10 @@ static void head(uint8_t *out, int type, int flags, uint64_t value)
 
 /* ---- one page's tags, in any tag source ----------------------------------- */
 
-static int read_tags(const struct gm_stream_region *r, uint64_t offset, uint8_t tags[GRANULES])
+static int read_tags(const struct gm_space *s, const struct gm_space_region *r, uint64_t offset,
+                     uint8_t tags[GRANULES])
 {
-    switch (r->mode) {
+    switch (s->mode) {
     case GM_MODE_HARDWARE:
         for (size_t g = 0; g < GRANULES; g++)
             tags[g] = (uint8_t)gm_ldg(r->base + offset + g * 16);
@@ -82,16 +83,17 @@ static int read_tags(const struct gm_stream_region *r, uint64_t offset, uint8_t 
         memcpy(tags, r->table + offset / 16, GRANULES);
         return GM_OK;
     case GM_MODE_KVM:
-        return gm_kvm_tags_get(r->vm_fd, r->gpa + offset, GRANULES, tags);
+        return gm_kvm_tags_get(s->vm_fd, r->gpa + offset, GRANULES, tags);
     default:
         memset(tags, 0, GRANULES);
         return GM_OK;
     }
 }
 
-static int write_tags(const struct gm_stream_region *r, uint64_t offset, const uint8_t tags[GRANULES], int zero)
+static int write_tags(const struct gm_space *s, const struct gm_space_region *r, uint64_t offset,
+                      const uint8_t tags[GRANULES], int zero)
 {
-    switch (r->mode) {
+    switch (s->mode) {
     case GM_MODE_HARDWARE:
         for (size_t g = 0; g < GRANULES; g++)
             gm_stg(r->base + offset + g * 16, zero ? 0 : tags[g]);
@@ -103,7 +105,7 @@ static int write_tags(const struct gm_stream_region *r, uint64_t offset, const u
             memcpy(r->table + offset / 16, tags, GRANULES);
         return GM_OK;
     case GM_MODE_KVM:
-        return gm_kvm_tags_set(r->vm_fd, r->gpa + offset, GRANULES, zero ? NULL : tags, 0);
+        return gm_kvm_tags_set(s->vm_fd, r->gpa + offset, GRANULES, zero ? NULL : tags, 0);
     default:
         return zero ? GM_OK : GM_STREAM_TAGS_UNSUPPORTED;
     }
@@ -145,12 +147,18 @@ static void copy_data(int mode, uint8_t *dst, const uint8_t *src, int zero)
 
 /* ---- encode ------------------------------------------------------------------ */
 
-int gm_stream_encode(const struct gm_stream_region *r, const uint64_t *pfns, size_t npfns,
-                     uint8_t *out, size_t out_cap, size_t *done, size_t *written)
+int gm_stream_encode(const struct gm_space *space, size_t index, const uint64_t *pfns,
+                     size_t npfns, uint8_t *out, size_t out_cap, size_t *done, size_t *written)
 {
     uint8_t tags[GRANULES];
     size_t at = 0, i = 0;
-    if (r->mode == GM_MODE_HARDWARE && gm_thread_enable_mte() != GM_OK)
+    *done = *written = 0;
+    if (index >= space->nregions || space->regions[index].base == NULL) {
+        errno = EINVAL;
+        return GM_ERR_ERRNO;
+    }
+    const struct gm_space_region *r = &space->regions[index];
+    if (space->mode == GM_MODE_HARDWARE && gm_thread_enable_mte() != GM_OK)
         return GM_ERR_ERRNO;
     for (; i < npfns && out_cap - at >= PAGE_RECORD_MAX; i++) {
         uint64_t gpa = pfns[i] * PAGE;
@@ -164,11 +172,11 @@ int gm_stream_encode(const struct gm_stream_region *r, const uint64_t *pfns, siz
         uint8_t *rec = out + at;
         uint8_t *p = rec + GM_REC_HEAD;
         int flags = 0;
-        if (copy_out_is_zero(r->mode, p, r->base + offset))
+        if (copy_out_is_zero(space->mode, p, r->base + offset))
             flags |= GM_PAGE_ZERO_DATA;
         else
             p += PAGE;
-        int status = read_tags(r, offset, tags);
+        int status = read_tags(space, r, offset, tags);
         if (status != GM_OK) {
             *done = i;
             *written = at;
@@ -197,26 +205,15 @@ static size_t page_record_size(int flags)
            (flags & GM_PAGE_ZERO_TAGS ? 0 : GM_STREAM_TAG_BYTES) + GM_REC_SUM;
 }
 
-static const struct gm_stream_region *region_of(const struct gm_stream_region *regions,
-                                                size_t nregions, uint64_t gpa)
-{
-    for (size_t i = 0; i < nregions; i++)
-        if (gpa >= regions[i].gpa && gpa - regions[i].gpa <= regions[i].size - PAGE &&
-            regions[i].size >= PAGE)
-            return &regions[i];
-    return NULL;
-}
-
-int gm_stream_decode(const struct gm_stream_region *regions, size_t nregions,
-                     int source_tagged, const uint8_t *in, size_t in_len, size_t *consumed,
-                     uint64_t *pages, int *record_type, uint64_t *record_value)
+int gm_stream_decode(const struct gm_space *space, int source_tagged, const uint8_t *in,
+                     size_t in_len, size_t *consumed, uint64_t *pages, int *record_type,
+                     uint64_t *record_value)
 {
     uint8_t tags[GRANULES];
     size_t at = 0;
     *record_type = 0;
-    for (size_t i = 0; i < nregions; i++)
-        if (regions[i].mode == GM_MODE_HARDWARE && gm_thread_enable_mte() != GM_OK)
-            return GM_ERR_ERRNO;
+    if (space->nregions > 0 && space->mode == GM_MODE_HARDWARE && gm_thread_enable_mte() != GM_OK)
+        return GM_ERR_ERRNO;
     for (;;) {
         *consumed = at;
         if (in_len - at < GM_REC_HEAD)
@@ -250,7 +247,7 @@ int gm_stream_decode(const struct gm_stream_region *regions, size_t nregions,
         if (value > UINT64_MAX / PAGE)
             return GM_STREAM_OUT_OF_REGION;
         uint64_t gpa = value * PAGE;
-        const struct gm_stream_region *r = region_of(regions, nregions, gpa);
+        const struct gm_space_region *r = gm_space_find(space, gpa, PAGE);
         if (r == NULL)
             return GM_STREAM_OUT_OF_REGION;
         int zero_tags = (flags & GM_PAGE_ZERO_TAGS) != 0;
@@ -270,10 +267,10 @@ int gm_stream_decode(const struct gm_stream_region *regions, size_t nregions,
                 tags[g] = p[g / 2] & 0xf;
                 tags[g + 1] = p[g / 2] >> 4;
             }
-        int status = write_tags(r, gpa - r->gpa, tags, zero_tags);
+        int status = write_tags(space, r, gpa - r->gpa, tags, zero_tags);
         if (status != GM_OK)
             return status;
-        copy_data(r->mode, r->base + (gpa - r->gpa), data, flags & GM_PAGE_ZERO_DATA);
+        copy_data(space->mode, r->base + (gpa - r->gpa), data, flags & GM_PAGE_ZERO_DATA);
         ++*pages;
         at += size;
     }

@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "gm_space.h"
+
 enum gm_stream_const {
     GM_REC_PAGE = 1,
     GM_REC_ROUND = 2,
@@ -28,23 +30,14 @@ enum gm_stream_error {
     GM_STREAM_TAGS_FROM_UNTAGGED = -15  /* tags in a stream whose source had none */
 };
 
-/* Where pages go or come from: one region's memory and tag source. A
- * region whose base is NULL only validates: decoding checks every record
- * against it and applies nothing (what `guestmem inspect` does). */
-struct gm_stream_region {
-    int mode;
-    uint8_t *base;          /* the VMM's address of the region's first byte, or NULL */
-    uint8_t *table;         /* SOFTWARE tag table, or NULL */
-    uint64_t gpa;
-    uint64_t size;
-    int vm_fd;              /* KVM */
-};
-
 uint64_t gm_checksum(const uint8_t *data, size_t len);
-int gm_stream_encode(const struct gm_stream_region *region, const uint64_t *pfns, size_t npfns,
-                     uint8_t *out, size_t out_cap, size_t *done, size_t *written);
-int gm_stream_decode(const struct gm_stream_region *regions, size_t nregions,
-                     int source_tagged, const uint8_t *in, size_t in_len, size_t *consumed,
-                     uint64_t *pages, int *record_type, uint64_t *record_value);
+/* Encode the pages pfns[0..npfns) of region `index` of the space; KVM tags
+ * come through the space's vm_fd. A region whose base is NULL only validates:
+ * decoding checks every record against it and applies nothing (what
+ * `guestmem inspect` does). */
+int gm_stream_encode(const struct gm_space *space, size_t index, const uint64_t *pfns,
+                     size_t npfns, uint8_t *out, size_t out_cap, size_t *done, size_t *written);
+int gm_stream_decode(const struct gm_space *space, int source_tagged, const uint8_t *in,
+                     size_t in_len, size_t *consumed, uint64_t *pages, int *record_type, uint64_t *record_value);
 
 #endif

@@ -54,25 +54,11 @@ static int fail(struct gm_virtq *q, int error, uint32_t index, uint64_t gpa)
     return GM_ERR_VIRTQ;
 }
 
-/* The region holding all of [gpa, gpa + len) (len > 0), or NULL. */
-static const struct gm_virtq_region *region_of(const struct gm_virtq *q, uint64_t gpa, uint64_t len)
-{
-    for (size_t i = 0; i < q->nregions; i++) {
-        const struct gm_virtq_region *r = &q->regions[i];
-        if (gpa >= r->gpa && gpa - r->gpa < r->size)
-            return len <= r->size - (gpa - r->gpa) ? r : NULL;
-    }
-    return NULL;
-}
-
 /* Whether [gpa, gpa + len) is guest RAM, across adjacent regions too. */
 static int in_ram(const struct gm_virtq *q, uint64_t gpa, uint64_t len)
 {
     while (len > 0) {
-        const struct gm_virtq_region *r = NULL;
-        for (size_t i = 0; i < q->nregions && r == NULL; i++)
-            if (gpa >= q->regions[i].gpa && gpa - q->regions[i].gpa < q->regions[i].size)
-                r = &q->regions[i];
+        const struct gm_space_region *r = gm_space_at(q->space, gpa);
         if (r == NULL)
             return 0;
         uint64_t room = r->size - (gpa - r->gpa);
@@ -86,7 +72,7 @@ static int in_ram(const struct gm_virtq *q, uint64_t gpa, uint64_t len)
 
 static uint8_t *host(const struct gm_virtq *q, uint64_t gpa, uint64_t len)
 {
-    const struct gm_virtq_region *r = region_of(q, gpa, len);
+    const struct gm_space_region *r = gm_space_find(q->space, gpa, len);
     return r ? r->base + (gpa - r->gpa) : NULL;
 }
 
@@ -233,7 +219,7 @@ int gm_virtq_pop(struct gm_virtq *q)
             q->error = GM_VQ_NEEDS_RESET;
         return GM_ERR_VIRTQ;
     }
-    if (q->mode != GM_MODE_HARDWARE)
+    if (q->space->mode != GM_MODE_HARDWARE)
         return pop(q);
     int saved = gm_tco_get();
     gm_tco_set(1);
@@ -253,7 +239,7 @@ int gm_virtq_push(struct gm_virtq *q, uint32_t id, uint32_t len)
         q->error_index = id;
         return GM_ERR_VIRTQ; /* the caller's mistake: the queue stays usable */
     }
-    if (q->mode != GM_MODE_HARDWARE)
+    if (q->space->mode != GM_MODE_HARDWARE)
         return push(q, id, len);
     int saved = gm_tco_get();
     gm_tco_set(1);

@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "gm_space.h"
+
 enum gm_virtq_limits {
     GM_VIRTQ_MAX_SIZE = 32768,
     GM_VIRTQ_HEADER = 4      /* words before the ranges in the output array */
@@ -43,20 +45,11 @@ enum gm_virtq_error {
     GM_VQ_SIZE = 14               /* size not a power of two in 1..32768 */
 };
 
-/* One region of guest RAM: where it is to the guest and to the VMM. */
-struct gm_virtq_region {
-    uint64_t gpa;
-    uint64_t size;
-    uint8_t *base;
-};
-
 struct gm_virtq {
     /* set by the caller before gm_virtq_init */
-    int mode;
+    const struct gm_space *space;   /* guest RAM: its regions and tag mode */
     uint32_t size;
     int event_idx;
-    const struct gm_virtq_region *regions;   /* sorted by gpa, non-overlapping */
-    size_t nregions;
     uint64_t desc_gpa, avail_gpa, used_gpa;
     /* out of each pop: [head, readable count, readable bytes, writable bytes],
      * then (gpa, len) pairs, readable ones first; 4 + 2 * size words */

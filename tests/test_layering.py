@@ -23,7 +23,7 @@ import guestmem as gm
 from import_scan import Package, Violation, load_time_cycles, ratchet, scan
 
 # The typed native API's modules (guestmem._native re-exports them).
-NATIVE_PARTS = ("access", "kvm", "mapping", "status", "stream", "thread", "virtq")
+NATIVE_PARTS = ("access", "kvm", "mapping", "space", "status", "stream", "thread", "virtq")
 
 GUESTMEM = Package(
     root=Path(gm.__file__).parent,

@@ -19,6 +19,7 @@ BOUND_HEADERS = [
     "gm_route.h",
     "gm_io.h",
     "gm_kvm.h",
+    "gm_space.h",
     "gm_stream.h",
     "gm_virtq.h",
 ]
@@ -31,6 +32,7 @@ SOURCES = [
     "gm_route.c",
     "gm_io.c",
     "gm_kvm.c",
+    "gm_space.c",
     "gm_stream.c",
     "gm_virtq.c",
 ]

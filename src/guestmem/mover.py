@@ -42,6 +42,7 @@ from guestmem._native import (
     hot_region,
     hot_write,
     move_range,
+    native_space,
     raise_for,
     run_access,
     scratch,
@@ -125,6 +126,11 @@ class Mover:
         self._hots: dict[GuestRegion, _Hot] = {r: self._new_hot(r) for r in regions}
         self._hot: _Hot = self._hots[regions[0]]
         self.dirty = DirtyLog(space)
+        vm_fd = -1 if self._kvm is None else self._kvm.fd
+        entries = [(r.gpa, r.size, r.base_pointer, r.tag_table_pointer) for r in regions]
+        self.native_space: Any = native_space(self.tag_mode, entries, vm_fd, regions)
+        """The regions as native code walks them (``struct gm_space``): the virtqueue and
+        the stream codec take it, inside :meth:`vm_fd_in_use` under TagMode.KVM."""
 
     def _new_hot(self, region: GuestRegion) -> _Hot:
         base, table = region.base_pointer, region.tag_table_pointer
@@ -159,6 +165,7 @@ class Mover:
         """
         self._hot = _CLOSED
         self._hots = {}
+        self.native_space = native_space(self.tag_mode, [], -1, None)
         if self._kvm is not None:
             self._kvm.close()
 

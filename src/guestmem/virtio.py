@@ -153,9 +153,8 @@ class SplitQueue:
                 raise _error(VirtqError.RING_RANGE, i, gpa)
         self._mem = mem
         self._space = mem.address_space
-        self._regions = self._space.regions  # their mappings live while the queue does
-        table = [(r.gpa, r.size, r.base_pointer) for r in self._regions]
-        self._q, self._table, self._out = virtqueue(mem.tag_mode, n, bool(event_idx), table, rings)
+        # The native space keeps the regions' mappings alive while the queue lives.
+        self._q, self._out = virtqueue(mem.native_space, n, bool(event_idx), rings)
         self.size = n
         self.event_idx = bool(event_idx)
         self._failure: VirtqueueError | None = None

@@ -11,8 +11,10 @@ one concern each:
 - :mod:`~guestmem._native.mapping`: host mappings and pointers that keep them alive;
 - :mod:`~guestmem._native.access`: spans, access requests, the fast path's
   ``gm_hot``, the bounce pool, tags and system-call I/O over spans;
+- :mod:`~guestmem._native.space`: the native space of regions (``struct gm_space``),
+  made once per GuestMemory;
 - :mod:`~guestmem._native.virtq` and :mod:`~guestmem._native.stream`: the virtqueue
-  and the migration codec;
+  and the migration codec, over a native space;
 - :mod:`~guestmem._native.kvm`: the KVM ioctls of TagMode.KVM.
 """
 
@@ -65,6 +67,7 @@ from guestmem._native.mapping import (
     pointer_keeping,
     word_pointer,
 )
+from guestmem._native.space import SpaceEntry, native_space
 from guestmem._native.status import ERR_ERRNO, ERR_VIRTQ, MISS, OK, check, last_errno, raise_for
 from guestmem._native.stream import (
     NEED_MORE,
@@ -73,7 +76,6 @@ from guestmem._native.stream import (
     StreamStatus,
     checksum,
     stream_encode,
-    stream_regions,
 )
 from guestmem._native.thread import (
     MODE_VALUES,
@@ -121,6 +123,7 @@ __all__ = [
     "VIRTQ_MAX_SIZE",
     "Decoder",
     "RecordKind",
+    "SpaceEntry",
     "StreamStatus",
     "VirtqError",
     "access_request",
@@ -152,6 +155,7 @@ __all__ = [
     "map_memory",
     "mapping_keeps_tags",
     "move_range",
+    "native_space",
     "pointer_keeping",
     "probe_signal_tco",
     "raise_for",
@@ -160,7 +164,6 @@ __all__ = [
     "scratch",
     "spans",
     "stream_encode",
-    "stream_regions",
     "tags_get",
     "tags_set",
     "thread_check_mode",

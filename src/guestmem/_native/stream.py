@@ -1,9 +1,8 @@
-"""The migration stream's native codec (gm_stream.c): region tables, encode, decode."""
+"""The migration stream's native codec (gm_stream.c): encode and decode over a native space."""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from typing import Any
 
 from guestmem._gm import ffi, lib
@@ -35,41 +34,27 @@ def checksum(data: bytes) -> int:
     return int(lib.gm_checksum(data, len(data)))
 
 
-def stream_regions(mode: int, regions: Sequence[tuple[Any, Any, int, int]]) -> Any:
-    """A native ``struct gm_stream_region[]`` for ``(base, table, gpa, size)`` entries.
+def stream_encode(
+    space: Any, index: int, pages: Any, count: int, out: Any, room: int
+) -> tuple[int, int, int]:
+    """Encode up to ``count`` page frames of the space's region ``index`` into ``out``.
 
-    A NULL ``base`` only validates (decoding applies nothing). The KVM fd is
-    -1: set it for each use, inside the VM's in-use scope.
-    """
-    out = ffi.new("struct gm_stream_region[]", len(regions))
-    for entry, (base, table, gpa, size) in zip(out, regions, strict=True):
-        entry.mode = mode
-        entry.base = base
-        entry.table = table
-        entry.gpa = gpa
-        entry.size = size
-        entry.vm_fd = -1
-    return out
-
-
-def stream_encode(region: Any, pages: Any, count: int, out: Any, room: int) -> tuple[int, int, int]:
-    """Encode up to ``count`` page frames of one region into ``out`` (``room`` bytes).
+    ``out`` has ``room`` bytes.
 
     ``(status, pages done, bytes written)``.
     """
     done = ffi.new("size_t *")
     written = ffi.new("size_t *")
-    status = int(lib.gm_stream_encode(region, pages, count, out, room, done, written))
+    status = int(lib.gm_stream_encode(space, index, pages, count, out, room, done, written))
     return status, int(done[0]), int(written[0])
 
 
 class Decoder:
-    """Applies records to a region table; its output cells are made once."""
+    """Applies records to a native space; its output cells are made once."""
 
-    def __init__(self, regions: Any, count: int, tagged: bool) -> None:
-        """Decode into ``count`` regions of ``regions``; ``tagged``: the source had tags."""
-        self._regions = regions
-        self._count = count
+    def __init__(self, space: Any, tagged: bool) -> None:
+        """Decode into ``space`` (NULL bases: validate only); ``tagged``: the source had tags."""
+        self._space = space
         self._tagged = int(tagged)
         self._pages = ffi.new("uint64_t *")
         self._kind = ffi.new("int *")
@@ -83,8 +68,7 @@ class Decoder:
         NEED_MORE, or a negative StreamStatus.
         """
         status = lib.gm_stream_decode(
-            self._regions,
-            self._count,
+            self._space,
             self._tagged,
             ffi.from_buffer(buffer),
             have,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from guestmem._gm import ffi, lib
+from guestmem._native.mapping import holding
 
 VIRTQ_MAX_SIZE: int = lib.GM_VIRTQ_MAX_SIZE
 VIRTQ_HEADER: int = lib.GM_VIRTQ_HEADER  # words before the (gpa, len) pairs in the output array
@@ -50,32 +51,20 @@ def virtq_reset(queue: Any) -> None:
 
 
 def virtqueue(
-    mode: int,
-    size: int,
-    event_idx: bool,
-    regions: Sequence[tuple[int, int, Any]],
-    rings: tuple[int, int, int],
-) -> tuple[Any, Any, Any]:
-    """A native ``struct gm_virtq``, its region table and its output words.
+    space: Any, size: int, event_idx: bool, rings: tuple[int, int, int]
+) -> tuple[Any, Any]:
+    """A native ``struct gm_virtq`` over a native space, and its output words.
 
-    ``regions`` are ``(gpa, size, base pointer)``; keep all three results,
-    and the regions' owners, alive while the queue is used.
+    Keep both results alive while the queue is used (the queue keeps ``space``).
     """
-    table = ffi.new("struct gm_virtq_region[]", len(regions))
-    for entry, (gpa, length, base) in zip(table, regions, strict=True):
-        entry.gpa = gpa
-        entry.size = length
-        entry.base = base
     out = ffi.new("uint64_t[]", VIRTQ_HEADER + 2 * size)
     queue = ffi.new("struct gm_virtq *")
-    queue.mode = mode
+    queue.space = space
     queue.size = size
     queue.event_idx = 1 if event_idx else 0
-    queue.regions = table
-    queue.nregions = len(regions)
     queue.desc_gpa, queue.avail_gpa, queue.used_gpa = rings
     queue.out = out
-    return queue, table, out
+    return holding(queue, space), out
 
 
 def words(out: Any) -> memoryview:

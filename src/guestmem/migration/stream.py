@@ -24,8 +24,8 @@ from guestmem._native import (
     StreamStatus,
     check,
     from_buffer,
+    native_space,
     stream_encode,
-    stream_regions,
     word_pointer,
 )
 from guestmem.errors import StreamError
@@ -58,27 +58,13 @@ class Totals:
     rounds: int = 0
 
 
-def native_regions(memory: Mover) -> Any:
-    """The native description of ``memory``'s regions for the stream codec.
-
-    Its KVM fd is -1: set it inside ``memory.vm_fd_in_use()`` for each use,
-    so that close() never closes the VM under the codec.
-    """
-    entries = [
-        (r.base_pointer, r.tag_table_pointer, r.gpa, r.size) for r in memory.address_space.regions
-    ]
-    return stream_regions(memory.tag_mode, entries)
-
-
 @contextmanager
-def _vm_fd_set(memory: Mover | None, table: Any, count: int) -> Iterator[None]:
-    """Hold ``memory``'s KVM fd open for the scope and put it in the codec's regions."""
+def _vm_held(memory: Mover | None) -> Iterator[None]:
+    """Hold ``memory``'s KVM VM open for the scope: close() never closes it under the codec."""
     if memory is None:
         yield
         return
-    with memory.vm_fd_in_use() as fd:
-        for i in range(count):
-            table[i].vm_fd = fd
+    with memory.vm_fd_in_use():
         yield
 
 
@@ -89,7 +75,7 @@ class StreamWriter:
         """Prepare to write; nothing is sent before :meth:`header`."""
         self._memory = memory
         self._send = sink.sendall if isinstance(sink, socket.socket) else sink.write
-        self._regions = native_regions(memory)
+        self._space = memory.native_space
         self._out = bytearray(RECORD_MAX * BATCH_PAGES)
         self._out_ptr = from_buffer(self._out)
         self.totals = Totals()
@@ -115,7 +101,7 @@ class StreamWriter:
             mine = numbers[(numbers >= first) & (numbers < last)]
             mine = np.ascontiguousarray(mine, dtype=np.uint64)
             pointer = word_pointer(mine)
-            with _vm_fd_set(self._memory, self._regions, len(self._memory.address_space.regions)):
+            with _vm_held(self._memory):
                 self._encode(index, pointer, mine.size)
 
     def _encode(self, index: int, pointer: Any, count: int) -> None:
@@ -123,7 +109,7 @@ class StreamWriter:
         at = 0
         while at < count:
             status, done, written = stream_encode(
-                self._regions + index, pointer + at, count - at, self._out_ptr, len(self._out)
+                self._space, index, pointer + at, count - at, self._out_ptr, len(self._out)
             )
             check(status, "encoding pages")
             self._emit(memoryview(self._out)[:written])
@@ -218,13 +204,13 @@ class StreamReader:
         """Apply page records until the end record; call ``on_round(totals)`` at each round."""
         if self._header is None:
             raise StreamError(0, "records() before header()")
-        regions, count = self._native_regions(self._header)
-        with _vm_fd_set(self._memory, regions, count):
-            return self._decode(regions, count, on_round)
+        space = self._native_space(self._header)
+        with _vm_held(self._memory):
+            return self._decode(space, on_round)
 
-    def _decode(self, regions: Any, count: int, on_round: Any) -> Totals:
+    def _decode(self, space: Any, on_round: Any) -> Totals:
         assert self._header is not None
-        decoder = Decoder(regions, count, self._header.tag_mode is not TagMode.NONE)
+        decoder = Decoder(space, self._header.tag_mode is not TagMode.NONE)
         while True:
             status, consumed = decoder.decode(self._buffer, self._have)
             self.totals.pages = decoder.pages
@@ -253,11 +239,11 @@ class StreamReader:
         """Bytes read past the end record (with ``trailing``): the start of what follows."""
         return bytes(self._buffer[: self._have])
 
-    def _native_regions(self, header: StreamHeader) -> tuple[Any, int]:
+    def _native_space(self, header: StreamHeader) -> Any:
         if self._memory is not None:
-            return native_regions(self._memory), len(self._memory.address_space.regions)
-        check_only = [(NULL, NULL, gpa, size) for gpa, size in header.regions]
-        return stream_regions(header.tag_mode, check_only), len(check_only)
+            return self._memory.native_space
+        check_only = [(gpa, size, NULL, NULL) for gpa, size in header.regions]
+        return native_space(header.tag_mode, check_only, -1, None)
 
     def _fill(self) -> None:
         if self._have == len(self._buffer):  # pragma: no cover - a record always fits
