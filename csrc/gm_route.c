@@ -417,12 +417,18 @@ int gm_hot_write(const struct gm_hot *hot, int route, uint64_t gpa, size_t len,
                  const uint8_t *buf)
 {
     /* A write only reads buf (gm_access's buf serves reads too, so it is not const). */
-    return hot_move(hot, route, GM_OP_WRITE, gpa, len, (uint8_t *)buf, 0);
+    int status = hot_move(hot, route, GM_OP_WRITE, gpa, len, (uint8_t *)buf, 0);
+    if (status == GM_OK && hot->region != NULL)
+        gm_space_mark_region(hot->space, hot->region, gpa - hot->gpa, len);
+    return status;
 }
 
 int gm_hot_fill(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, int byte)
 {
-    return hot_move(hot, route, GM_OP_FILL, gpa, len, NULL, byte);
+    int status = hot_move(hot, route, GM_OP_FILL, gpa, len, NULL, byte);
+    if (status == GM_OK && hot->region != NULL)
+        gm_space_mark_region(hot->space, hot->region, gpa - hot->gpa, len);
+    return status;
 }
 
 void gm_last_fault(struct gm_fault *out)

@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "gm_space.h"
+
 struct gm_pool;
 
 enum gm_route {
@@ -63,6 +65,8 @@ struct gm_hot {
     uint64_t gpa;           /* the region's first GPA */
     uint64_t size;
     struct gm_pool *pool;   /* BOUNCE */
+    const struct gm_space *space;          /* whose dirty log a write or fill marks */
+    const struct gm_space_region *region;  /* this region's entry in it; NULL: none */
 };
 
 int gm_access(struct gm_access *access);

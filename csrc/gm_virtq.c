@@ -80,6 +80,7 @@ int gm_virtq_init(struct gm_virtq *q)
 {
     gm_virtq_reset(q);
     q->desc = q->avail = q->used = NULL;
+    q->used_region = NULL;
     uint32_t n = q->size;
     if (n == 0 || n > GM_VIRTQ_MAX_SIZE || (n & (n - 1)) != 0)
         return fail(q, GM_VQ_SIZE, n, 0);
@@ -94,6 +95,7 @@ int gm_virtq_init(struct gm_virtq *q)
             return fail(q, GM_VQ_RING_RANGE, i, rings[i].gpa);
         *rings[i].out = p;
     }
+    q->used_region = gm_space_find(q->space, q->used_gpa, rings[2].len);
     return GM_OK;
 }
 
@@ -210,6 +212,14 @@ static int push(struct gm_virtq *q, uint32_t id, uint32_t len)
     return !(load16(q->avail) & GM_VIRTQ_AVAIL_F_NO_INTERRUPT);
 }
 
+/* The used ring is guest memory the device writes: its pages go in the dirty log. */
+static void mark_used(const struct gm_virtq *q)
+{
+    const struct gm_space_region *r = q->used_region;
+    gm_space_mark_region(q->space, r, q->used_gpa - r->gpa,
+                         USED_RING + (uint64_t)USED_ELEM * q->size + 2);
+}
+
 /* Ring accesses are loads and stores to memory the guest may have tagged:
  * under HARDWARE they run with TCO set, and TCO is put back on every path. */
 int gm_virtq_pop(struct gm_virtq *q)
@@ -219,12 +229,17 @@ int gm_virtq_pop(struct gm_virtq *q)
             q->error = GM_VQ_NEEDS_RESET;
         return GM_ERR_VIRTQ;
     }
-    if (q->space->mode != GM_MODE_HARDWARE)
-        return pop(q);
-    int saved = gm_tco_get();
-    gm_tco_set(1);
-    int status = pop(q);
-    gm_tco_set(saved);
+    int status;
+    if (q->space->mode != GM_MODE_HARDWARE) {
+        status = pop(q);
+    } else {
+        int saved = gm_tco_get();
+        gm_tco_set(1);
+        status = pop(q);
+        gm_tco_set(saved);
+    }
+    if (status >= 0 && q->event_idx)
+        mark_used(q); /* the avail event */
     return status;
 }
 
@@ -239,11 +254,16 @@ int gm_virtq_push(struct gm_virtq *q, uint32_t id, uint32_t len)
         q->error_index = id;
         return GM_ERR_VIRTQ; /* the caller's mistake: the queue stays usable */
     }
-    if (q->space->mode != GM_MODE_HARDWARE)
-        return push(q, id, len);
-    int saved = gm_tco_get();
-    gm_tco_set(1);
-    int status = push(q, id, len);
-    gm_tco_set(saved);
+    int status;
+    if (q->space->mode != GM_MODE_HARDWARE) {
+        status = push(q, id, len);
+    } else {
+        int saved = gm_tco_get();
+        gm_tco_set(1);
+        status = push(q, id, len);
+        gm_tco_set(saved);
+    }
+    if (status >= 0)
+        mark_used(q);
     return status;
 }

@@ -56,6 +56,7 @@ struct gm_virtq {
     uint64_t *out;
     /* the device's state */
     uint8_t *desc, *avail, *used;
+    const struct gm_space_region *used_region;   /* marked dirty by each push */
     uint16_t last_avail;
     uint16_t used_idx;
     int error;            /* enum gm_virtq_error; nonzero: needs reset */

@@ -16,10 +16,10 @@ BOUND_HEADERS = [
     "gm_map.h",
     "gm_tags.h",
     "gm_bounce.h",
+    "gm_space.h",
     "gm_route.h",
     "gm_io.h",
     "gm_kvm.h",
-    "gm_space.h",
     "gm_stream.h",
     "gm_virtq.h",
 ]

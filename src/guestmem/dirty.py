@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from guestmem._native import dirty_mark, dirty_mark_pages, dirty_take, set_dirty_bits
 from guestmem.address_space import AddressSpace
 from guestmem.errors import UsageError
 from guestmem.region import GuestRegion
@@ -24,16 +26,28 @@ class DirtyLog:
     rest (e.g. KVM's dirty log, which counts host pages too) through
     :meth:`mark` or :meth:`mark_frames`. :meth:`take` returns the dirty pages
     and clears them in one step. The unit is the host page (:data:`HOST_PAGE`):
-    the granularity at which the kernel tracks writes.
+    the granularity at which the kernel tracks writes. The bits live in the
+    memory's native space (one bitmap a region, a bit a page, set atomically),
+    where native code can mark them too.
     """
 
     page = HOST_PAGE
 
-    def __init__(self, space: AddressSpace) -> None:
-        """Track the pages of ``space``'s regions (off until :meth:`start`)."""
+    def __init__(self, space: AddressSpace, native: Any) -> None:
+        """Track the pages of ``space``'s regions, described natively by ``native``.
+
+        Off until :meth:`start`.
+        """
         self._space = space
+        self._native: Any = native
         self._lock = threading.Lock()
-        self._bits: dict[GuestRegion, npt.NDArray[np.bool_]] | None = None
+        self._index = {region: i for i, region in enumerate(space.regions)}
+        self._first_pages = [region.gpa // HOST_PAGE for region in space.regions]
+        self._pages = [region.size // HOST_PAGE for region in space.regions]
+        # One uint64 word per 64 pages a region; made at the first start and
+        # kept (a native writer may hold a pointer to them), cleared at each start.
+        self._bits: list[npt.NDArray[np.uint64]] = []
+        self._on = False
         # Whether pages are being tracked: a plain attribute, as every write
         # of the mover's fast path asks it.
         self.active = False
@@ -42,14 +56,35 @@ class DirtyLog:
     def start(self) -> None:
         """Start tracking, with no page dirty."""
         with self._lock:
-            self._bits = self._clean()
+            if not self._bits:
+                self._bits = [np.zeros(-(-n // 64), dtype=np.uint64) for n in self._pages]
+            for index, bits in enumerate(self._bits):
+                bits[:] = 0  # off until now: no writer has the pointer
+                if self._native is not None:
+                    set_dirty_bits(self._native, index, bits)
+            self._on = True
             self.active = True
 
     def stop(self) -> None:
         """Stop tracking and forget what was dirty."""
         with self._lock:
-            self._bits = None
-            self.active = False
+            self._switch_off()
+
+    def detach(self) -> None:
+        """Forget the regions (their memory is closed): marks are ignored from now on."""
+        with self._lock:
+            native, self._native = self._native, None
+            if native is not None:
+                for index in range(len(self._bits)):
+                    set_dirty_bits(native, index, None)
+            self._index = {}
+
+    def _switch_off(self) -> None:
+        if self._native is not None:
+            for index in range(len(self._bits)):
+                set_dirty_bits(self._native, index, None)
+        self._on = False
+        self.active = False
 
     def mark(self, gpa: int, length: int) -> None:
         """Mark the pages of ``[gpa, gpa + length)`` dirty (AddressError if unmapped)."""
@@ -58,40 +93,41 @@ class DirtyLog:
 
     def mark_region(self, region: GuestRegion, offset: int, length: int) -> None:
         """Mark ``length`` bytes at ``offset`` in ``region`` dirty (the hot path: no lookup)."""
-        if length <= 0:
-            return
-        first, last = offset // HOST_PAGE, (offset + length - 1) // HOST_PAGE
-        with self._lock:
-            if self._bits is not None:
-                self._bits[region][first : last + 1] = True
+        index = self._index.get(region)
+        native = self._native
+        if index is not None and native is not None and length > 0:
+            dirty_mark(native, index, offset, length)
 
     def mark_frames(self, frames: Frames) -> None:
         """Mark whole pages dirty, in any unit (e.g. host frames from KVM's dirty log)."""
         host = frames.to(HOST_PAGE)
-        for region in self._space.regions:
-            first = region.gpa // HOST_PAGE
-            mine = host.numbers[
-                (host.numbers >= first) & (host.numbers < first + region.size // HOST_PAGE)
-            ]
-            with self._lock:
-                if self._bits is not None:
-                    self._bits[region][(mine - np.uint64(first)).astype(np.intp)] = True
+        native = self._native
+        if native is None:
+            return
+        for index, (first, count) in enumerate(zip(self._first_pages, self._pages, strict=True)):
+            mine = host.numbers[(host.numbers >= first) & (host.numbers < first + count)]
+            if mine.size:
+                pages = np.ascontiguousarray(mine - np.uint64(first), dtype=np.uint64)
+                dirty_mark_pages(native, index, pages)
 
     def take(self) -> Frames:
         """The host pages dirty now, in GPA order; they become clean."""
         with self._lock:
-            if self._bits is None:
+            if not self._on:
                 raise UsageError("the dirty log is not started")
-            bits, self._bits = self._bits, self._clean()
-        numbers = [
-            np.flatnonzero(b).astype(np.uint64) + np.uint64(r.gpa // HOST_PAGE)
-            for r, b in bits.items()
-        ]
+            numbers = []
+            for index, bits in enumerate(self._bits):
+                words = np.empty_like(bits)
+                if self._native is not None:
+                    dirty_take(self._native, index, words)
+                else:  # detached: no writer marks any more
+                    words[:] = bits
+                    bits[:] = 0
+                flags = np.unpackbits(words.view(np.uint8), bitorder="little")
+                pages = np.flatnonzero(flags[: self._pages[index]]).astype(np.uint64)
+                numbers.append(pages + np.uint64(self._first_pages[index]))
         joined = np.concatenate(numbers) if numbers else np.zeros(0, np.uint64)
         return Frames(np.sort(joined), HOST_PAGE)
-
-    def _clean(self) -> dict[GuestRegion, npt.NDArray[np.bool_]]:
-        return {r: np.zeros(r.size // HOST_PAGE, dtype=np.bool_) for r in self._space.regions}
 
 
 # A child forked while another thread held a log's lock must not wait for it.

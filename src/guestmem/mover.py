@@ -55,6 +55,7 @@ from guestmem.kinds import Access, Policy, Route, TagMode
 from guestmem.kvm import KvmVm
 from guestmem.plan import Plan, defaults, resolve
 from guestmem.region import GuestRegion
+from guestmem.units import HOST_PAGE
 
 _OP_CHANGES = OP_WRITE | OP_FILL  # an op that writes guest memory
 _OP_STAGE = OP_STAGE  # flag: the caller's buffer is tagged guest memory
@@ -123,18 +124,23 @@ class Mover:
                 if kvm is None:
                     self._kvm.close()
                 raise
-        self._hots: dict[GuestRegion, _Hot] = {r: self._new_hot(r) for r in regions}
-        self._hot: _Hot = self._hots[regions[0]]
-        self.dirty = DirtyLog(space)
         vm_fd = -1 if self._kvm is None else self._kvm.fd
         entries = [(r.gpa, r.size, r.base_pointer, r.tag_table_pointer) for r in regions]
-        self.native_space: Any = native_space(self.tag_mode, entries, vm_fd, regions)
-        """The regions as native code walks them (``struct gm_space``): the virtqueue and
-        the stream codec take it, inside :meth:`vm_fd_in_use` under TagMode.KVM."""
+        self.native_space: Any = native_space(self.tag_mode, entries, vm_fd, HOST_PAGE, regions)
+        """The regions as native code walks them (``struct gm_space``): the virtqueue, the
+        stream codec and the fast path's writes take it (and mark its dirty bits)."""
+        self.dirty = DirtyLog(space, self.native_space)
+        self._hots: dict[GuestRegion, _Hot] = {
+            r: self._new_hot(r, index) for index, r in enumerate(regions)
+        }
+        self._hot: _Hot = self._hots[regions[0]]
 
-    def _new_hot(self, region: GuestRegion) -> _Hot:
+    def _new_hot(self, region: GuestRegion, index: int) -> _Hot:
         base, table = region.base_pointer, region.tag_table_pointer
-        native = hot_region(self.tag_mode, base, table, region.gpa, region.size, self._pool, region)
+        native = hot_region(
+            self.tag_mode, base, table, region.gpa, region.size, self._pool,
+            self.native_space, index, region,
+        )  # fmt: skip
         return (region.gpa, region.end, base, table, region, native)
 
     @property
@@ -165,7 +171,8 @@ class Mover:
         """
         self._hot = _CLOSED
         self._hots = {}
-        self.native_space = native_space(self.tag_mode, [], -1, None)
+        self.native_space = native_space(self.tag_mode, [], -1, HOST_PAGE, None)
+        self.dirty.detach()
         if self._kvm is not None:
             self._kvm.close()
 
@@ -436,7 +443,7 @@ class Mover:
     ) -> bool:
         """The fast path: ``call`` (a gm_hot_* entry) on the region used last, if it can.
 
-        True: done, and a write marked dirty. False: the general path must
+        True: done (a write or fill marked dirty by the core). False: the general path must
         take the call (it validates it and says what is wrong). Only the
         route is looked up here, never resolved; the core refuses CHECKED.
         readinto, write and fill call it; read has the same steps written
@@ -456,8 +463,6 @@ class Mover:
         except OverflowError:  # gpa past 2**64
             return False
         if status == _OK:
-            if call is not _hot_read and self.dirty.active and hot[4] is not None:
-                self.dirty.mark_region(hot[4], gpa - hot[0], n)
             return True
         if status != _MISS:
             raise_for(status, f"{fast.name} access", [gpa])
@@ -516,8 +521,12 @@ class Mover:
                 )  # fmt: skip
         elif route is not _CHECKED and op in (OP_READ, OP_WRITE):
             # No tag, no fill byte, no staging: the region's gm_hot says the rest
-            # (five arguments instead of thirteen; the range fits, so no miss).
+            # (five arguments instead of thirteen; the range fits, so no miss),
+            # and marks what it wrote dirty.
             status = (_hot_read if op == OP_READ else _hot_write)(hot, route, gpa, length, buf)
+            if status != _OK:
+                raise_for(status, f"{route.name} access", [gpa])
+            return
         else:
             status = move_range(
                 self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,

@@ -151,7 +151,6 @@ class SplitQueue:
         for i, gpa in enumerate(rings):
             if not 0 <= gpa < GPA_LIMIT:
                 raise _error(VirtqError.RING_RANGE, i, gpa)
-        self._mem = mem
         self._space = mem.address_space
         # The native space keeps the regions' mappings alive while the queue lives.
         self._q, self._out = virtqueue(mem.native_space, n, bool(event_idx), rings)
@@ -160,8 +159,6 @@ class SplitQueue:
         self._failure: VirtqueueError | None = None
         if virtq_init(self._q) != _OK:
             raise self._fail()
-        # What push (and EVENT_IDX's pop) write natively: the mover marks it dirty.
-        self._used_ring = self._space.translate(rings[2], 6 + 8 * n)
         self._pop = virtq_pop
         self._push = virtq_push
         self._words = words(self._out)
@@ -198,9 +195,7 @@ class SplitQueue:
         """The next available descriptor chain, or None if the ring is empty."""
         if self._space.closed:
             raise ClosedError("this GuestMemory is closed")
-        count = self._pop(self._q)
-        if count >= 0 and self.event_idx:
-            self._mem.mark_written(self._used_ring)  # the avail event
+        count = self._pop(self._q)  # with EVENT_IDX it marks the used ring dirty itself
         if count <= 0:
             if count == 0:
                 return None
@@ -236,8 +231,7 @@ class SplitQueue:
         if not 0 <= written < 1 << 32 or head < 0:
             raise LengthError(f"used element ({head}, {written}) does not fit the used ring")
         status = self._push(self._q, head, written) if head < 1 << 32 else ERR_VIRTQ
-        if status >= 0:
-            self._mem.mark_written(self._used_ring)
+        if status >= 0:  # the core marked the used ring dirty
             notify: bool = status == 1
             return notify
         if self._failure is None and self._q.error == VirtqError.OK:

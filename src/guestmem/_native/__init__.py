@@ -67,7 +67,14 @@ from guestmem._native.mapping import (
     pointer_keeping,
     word_pointer,
 )
-from guestmem._native.space import SpaceEntry, native_space
+from guestmem._native.space import (
+    SpaceEntry,
+    dirty_mark,
+    dirty_mark_pages,
+    dirty_take,
+    native_space,
+    set_dirty_bits,
+)
 from guestmem._native.status import ERR_ERRNO, ERR_VIRTQ, MISS, OK, check, last_errno, raise_for
 from guestmem._native.stream import (
     NEED_MORE,
@@ -135,6 +142,9 @@ __all__ = [
     "checksum",
     "closed_hot",
     "cpu_has_mte",
+    "dirty_mark",
+    "dirty_mark_pages",
+    "dirty_take",
     "enable_mte",
     "entry_address",
     "from_buffer",
@@ -162,6 +172,7 @@ __all__ = [
     "read_request",
     "run_access",
     "scratch",
+    "set_dirty_bits",
     "spans",
     "stream_encode",
     "tags_get",

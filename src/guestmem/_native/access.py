@@ -110,20 +110,25 @@ def entry_address(name: str) -> int:
 
 
 def hot_region(
-    mode: int, base: Any, table: Any, gpa: int, size: int, pool: Any, owner: object
-) -> Any:
+    mode: int, base: Any, table: Any, gpa: int, size: int, pool: Any, space: Any, index: int,
+    owner: object,
+) -> Any:  # fmt: skip
     """A native ``struct gm_hot`` for one region; it keeps ``owner`` alive as long as it lives.
 
-    ``owner`` must hold what ``base``, ``table`` and ``pool`` point into.
+    ``owner`` must hold what ``base``, ``table`` and ``pool`` point into, and
+    ``space``: the region is its entry ``index``, whose dirty bits a write or
+    fill through the gm_hot marks.
     """
     hot = ffi.new("struct gm_hot *")
+    hot.space = space
+    hot.region = space.regions + index
     hot.mode = mode
     hot.base = base
     hot.table = table
     hot.gpa = gpa
     hot.size = size
     hot.pool = pool
-    return holding(hot, owner)
+    return holding(hot, (owner, space))
 
 
 def closed_hot() -> Any:

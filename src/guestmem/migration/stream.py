@@ -243,7 +243,7 @@ class StreamReader:
         if self._memory is not None:
             return self._memory.native_space
         check_only = [(gpa, size, NULL, NULL) for gpa, size in header.regions]
-        return native_space(header.tag_mode, check_only, -1, None)
+        return native_space(header.tag_mode, check_only, -1, STREAM_PAGE, None)
 
     def _fill(self) -> None:
         if self._have == len(self._buffer):  # pragma: no cover - a record always fits
