@@ -375,6 +375,12 @@ int gm_access(struct gm_access *a)
     int status = dispatch(a);
     if (status == GM_ERR_TAG_CHECK)
         last_fault = a->fault;
+    if (status == GM_OK && (a->op & (GM_OP_WRITE | GM_OP_FILL)) && a->space != NULL)
+        for (size_t i = 0; i < a->nspans; i++) {
+            const struct gm_span *s = &a->spans[i];
+            if (s->region != NULL)
+                gm_space_mark_region(a->space, s->region, s->gpa - s->region->gpa, s->len);
+        }
     return status;
 }
 

@@ -32,6 +32,7 @@ struct gm_span {
     uint8_t *guest;   /* host address of the span's first byte, untagged */
     uint8_t *table;   /* SOFTWARE: tag of the granule holding guest[0] */
     size_t len;
+    const struct gm_space_region *region;  /* its region in the access's space; NULL: none */
 };
 
 struct gm_fault {
@@ -53,6 +54,7 @@ struct gm_access {
     struct gm_pool *pool;   /* BOUNCE */
     int vm_fd;              /* KVM: the VM whose tags CHECKED compares */
     struct gm_fault fault;  /* out, on GM_ERR_TAG_CHECK */
+    const struct gm_space *space;  /* a WRITE or FILL marks its spans' regions' dirty bits */
 };
 
 /* One region of a guest memory, and what that memory's accesses need: the

@@ -130,6 +130,11 @@ class Mover:
         """The regions as native code walks them (``struct gm_space``): the virtqueue, the
         stream codec and the fast path's writes take it (and mark its dirty bits)."""
         self.dirty = DirtyLog(space, self.native_space)
+        # The space and each region's entry in it, swapped whole at stop().
+        self._entries: tuple[Any, dict[GuestRegion, int]] = (
+            self.native_space,
+            {r: index for index, r in enumerate(regions)},
+        )
         self._hots: dict[GuestRegion, _Hot] = {
             r: self._new_hot(r, index) for index, r in enumerate(regions)
         }
@@ -172,6 +177,7 @@ class Mover:
         self._hot = _CLOSED
         self._hots = {}
         self.native_space = native_space(self.tag_mode, [], -1, HOST_PAGE, None)
+        self._entries = (self.native_space, {})
         self.dirty.detach()
         if self._kvm is not None:
             self._kvm.close()
@@ -400,15 +406,15 @@ class Mover:
                 f"{plan.route.name} access",
                 [region.gpa + offset for region, offset, _ in pieces],
             )
-        if op & _OP_CHANGES:
-            self.mark_written(pieces)
+        # A write or fill marked its pages dirty in the core (the spans name their regions).
 
     def mark_written(self, pieces: list[Piece]) -> None:
         """Mark ``pieces`` dirty (while the dirty log is on).
 
-        The mover's own writes come here; so do the writes it lends out: by
-        device code in a DMA scope, by system-call I/O, by the virtqueue's
-        native walk on the used ring.
+        The writes the core cannot see come here: by device code in a DMA
+        scope, by system-call I/O, tag changes, and the one-range moves with
+        scalar arguments (fill, CHECKED, staging). The core marks the rest
+        itself: gm_access's writes and fills, the fast path's, the virtqueue's.
         """
         if self.dirty.active:
             for region, offset, n in pieces:
@@ -417,15 +423,18 @@ class Mover:
     def access_request(
         self, plan: Plan, op: int, pieces: list[Piece], buf: Any, fill: int = 0
     ) -> tuple[Any, Any]:
-        """A native ``struct gm_access`` for ``pieces``, and the spans it points to.
+        """A native ``struct gm_access`` for ``pieces``, and what it points to.
 
         Keep both alive while the request is in use (the benchmarks reuse it).
+        A write or fill through it marks its pages dirty.
         """
-        span_array = spans(pieces)
+        space, index = self._entries
+        span_array = spans(pieces, space, index)
         request = access_request(
-            self.tag_mode, plan.route, plan.tag, op, span_array, len(pieces), buf, fill, self._pool
-        )
-        return request, span_array
+            self.tag_mode, plan.route, plan.tag, op, span_array, len(pieces), buf, fill,
+            self._pool, space,
+        )  # fmt: skip
+        return request, (span_array, space)
 
     @contextmanager
     def vm_fd_in_use(self) -> Iterator[int]:

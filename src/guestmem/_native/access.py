@@ -7,7 +7,7 @@ I/O over them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from guestmem._gm import ffi, lib
@@ -41,11 +41,22 @@ class SpanSource(Protocol):
         ...
 
 
-def spans(pieces: Sequence[tuple[SpanSource, int, int]]) -> Any:
-    """A native ``struct gm_span[]`` for ``(region, offset, length)`` pieces."""
+def spans(
+    pieces: Sequence[tuple[SpanSource, int, int]],
+    space: Any = None,
+    index: Mapping[Any, int] | None = None,
+) -> Any:
+    """A native ``struct gm_span[]`` for ``(region, offset, length)`` pieces.
+
+    With a native ``space`` and each region's ``index`` in it, each span
+    names its region's entry there (a write or fill then marks its pages).
+    """
     out = ffi.new("struct gm_span[]", len(pieces))
     for span, (region, offset, n) in zip(out, pieces, strict=True):
         region.fill_span(span, offset, n)
+        at = None if index is None else index.get(region)
+        if at is not None:
+            span.region = space.regions + at
     return out
 
 
@@ -59,8 +70,13 @@ def access_request(
     buf: Any,
     fill: int,
     pool: Any,
+    space: Any = None,
 ) -> Any:
-    """A native ``struct gm_access``; keep ``span_array`` alive while it is used."""
+    """A native ``struct gm_access``; keep ``span_array`` (and ``space``) alive while it is used.
+
+    With the native ``space`` its spans name, a write or fill marks their
+    pages dirty.
+    """
     request = ffi.new("struct gm_access *")
     request.mode = mode
     request.route = route
@@ -72,6 +88,8 @@ def access_request(
     request.logical_tag = tag
     request.pool = pool
     request.vm_fd = -1  # set inside KvmVm.in_use() where CHECKED needs it
+    if space is not None:
+        request.space = space
     return request
 
 
