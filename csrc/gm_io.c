@@ -36,8 +36,20 @@ static ssize_t transfer(int fd, int direction, const struct iovec *iov, int n, i
                                          : pwritev(fd, iov, n, (off_t)offset);
 }
 
-int64_t gm_io(int fd, int direction, int mode, int route,
-              const struct gm_span *spans, size_t nspans, int64_t offset)
+/* The spans' first `done` bytes were written by the kernel: mark their pages. */
+static void mark_written(const struct gm_space *space, const struct gm_span *spans,
+                         size_t nspans, uint64_t done)
+{
+    for (size_t s = 0; s < nspans && done > 0; s++) {
+        uint64_t n = spans[s].len < done ? spans[s].len : done;
+        if (spans[s].region != NULL)
+            gm_space_mark_region(space, spans[s].region, spans[s].gpa - spans[s].region->gpa, n);
+        done -= n;
+    }
+}
+
+static int64_t io(int fd, int direction, int mode, int route, const struct gm_span *spans,
+                  size_t nspans, int64_t offset)
 {
     struct iovec iov[GM_IO_MAX_IOV];
     int n = 0;
@@ -75,9 +87,21 @@ int64_t gm_io(int fd, int direction, int mode, int route,
     return done < 0 ? GM_ERR_ERRNO : (int64_t)done;
 }
 
-int64_t gm_io_span(int fd, int direction, int mode, int route,
-                   uint8_t *guest, uint64_t gpa, size_t len, int64_t offset)
+int64_t gm_io(int fd, int direction, const struct gm_space *space, int route,
+              const struct gm_span *spans, size_t nspans, int64_t offset)
 {
-    struct gm_span span = { .gpa = gpa, .guest = guest, .table = NULL, .len = len };
-    return gm_io(fd, direction, mode, route, &span, 1, offset);
+    int64_t done = io(fd, direction, space->mode, route, spans, nspans, offset);
+    if (done > 0 && direction == GM_IO_INTO_GUEST)
+        mark_written(space, spans, nspans, (uint64_t)done);
+    return done;
+}
+
+int64_t gm_io_span(int fd, int direction, const struct gm_space *space, int route,
+                   const struct gm_space_region *region, uint8_t *guest, uint64_t gpa,
+                   size_t len, int64_t offset)
+{
+    struct gm_span span = {
+        .gpa = gpa, .guest = guest, .table = NULL, .len = len, .region = region,
+    };
+    return gm_io(fd, direction, space, route, &span, 1, offset);
 }

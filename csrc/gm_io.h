@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "gm_space.h"
+
 struct gm_span;
 
 enum gm_io_direction {
@@ -23,12 +25,15 @@ enum gm_io_direction {
 /* Bytes moved (>= 0), or GM_ERR_ERRNO with errno set, or GM_ERR_UNSUPPORTED
  * for a route other than MATCH_ALL and UNCHECKED_THREAD. ``offset`` < 0:
  * readv/writev at the file's position; else preadv/pwritev at ``offset``
- * (a disk image, whose position a device model must not share). */
-int64_t gm_io(int fd, int direction, int mode, int route,
+ * (a disk image, whose position a device model must not share). The tag
+ * mode is the space's; INTO_GUEST marks the bytes the kernel wrote dirty in
+ * the spans' regions (a span whose region is NULL is not marked). */
+int64_t gm_io(int fd, int direction, const struct gm_space *space, int route,
               const struct gm_span *spans, size_t nspans, int64_t offset);
-/* The same over one span given by its scalars: the binding's fast path (no
- * span array to allocate from Python). */
-int64_t gm_io_span(int fd, int direction, int mode, int route,
-                   uint8_t *guest, uint64_t gpa, size_t len, int64_t offset);
+/* The same over one span given by its scalars (and its region's entry in the
+ * space, or NULL): the binding's fast path (no span array to allocate). */
+int64_t gm_io_span(int fd, int direction, const struct gm_space *space, int route,
+                   const struct gm_space_region *region, uint8_t *guest, uint64_t gpa,
+                   size_t len, int64_t offset);
 
 #endif

@@ -246,21 +246,21 @@ class DmaIO:
         self, fd: int, pieces: list[Piece], direction: Direction, route: Route, offset: int
     ) -> int:
         """One readv/writev (preadv/pwritev at ``offset`` >= 0) whose iovec the core builds."""
-        memory = self._memory
-        mode = memory.tag_mode
+        space, index = self._memory.native_entries
         into_guest = direction is Direction.FROM_DEVICE
         way = IO_INTO_GUEST if into_guest else IO_FROM_GUEST
         one = len(pieces) == 1  # a block request's data buffer: no span array to allocate
         if one:
             region, start, length = pieces[0]
-            guest, gpa = region.base_pointer + start, region.gpa + start
+            guest, gpa, at = region.base_pointer + start, region.gpa + start, index.get(region)
         else:
-            span_array = spans(pieces)
+            span_array = spans(pieces, space, index)
+        # The core marks what the kernel wrote into guest memory dirty.
         while True:
             if one:
-                count = io_span(fd, way, mode, route, guest, gpa, length, offset)
+                count = io_span(fd, way, space, route, at, guest, gpa, length, offset)
             else:
-                count = io_spans(fd, way, mode, route, span_array, len(pieces), offset)
+                count = io_spans(fd, way, space, route, span_array, len(pieces), offset)
             if count >= 0:
                 break
             code = last_errno()
@@ -270,8 +270,6 @@ class DmaIO:
                 error = WouldBlockError if code in (errno.EAGAIN, errno.EWOULDBLOCK) else OSError
                 raise error(code, os.strerror(code))
             check(count, f"{route.name} system-call I/O")
-        if into_guest and memory.dirty.active:  # the pieces the kernel wrote, only if asked
-            memory.mark_written(_prefix_pieces(pieces, count))
         return count
 
     def _bounce(self, pieces: list[Piece], direction: Direction, call: Transfer) -> int:

@@ -412,9 +412,10 @@ class Mover:
         """Mark ``pieces`` dirty (while the dirty log is on).
 
         The writes the core cannot see come here: by device code in a DMA
-        scope, by system-call I/O, tag changes, and the one-range moves with
-        scalar arguments (fill, CHECKED, staging). The core marks the rest
-        itself: gm_access's writes and fills, the fast path's, the virtqueue's.
+        scope, tag changes, and the one-range moves with scalar arguments
+        (fill, CHECKED, staging). The core marks the rest itself: gm_access's
+        writes and fills, the fast path's, system-call I/O into guest memory
+        and the virtqueue's used ring.
         """
         if self.dirty.active:
             for region, offset, n in pieces:
@@ -435,6 +436,15 @@ class Mover:
             self._pool, space,
         )  # fmt: skip
         return request, (span_array, space)
+
+    @property
+    def native_entries(self) -> tuple[Any, dict[GuestRegion, int]]:
+        """The native space and each region's entry in it, as one value (empty once stopped).
+
+        Native calls over regions take both from one read of it, so a span never
+        names an entry of a space the caller does not hold.
+        """
+        return self._entries
 
     @contextmanager
     def vm_fd_in_use(self) -> Iterator[int]:

@@ -174,14 +174,20 @@ def tags_set(mode: int, span: Any, count: int, source: Any, uniform: int) -> int
 
 
 def io_span(
-    fd: int, way: int, mode: int, route: int, guest: Any, gpa: int, length: int, offset: int
-) -> int:
-    """One readv/writev (preadv/pwritev at ``offset`` >= 0) over one range: bytes, or a status."""
-    return int(lib.gm_io_span(fd, way, mode, route, guest, gpa, length, offset))
+    fd: int, way: int, space: Any, route: int, index: int | None, guest: Any, gpa: int,
+    length: int, offset: int,
+) -> int:  # fmt: skip
+    """One readv/writev (preadv/pwritev at ``offset`` >= 0) over one range: bytes, or a status.
+
+    The range lies in the native ``space``'s region ``index`` (None: no
+    entry, nothing marked); what the kernel wrote into it is marked dirty.
+    """
+    region = ffi.NULL if index is None else space.regions + index
+    return int(lib.gm_io_span(fd, way, space, route, region, guest, gpa, length, offset))
 
 
 def io_spans(
-    fd: int, way: int, mode: int, route: int, span_array: Any, count: int, offset: int
+    fd: int, way: int, space: Any, route: int, span_array: Any, count: int, offset: int
 ) -> int:
-    """Like :func:`io_span`, over ``count`` spans of a span array."""
-    return int(lib.gm_io(fd, way, mode, route, span_array, count, offset))
+    """Like :func:`io_span`, over ``count`` spans of a span array made with ``space``."""
+    return int(lib.gm_io(fd, way, space, route, span_array, count, offset))
