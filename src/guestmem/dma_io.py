@@ -246,15 +246,15 @@ class DmaIO:
         self, fd: int, pieces: list[Piece], direction: Direction, route: Route, offset: int
     ) -> int:
         """One readv/writev (preadv/pwritev at ``offset`` >= 0) whose iovec the core builds."""
-        space, index = self._memory.native_entries
+        space, entries = self._memory.native_entries
         into_guest = direction is Direction.FROM_DEVICE
         way = IO_INTO_GUEST if into_guest else IO_FROM_GUEST
         one = len(pieces) == 1  # a block request's data buffer: no span array to allocate
         if one:
             region, start, length = pieces[0]
-            guest, gpa, at = region.base_pointer + start, region.gpa + start, index.get(region)
+            guest, gpa, at = region.base_pointer + start, region.gpa + start, entries.get(region)
         else:
-            span_array = spans(pieces, space, index)
+            span_array = spans(pieces, entries)
         # The core marks what the kernel wrote into guest memory dirty.
         while True:
             if one:

@@ -44,6 +44,7 @@ from guestmem._native import (
     move_range,
     native_space,
     raise_for,
+    region_entries,
     run_access,
     scratch,
     spans,
@@ -130,11 +131,13 @@ class Mover:
         """The regions as native code walks them (``struct gm_space``): the virtqueue, the
         stream codec and the fast path's writes take it (and mark its dirty bits)."""
         self.dirty = DirtyLog(space, self.native_space)
-        # The space and each region's entry in it, swapped whole at stop().
-        self._entries: tuple[Any, dict[GuestRegion, int]] = (
+        self.native_entries: tuple[Any, dict[GuestRegion, Any]] = (
             self.native_space,
-            {r: index for index, r in enumerate(regions)},
+            region_entries(self.native_space, regions),
         )
+        """The native space and each region's entry in it (a ``struct gm_space_region *``),
+        as one value swapped whole at :meth:`stop`: native calls over regions read both
+        at once, so a span never names an entry of a space the caller does not hold."""
         self._hots: dict[GuestRegion, _Hot] = {
             r: self._new_hot(r, index) for index, r in enumerate(regions)
         }
@@ -177,7 +180,7 @@ class Mover:
         self._hot = _CLOSED
         self._hots = {}
         self.native_space = native_space(self.tag_mode, [], -1, HOST_PAGE, None)
-        self._entries = (self.native_space, {})
+        self.native_entries = (self.native_space, {})
         self.dirty.detach()
         if self._kvm is not None:
             self._kvm.close()
@@ -429,22 +432,13 @@ class Mover:
         Keep both alive while the request is in use (the benchmarks reuse it).
         A write or fill through it marks its pages dirty.
         """
-        space, index = self._entries
-        span_array = spans(pieces, space, index)
+        space, entries = self.native_entries
+        span_array = spans(pieces, entries)
         request = access_request(
             self.tag_mode, plan.route, plan.tag, op, span_array, len(pieces), buf, fill,
             self._pool, space,
         )  # fmt: skip
         return request, (span_array, space)
-
-    @property
-    def native_entries(self) -> tuple[Any, dict[GuestRegion, int]]:
-        """The native space and each region's entry in it, as one value (empty once stopped).
-
-        Native calls over regions take both from one read of it, so a span never
-        names an entry of a space the caller does not hold.
-        """
-        return self._entries
 
     @contextmanager
     def vm_fd_in_use(self) -> Iterator[int]:

@@ -73,6 +73,7 @@ from guestmem._native.space import (
     dirty_mark_pages,
     dirty_take,
     native_space,
+    region_entries,
     set_dirty_bits,
 )
 from guestmem._native.status import ERR_ERRNO, ERR_VIRTQ, MISS, OK, check, last_errno, raise_for
@@ -170,6 +171,7 @@ __all__ = [
     "probe_signal_tco",
     "raise_for",
     "read_request",
+    "region_entries",
     "run_access",
     "scratch",
     "set_dirty_bits",

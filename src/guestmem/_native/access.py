@@ -42,21 +42,20 @@ class SpanSource(Protocol):
 
 
 def spans(
-    pieces: Sequence[tuple[SpanSource, int, int]],
-    space: Any = None,
-    index: Mapping[Any, int] | None = None,
+    pieces: Sequence[tuple[SpanSource, int, int]], entries: Mapping[Any, Any] | None = None
 ) -> Any:
     """A native ``struct gm_span[]`` for ``(region, offset, length)`` pieces.
 
-    With a native ``space`` and each region's ``index`` in it, each span
-    names its region's entry there (a write or fill then marks its pages).
+    With each region's ``entries`` in a native space (see
+    :func:`~guestmem._native.space.region_entries`), each span names its
+    region's (a write or fill through the space then marks its pages).
     """
     out = ffi.new("struct gm_span[]", len(pieces))
     for span, (region, offset, n) in zip(out, pieces, strict=True):
         region.fill_span(span, offset, n)
-        at = None if index is None else index.get(region)
-        if at is not None:
-            span.region = space.regions + at
+        entry = None if entries is None else entries.get(region)
+        if entry is not None:
+            span.region = entry
     return out
 
 
@@ -174,15 +173,15 @@ def tags_set(mode: int, span: Any, count: int, source: Any, uniform: int) -> int
 
 
 def io_span(
-    fd: int, way: int, space: Any, route: int, index: int | None, guest: Any, gpa: int,
+    fd: int, way: int, space: Any, route: int, entry: Any, guest: Any, gpa: int,
     length: int, offset: int,
 ) -> int:  # fmt: skip
     """One readv/writev (preadv/pwritev at ``offset`` >= 0) over one range: bytes, or a status.
 
-    The range lies in the native ``space``'s region ``index`` (None: no
-    entry, nothing marked); what the kernel wrote into it is marked dirty.
+    The range lies in the region whose ``entry`` in the native ``space`` is
+    given (None: nothing is marked); what the kernel wrote there is marked dirty.
     """
-    region = ffi.NULL if index is None else space.regions + index
+    region = ffi.NULL if entry is None else entry
     return int(lib.gm_io_span(fd, way, space, route, region, guest, gpa, length, offset))
 
 

@@ -46,6 +46,15 @@ def native_space(
     return holding(space, (table, owner))
 
 
+def region_entries(space: Any, regions: Sequence[Any]) -> dict[Any, Any]:
+    """Each of ``regions`` (the space's, in order) -> its ``struct gm_space_region *``.
+
+    Made once: spans and system calls name their region by it. The pointers
+    are valid while ``space`` lives.
+    """
+    return {region: space.regions + index for index, region in enumerate(regions)}
+
+
 def set_dirty_bits(space: Any, index: int, bits: npt.NDArray[np.uint64] | None) -> None:
     """Point region ``index``'s dirty bitmap at ``bits`` (None: the log is off).
 
