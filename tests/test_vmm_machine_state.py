@@ -27,7 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import guestmem as gm
-from conftest import FIGURES
+from conftest import EMULATED, FIGURES
 from guestmem.devices import pl011
 from guestmem.devices import virtio_blk as blk
 from guestmem.devices import virtio_console as hvc
@@ -613,6 +613,11 @@ def test_every_prefix_and_every_bit_flip_is_refused_with_the_target_unchanged(
     FIGURES["machine state: prefixes and flips (s)"] = round(time.perf_counter() - started, 2)
 
 
+# Under emulation (qemu-aarch64, the kernel lanes) the bit-flip sweep takes every 15th bit
+# (odd, so the sample walks through every bit position of a byte).
+EMULATED_STRIDE = 15
+
+
 def decoders_bits(state: bytes) -> list[int]:
     """The bits to flip past the checksum: every bit of the framing and of the machine, UART
     and virtio sections, and one bit of every byte of the vCPUs' and vGIC's (mostly
@@ -657,6 +662,8 @@ def test_bit_flips_past_the_checksum_are_refused_unchanged_or_taken_whole(
     started = time.perf_counter()
     fuzz = Fuzz(kvm, mem, image)
     bits = decoders_bits(saved)
+    if EMULATED:  # the same pure-Python decoders on every lane: the host lane flips every bit
+        bits = bits[::EMULATED_STRIDE]  # under emulation ~40x slower: every bit took 11 minutes
     for data in flipped(saved, bits):
         fuzz.feed(reframed(data))
     fuzz.close()
