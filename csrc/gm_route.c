@@ -387,31 +387,47 @@ int gm_access(struct gm_access *a)
 /* One span inside one region, with scalar arguments: the binding's fast path
  * (no structures to allocate from Python). A tag-check failure's facts are
  * left for gm_last_fault(). */
-int gm_move(int mode, int route, int op, uint8_t *region, uint8_t *table, uint64_t region_gpa,
-            size_t offset, size_t len, uint8_t *buf, int fill_byte, int logical_tag,
-            struct gm_pool *pool, int vm_fd)
+/* One range of hot's region, which [gpa, gpa + len) must lie in; a write or
+ * fill marks the pages it changed in the space's dirty log. */
+static int move_in(const struct gm_hot *hot, int route, int op, uint64_t gpa, size_t len,
+                   uint8_t *buf, int fill_byte, int logical_tag, int vm_fd)
 {
+    uint64_t offset = gpa - hot->gpa;
     struct gm_span span = {
-        .gpa = region_gpa + offset,
-        .guest = region + offset,
-        .table = table ? table + offset / GM_GRANULE : NULL,
+        .gpa = gpa,
+        .guest = hot->base + offset,
+        .table = hot->table ? hot->table + offset / GM_GRANULE : NULL,
         .len = len,
     };
     struct gm_access a = {
-        .mode = mode, .route = route, .op = op, .spans = &span, .nspans = 1, .buf = buf,
-        .fill_byte = fill_byte, .logical_tag = logical_tag, .pool = pool, .vm_fd = vm_fd,
+        .mode = hot->mode, .route = route, .op = op, .spans = &span, .nspans = 1, .buf = buf,
+        .fill_byte = fill_byte, .logical_tag = logical_tag, .pool = hot->pool, .vm_fd = vm_fd,
     };
-    return gm_access(&a);
+    int status = gm_access(&a);
+    if (status == GM_OK && (op & (GM_OP_WRITE | GM_OP_FILL)) && hot->region != NULL)
+        gm_space_mark_region(hot->space, hot->region, offset, len);
+    return status;
+}
+
+static int fits(const struct gm_hot *hot, uint64_t gpa, size_t len)
+{
+    return hot->base && gpa >= hot->gpa && len <= hot->size && gpa - hot->gpa <= hot->size - len;
+}
+
+int gm_hot_move(const struct gm_hot *hot, int route, int op, uint64_t gpa, size_t len,
+                uint8_t *buf, int fill_byte, int logical_tag, int vm_fd)
+{
+    if (!fits(hot, gpa, len))
+        return GM_MISS;
+    return move_in(hot, route, op, gpa, len, buf, fill_byte, logical_tag, vm_fd);
 }
 
 static int hot_move(const struct gm_hot *hot, int route, int op, uint64_t gpa, size_t len,
                     uint8_t *buf, int fill_byte)
 {
-    if (!hot->base || route == GM_ROUTE_CHECKED || gpa < hot->gpa || len > hot->size ||
-        gpa - hot->gpa > hot->size - len)
+    if (route == GM_ROUTE_CHECKED || !fits(hot, gpa, len))
         return GM_MISS;
-    return gm_move(hot->mode, route, op, hot->base, hot->table, hot->gpa, gpa - hot->gpa, len,
-                   buf, fill_byte, 0, hot->pool, -1);
+    return move_in(hot, route, op, gpa, len, buf, fill_byte, 0, -1);
 }
 
 int gm_hot_read(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, uint8_t *buf)
@@ -423,18 +439,12 @@ int gm_hot_write(const struct gm_hot *hot, int route, uint64_t gpa, size_t len,
                  const uint8_t *buf)
 {
     /* A write only reads buf (gm_access's buf serves reads too, so it is not const). */
-    int status = hot_move(hot, route, GM_OP_WRITE, gpa, len, (uint8_t *)buf, 0);
-    if (status == GM_OK && hot->region != NULL)
-        gm_space_mark_region(hot->space, hot->region, gpa - hot->gpa, len);
-    return status;
+    return hot_move(hot, route, GM_OP_WRITE, gpa, len, (uint8_t *)buf, 0);
 }
 
 int gm_hot_fill(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, int byte)
 {
-    int status = hot_move(hot, route, GM_OP_FILL, gpa, len, NULL, byte);
-    if (status == GM_OK && hot->region != NULL)
-        gm_space_mark_region(hot->space, hot->region, gpa - hot->gpa, len);
-    return status;
+    return hot_move(hot, route, GM_OP_FILL, gpa, len, NULL, byte);
 }
 
 void gm_last_fault(struct gm_fault *out)

@@ -80,9 +80,11 @@ int gm_hot_read(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, u
 int gm_hot_write(const struct gm_hot *hot, int route, uint64_t gpa, size_t len,
                  const uint8_t *buf);
 int gm_hot_fill(const struct gm_hot *hot, int route, uint64_t gpa, size_t len, int byte);
-int gm_move(int mode, int route, int op, uint8_t *region, uint8_t *table, uint64_t region_gpa,
-            size_t offset, size_t len, uint8_t *buf, int fill_byte, int logical_tag,
-            struct gm_pool *pool, int vm_fd);
+/* One range of hot's region with every argument (any route, a tag, a fill
+ * byte, GM_OP_STAGE, the KVM VM's fd for CHECKED); GM_MISS, having done
+ * nothing, if the range is not inside the region. A write or fill marks. */
+int gm_hot_move(const struct gm_hot *hot, int route, int op, uint64_t gpa, size_t len,
+                uint8_t *buf, int fill_byte, int logical_tag, int vm_fd);
 void gm_last_fault(struct gm_fault *out);
 
 #endif

@@ -47,6 +47,17 @@ def test_writes_fills_tags_dma_and_external_marks(mem: gm.GuestMemory) -> None:
     assert len(mem.dirty.take()) == 0
 
 
+def test_checked_and_staged_moves_in_one_region_mark(tmem: gm.GuestMemory) -> None:
+    # The one-range native call with every argument (gm_hot_move) marks in the core.
+    tmem.set_tags(BASE, 8 * PAGE, 5)
+    tmem.dirty.start()
+    tmem.write(BASE + 2 * PAGE, b"x", route=gm.Route.CHECKED, tag=5)
+    tmem.fill(BASE + 4 * PAGE - 8, 16, 7, route=gm.Route.CHECKED, tag=5)  # two pages
+    tmem.read(BASE + 6 * PAGE, 16, route=gm.Route.CHECKED, tag=5)  # reads do not dirty
+    expected = frames(BASE + 2 * PAGE, BASE + 4 * PAGE - 8, BASE + 4 * PAGE)
+    assert tmem.dirty.take().numbers.tolist() == expected
+
+
 def test_take_loses_no_concurrent_mark(mem: gm.GuestMemory) -> None:
     mem.dirty.start()
     seen: set[int] = set()

@@ -38,10 +38,10 @@ from guestmem._native import (
     closed_hot,
     from_buffer,
     hot_fill,
+    hot_move,
     hot_read,
     hot_region,
     hot_write,
-    move_range,
     native_space,
     raise_for,
     region_entries,
@@ -62,15 +62,14 @@ _OP_CHANGES = OP_WRITE | OP_FILL  # an op that writes guest memory
 _OP_STAGE = OP_STAGE  # flag: the caller's buffer is tagged guest memory
 _ADDRESS_MASK = (1 << 56) - 1  # a host address without its tag byte
 _OK, _MISS = OK, MISS
-_hot_read, _hot_write, _hot_fill = hot_read, hot_write, hot_fill
+_hot_read, _hot_write, _hot_fill, _hot_move = hot_read, hot_write, hot_fill, hot_move
 _from_buffer = from_buffer  # one lookup less on the fast path
 _CHECKED = Route.CHECKED
-# The fast path's view of the region used last: (first GPA, end GPA, base
-# pointer, tag table pointer, the region, its native struct gm_hot). One
-# attribute, swapped whole, so a thread never sees half of it; empty (first >
-# end, a gm_hot nothing fits in) once closed.
-_Hot = tuple[int, int, Any, Any, "GuestRegion | None", Any]
-_CLOSED: _Hot = (1, 0, None, None, None, closed_hot())
+# The fast path's view of the region used last: (first GPA, end GPA, the
+# region, its native struct gm_hot). One attribute, swapped whole, so a thread
+# never sees half of it; empty (first > end, a gm_hot nothing fits in) once closed.
+_Hot = tuple[int, int, "GuestRegion | None", Any]
+_CLOSED: _Hot = (1, 0, None, closed_hot())
 # A route named without a tag resolves to the same plan every time (CHECKED,
 # which needs a tag, is absent: resolve() refuses it).
 _ROUTE_PLANS: dict[Route, Plan] = {
@@ -144,12 +143,11 @@ class Mover:
         self._hot: _Hot = self._hots[regions[0]]
 
     def _new_hot(self, region: GuestRegion, index: int) -> _Hot:
-        base, table = region.base_pointer, region.tag_table_pointer
         native = hot_region(
-            self.tag_mode, base, table, region.gpa, region.size, self._pool,
-            self.native_space, index, region,
+            self.tag_mode, region.base_pointer, region.tag_table_pointer, region.gpa,
+            region.size, self._pool, self.native_space, index, region,
         )  # fmt: skip
-        return (region.gpa, region.end, base, table, region, native)
+        return (region.gpa, region.end, region, native)
 
     @property
     def kvm(self) -> KvmVm | None:
@@ -216,7 +214,7 @@ class Mover:
                 except IndexError:
                     pair = scratch()
                 try:
-                    status = _hot_read(self._hot[5], fast, gpa, length, pair[0])
+                    status = _hot_read(self._hot[3], fast, gpa, length, pair[0])
                 except OverflowError:  # gpa past 2**64
                     status = _MISS
                 if status == _OK:
@@ -386,7 +384,7 @@ class Mover:
         pair = ranges[0] if type(ranges) is list and len(ranges) == 1 else None
         if type(pair) is tuple and len(pair) == 2:
             gpa, length = pair
-            lo, end, _, _, region, _ = self._hot
+            lo, end, region, _ = self._hot
             fits = type(gpa) is int and type(length) is int and nbytes in (None, length)
             if fits and region is not None and length >= 0 and lo <= gpa <= end - length:
                 return [(region, gpa - lo, length)]
@@ -415,10 +413,9 @@ class Mover:
         """Mark ``pieces`` dirty (while the dirty log is on).
 
         The writes the core cannot see come here: by device code in a DMA
-        scope, tag changes, and the one-range moves with scalar arguments
-        (fill, CHECKED, staging). The core marks the rest itself: gm_access's
-        writes and fills, the fast path's, system-call I/O into guest memory
-        and the virtqueue's used ring.
+        scope, and tag changes. The core marks the rest itself: gm_access's
+        writes and fills, the gm_hot entries', system-call I/O into guest
+        memory and the virtqueue's used ring.
         """
         if self.dirty.active:
             for region, offset, n in pieces:
@@ -472,7 +469,7 @@ class Mover:
             fast = route
         hot = self._hot
         try:
-            status = call(hot[5], fast, gpa, n, arg)
+            status = call(hot[3], fast, gpa, n, arg)
         except OverflowError:  # gpa past 2**64
             return False
         if status == _OK:
@@ -524,28 +521,17 @@ class Mover:
         if isinstance(where, list):
             self.move(plan, op, where, buf, fill)
             return
-        lo, _, base, table, region, hot = where
+        hot = where[3]
         route, tag = plan.route, plan.tag
-        if route is _CHECKED and self._kvm is not None:
-            with self._kvm.in_use() as vm_fd:
-                status = move_range(
-                    self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
-                    self._pool, vm_fd,
-                )  # fmt: skip
-        elif route is not _CHECKED and op in (OP_READ, OP_WRITE):
+        if route is not _CHECKED and op in (OP_READ, OP_WRITE):
             # No tag, no fill byte, no staging: the region's gm_hot says the rest
-            # (five arguments instead of thirteen; the range fits, so no miss),
-            # and marks what it wrote dirty.
+            # (five arguments instead of nine; the range fits, so no miss).
             status = (_hot_read if op == OP_READ else _hot_write)(hot, route, gpa, length, buf)
-            if status != _OK:
-                raise_for(status, f"{route.name} access", [gpa])
-            return
+        elif route is _CHECKED and self._kvm is not None:
+            with self._kvm.in_use() as vm_fd:
+                status = _hot_move(hot, route, op, gpa, length, buf, fill, tag, vm_fd)
         else:
-            status = move_range(
-                self.tag_mode, route, op, base, table, lo, gpa - lo, length, buf, fill, tag,
-                self._pool, -1,
-            )  # fmt: skip
+            status = _hot_move(hot, route, op, gpa, length, buf, fill, tag, -1)
         if status != _OK:
             raise_for(status, f"{route.name} access", [gpa])
-        if op & _OP_CHANGES and region is not None:
-            self.mark_written([(region, gpa - lo, length)])
+        # A write or fill marked its pages dirty in the core.

@@ -28,9 +28,9 @@ hot_write: Callable[[Any, int, int, int, Any], int] = lib.gm_hot_write
 hot_fill: Callable[[Any, int, int, int, int], int] = lib.gm_hot_fill
 run_access: Callable[[Any], int] = lib.gm_access
 """``gm_access(request)``: carry out a request from :func:`access_request`; a status."""
-move_range: Callable[..., int] = lib.gm_move
-"""``gm_move(mode, route, op, base, table, region_gpa, offset, len, buf, fill, tag, pool,
-vm_fd)``: one range of one region, with scalar arguments; a status."""
+hot_move: Callable[[Any, int, int, int, int, Any, int, int, int], int] = lib.gm_hot_move
+"""``gm_hot_move(hot, route, op, gpa, len, buf, fill, tag, vm_fd)``: one range of a
+``gm_hot``'s region with every argument; a status (a write or fill marks its pages)."""
 
 
 class SpanSource(Protocol):
