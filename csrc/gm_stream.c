@@ -271,6 +271,7 @@ int gm_stream_decode(const struct gm_space *space, int source_tagged, const uint
         if (status != GM_OK)
             return status;
         copy_data(space->mode, r->base + (gpa - r->gpa), data, flags & GM_PAGE_ZERO_DATA);
+        gm_space_mark_region(space, r, gpa - r->gpa, PAGE);
         ++*pages;
         at += size;
     }

@@ -4,6 +4,8 @@
 #include <string.h>
 
 #include "gm_insn.h"
+#include "gm_kvm.h"
+#include "gm_space.h"
 #include "gm_status.h"
 
 int gm_tags_get(int mode, const uint8_t *guest, const uint8_t *table,
@@ -44,4 +46,51 @@ int gm_tags_set(int mode, uint8_t *guest, uint8_t *table, size_t granules,
     }
     errno = EINVAL;
     return GM_ERR_ERRNO;
+}
+
+/* The region of space holding all of [gpa, gpa + granules * 16), with its
+ * mapping (a validating space has none), or NULL with errno EINVAL. */
+static const struct gm_space_region *region_of(const struct gm_space *space, uint64_t gpa,
+                                               size_t granules)
+{
+    const struct gm_space_region *r = NULL;
+    if (granules <= UINT64_MAX / GM_GRANULE)
+        r = gm_space_find(space, gpa, granules * GM_GRANULE);
+    if (r == NULL || r->base == NULL) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return r;
+}
+
+static uint8_t *table_at(const struct gm_space_region *r, uint64_t offset)
+{
+    return r->table ? r->table + offset / GM_GRANULE : NULL;
+}
+
+int gm_space_tags_get(const struct gm_space *space, uint64_t gpa, size_t granules, uint8_t *out)
+{
+    const struct gm_space_region *r = region_of(space, gpa, granules);
+    if (r == NULL)
+        return GM_ERR_ERRNO;
+    if (space->mode == GM_MODE_KVM)
+        return gm_kvm_tags_get(space->vm_fd, gpa, granules, out);
+    uint64_t offset = gpa - r->gpa;
+    return gm_tags_get(space->mode, r->base + offset, table_at(r, offset), granules, out);
+}
+
+int gm_space_tags_set(const struct gm_space *space, uint64_t gpa, size_t granules,
+                      const uint8_t *tags, int uniform_tag)
+{
+    const struct gm_space_region *r = region_of(space, gpa, granules);
+    if (r == NULL)
+        return GM_ERR_ERRNO;
+    uint64_t offset = gpa - r->gpa;
+    int status = space->mode == GM_MODE_KVM
+        ? gm_kvm_tags_set(space->vm_fd, gpa, granules, tags, uniform_tag)
+        : gm_tags_set(space->mode, r->base + offset, table_at(r, offset), granules, tags,
+                      uniform_tag);
+    if (status == GM_OK)
+        gm_space_mark_region(space, r, offset, granules * GM_GRANULE);
+    return status;
 }

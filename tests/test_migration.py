@@ -58,6 +58,16 @@ def test_round_trip_is_bit_exact(mode: gm.TagMode, seed: int, share: float) -> N
             np.testing.assert_array_equal(a, b)
 
 
+def test_a_restore_marks_the_pages_it_wrote() -> None:
+    # A memory that logs (e.g. a VMM forwarding what it restored) sees each page land.
+    with memory(gm.TagMode.SOFTWARE) as src, memory(gm.TagMode.SOFTWARE) as dst:
+        src.write(LAYOUT[1][0] + 4096, b"x")
+        dst.dirty.start()
+        migration.restore(io.BytesIO(saved(src)), dst)  # every page, zero ones too
+        every = {at // gm.HOST_PAGE for lo, size in LAYOUT for at in range(lo, lo + size, 4096)}
+        assert dst.dirty.take().numbers.tolist() == sorted(every)
+
+
 def test_stream_sizes(tagged_mode: gm.TagMode) -> None:
     pages = sum(size for _, size in LAYOUT) // 4096
     with memory(tagged_mode) as mem:

@@ -134,7 +134,7 @@ class DmaMapping:
         for region, offset, n in self._pieces:
             first = offset - offset % GRANULE
             last = -(-(offset + n) // GRANULE) * GRANULE
-            tags = read_tags(memory.address_space, memory.kvm, region.gpa + first, last - first)
+            tags = read_tags(memory, region.gpa + first, last - first)
             yield region, offset, n, first, tags
 
     def _tag_runs(self) -> list[memoryview]:

@@ -141,13 +141,7 @@ class KvmVm:
         _require_granule(gpa)
         with self.in_use() as fd:
             status = kvm_tags_set(fd, gpa, granules, tags)
-        if status != OK and last_errno() == errno.EBUSY:
-            raise TagsBusyError(
-                errno.EBUSY,
-                "KVM_ARM_MTE_COPY_TAGS: KVM writes no tags while it logs dirty pages "
-                "(a live migration is running); no tag was written",
-            )
-        check(status, "KVM_ARM_MTE_COPY_TAGS")
+        check_tags_written(status)
 
     @contextmanager
     def in_use(self) -> Iterator[int]:
@@ -184,3 +178,14 @@ class KvmVm:
 def _require_granule(gpa: int) -> None:
     if gpa % 16:
         raise AlignmentError(f"tag gpa {gpa:#x} is not 16-byte aligned", value=gpa, alignment=16)
+
+
+def check_tags_written(status: int) -> None:
+    """Raise for a failed KVM_ARM_MTE_COPY_TAGS to the guest: TagsBusyError for EBUSY."""
+    if status != OK and last_errno() == errno.EBUSY:
+        raise TagsBusyError(
+            errno.EBUSY,
+            "KVM_ARM_MTE_COPY_TAGS: KVM writes no tags while it logs dirty pages "
+            "(a live migration is running); no tag was written",
+        )
+    check(status, "KVM_ARM_MTE_COPY_TAGS")

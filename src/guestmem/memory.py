@@ -205,7 +205,7 @@ class GuestMemory(Mover, ClosesOnExit):
 
     def get_tags(self, gpa: int, length: int) -> npt.NDArray[np.uint8]:
         """The allocation tag of each 16-byte granule of ``[gpa, gpa + length)``."""
-        return read_tags(self.address_space, self.kvm, gpa, length)
+        return read_tags(self, gpa, length)
 
     def set_tags(self, gpa: int, length: int, tags: TagsLike) -> None:
         """Set the allocation tags of ``[gpa, gpa + length)``.
@@ -213,7 +213,7 @@ class GuestMemory(Mover, ClosesOnExit):
         ``tags`` is one tag for every granule, or one per granule; data is
         left as it is.
         """
-        write_tags(self.address_space, self.kvm, gpa, length, tags, self.mark_written)
+        write_tags(self, gpa, length, tags)
 
     def __repr__(self) -> str:
         """Show the tag mode and the regions."""

@@ -6,76 +6,60 @@ CPU under HARDWARE, in a table under SOFTWARE, behind KVM's ioctls under KVM.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from guestmem._args import check_tag
-from guestmem._native import NULL, byte_pointer, check, spans, tags_get, tags_set
-from guestmem.address_space import AddressSpace, Piece
+from guestmem._native import check, space_tags_get, space_tags_set
 from guestmem.errors import TagError, UnsupportedError
 from guestmem.kinds import TagMode
-from guestmem.kvm import KvmVm
+from guestmem.kvm import check_tags_written
+from guestmem.mover import Mover
 from guestmem.units import GRANULE
 
 TagsLike = int | Sequence[int] | npt.NDArray[np.integer[Any]]
 """One tag for every granule, or one per granule."""
 
 
-def read_tags(
-    space: AddressSpace, kvm: KvmVm | None, gpa: int, length: int
-) -> npt.NDArray[np.uint8]:
-    """The allocation tag of each 16-byte granule of ``[gpa, gpa + length)`` in ``space``."""
-    gpa, length, pieces = space.granule_pieces(gpa, length)
+def read_tags(mover: Mover, gpa: int, length: int) -> npt.NDArray[np.uint8]:
+    """The allocation tag of each 16-byte granule of ``[gpa, gpa + length)``."""
+    gpa, length, pieces = mover.address_space.granule_pieces(gpa, length)
     out = np.empty(length // GRANULE, dtype=np.uint8)
     at = 0
-    for region, offset, n in pieces:
-        part = out[at : at + n // GRANULE]
-        if kvm is not None:
-            kvm.get_tags_into(region.gpa + offset, part)
-        else:
-            owner = spans([(region, offset, n)])  # keeps the span alive
-            span = owner[0]
-            dest = byte_pointer(part, writable=True)
-            status = tags_get(space.tag_mode, span, dest, part.size)
-            check(status, "get_tags")
-        at += part.size
+    what = "KVM_ARM_MTE_COPY_TAGS" if mover.tag_mode is TagMode.KVM else "get_tags"
+    with mover.vm_fd_in_use():
+        space = mover.native_space
+        for region, offset, n in pieces:
+            part = out[at : at + n // GRANULE]
+            check(space_tags_get(space, region.gpa + offset, part), what)
+            at += part.size
     return out
 
 
-def write_tags(
-    space: AddressSpace,
-    kvm: KvmVm | None,
-    gpa: int,
-    length: int,
-    tags: TagsLike,
-    written: Callable[[list[Piece]], None],
-) -> None:
-    """Set the allocation tags of ``[gpa, gpa + length)`` in ``space``; data stays.
+def write_tags(mover: Mover, gpa: int, length: int, tags: TagsLike) -> None:
+    """Set the allocation tags of ``[gpa, gpa + length)``; data stays.
 
-    ``written`` is told each piece once its tags are set.
+    The core marks the pages whose tags it set dirty.
     """
-    gpa, length, pieces = space.granule_pieces(gpa, length)
-    if space.tag_mode is TagMode.NONE:
+    gpa, length, pieces = mover.address_space.granule_pieces(gpa, length)
+    if mover.tag_mode is TagMode.NONE:
         raise UnsupportedError("TagMode.NONE has no tag storage")
     per_granule = _tag_array(tags, length // GRANULE)
     at = 0
-    for region, offset, n in pieces:
-        count = n // GRANULE
-        part = int(tags) if per_granule is None else per_granule[at : at + count]  # type: ignore[arg-type]
-        if kvm is not None:
-            kvm.set_tags(region.gpa + offset, count, part)
-        else:
-            owner = spans([(region, offset, n)])  # keeps the span alive
-            span = owner[0]
-            uniform = part if isinstance(part, int) else 0
-            source = NULL if isinstance(part, int) else byte_pointer(part)
-            status = tags_set(space.tag_mode, span, count, source, uniform)
-            check(status, "set_tags")
-        at += count
-        written([(region, offset, n)])
+    with mover.vm_fd_in_use():
+        space = mover.native_space
+        for region, offset, n in pieces:
+            count = n // GRANULE
+            part = int(tags) if per_granule is None else per_granule[at : at + count]  # type: ignore[arg-type]
+            status = space_tags_set(space, region.gpa + offset, count, part)
+            if mover.tag_mode is TagMode.KVM:
+                check_tags_written(status)
+            else:
+                check(status, "set_tags")
+            at += count
 
 
 def _tag_array(tags: TagsLike, count: int) -> npt.NDArray[np.uint8] | None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from guestmem._gm import ffi, lib
 from guestmem._native.mapping import holding
 from guestmem.errors import LengthError
@@ -162,14 +165,20 @@ def scratch() -> tuple[Any, Any]:
     return buf, ffi.buffer(buf)
 
 
-def tags_get(mode: int, span: Any, dest: Any, count: int) -> int:
-    """Read ``count`` allocation tags of one span (SOFTWARE or HARDWARE) into ``dest``."""
-    return int(lib.gm_tags_get(mode, span.guest, span.table, count, dest))
+def space_tags_get(space: Any, gpa: int, out: npt.NDArray[np.uint8]) -> int:
+    """The tags of ``out.size`` granules from ``gpa`` (inside one region of ``space``)."""
+    dest = ffi.from_buffer("uint8_t[]", out, require_writable=True)
+    return int(lib.gm_space_tags_get(space, gpa, out.size, dest))
 
 
-def tags_set(mode: int, span: Any, count: int, source: Any, uniform: int) -> int:
-    """Set ``count`` allocation tags of one span: from ``source``, or ``uniform`` if it is NULL."""
-    return int(lib.gm_tags_set(mode, span.guest, span.table, count, source, uniform))
+def space_tags_set(space: Any, gpa: int, granules: int, tags: npt.NDArray[np.uint8] | int) -> int:
+    """Set ``granules`` tags from ``gpa`` (one region of ``space``); mark their pages.
+
+    ``tags``: one a granule, or one for all.
+    """
+    if isinstance(tags, int):
+        return int(lib.gm_space_tags_set(space, gpa, granules, ffi.NULL, tags))
+    return int(lib.gm_space_tags_set(space, gpa, granules, ffi.from_buffer("uint8_t[]", tags), 0))
 
 
 def io_span(
