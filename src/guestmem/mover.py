@@ -412,10 +412,10 @@ class Mover:
     def mark_written(self, pieces: list[Piece]) -> None:
         """Mark ``pieces`` dirty (while the dirty log is on).
 
-        The writes the core cannot see come here: by device code in a DMA
-        scope, and tag changes. The core marks the rest itself: gm_access's
-        writes and fills, the gm_hot entries', system-call I/O into guest
-        memory and the virtqueue's used ring.
+        Only the writes the core cannot see come here: by device code in a
+        DMA scope. The core marks the rest itself: gm_access's writes and
+        fills, the gm_hot entries', tag changes, system-call I/O into guest
+        memory, the virtqueue's used ring and a decoded stream's pages.
         """
         if self.dirty.active:
             for region, offset, n in pieces:
