@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -189,3 +189,19 @@ def check_tags_written(status: int) -> None:
             "(a live migration is running); no tag was written",
         )
     check(status, "KVM_ARM_MTE_COPY_TAGS")
+
+
+def memslots_vm(regions: Sequence[GuestRegion], kvm: KvmVm | None) -> KvmVm:
+    """``kvm`` (or a new VM with MTE) with ``regions`` as its next memslots.
+
+    A VM made here is closed again if a region is refused.
+    """
+    vm = kvm or KvmVm.create()
+    try:
+        for region in regions:
+            vm.add_region(region)
+    except BaseException:
+        if kvm is None:
+            vm.close()
+        raise
+    return vm

@@ -35,16 +35,12 @@ from guestmem._native import (
     access_request,
     address_of,
     bounce_pool,
-    closed_hot,
     from_buffer,
     hot_fill,
     hot_move,
     hot_read,
-    hot_region,
     hot_write,
-    native_space,
     raise_for,
-    region_entries,
     run_access,
     scratch,
     spans,
@@ -53,10 +49,10 @@ from guestmem.address_space import AddressSpace, Piece
 from guestmem.dirty import DirtyLog
 from guestmem.errors import ArgumentTypeError
 from guestmem.kinds import Access, Policy, Route, TagMode
-from guestmem.kvm import KvmVm
+from guestmem.kvm import KvmVm, memslots_vm
+from guestmem.native_regions import CLOSED_HOT, Hot, NativeRegions
 from guestmem.plan import Plan, defaults, resolve
 from guestmem.region import GuestRegion
-from guestmem.units import HOST_PAGE
 
 _OP_CHANGES = OP_WRITE | OP_FILL  # an op that writes guest memory
 _OP_STAGE = OP_STAGE  # flag: the caller's buffer is tagged guest memory
@@ -65,11 +61,10 @@ _OK, _MISS = OK, MISS
 _hot_read, _hot_write, _hot_fill, _hot_move = hot_read, hot_write, hot_fill, hot_move
 _from_buffer = from_buffer  # one lookup less on the fast path
 _CHECKED = Route.CHECKED
-# The fast path's view of the region used last: (first GPA, end GPA, the
-# region, its native struct gm_hot). One attribute, swapped whole, so a thread
-# never sees half of it; empty (first > end, a gm_hot nothing fits in) once closed.
-_Hot = tuple[int, int, "GuestRegion | None", Any]
-_CLOSED: _Hot = (1, 0, None, closed_hot())
+# The fast path's view of the region used last (a native_regions.Hot) is one
+# attribute, swapped whole, so a thread never sees half of it; CLOSED_HOT once closed.
+_Hot = Hot
+_CLOSED = CLOSED_HOT
 # A route named without a tag resolves to the same plan every time (CHECKED,
 # which needs a tag, is absent: resolve() refuses it).
 _ROUTE_PLANS: dict[Route, Plan] = {
@@ -114,40 +109,19 @@ class Mover:
         count = require_length(bounce_buffers)
         self._pool = bounce_pool(size, count)
         regions = space.regions
-        self._kvm: KvmVm | None = None
-        if self.tag_mode is TagMode.KVM:
-            self._kvm = kvm or KvmVm.create()
-            try:
-                for region in regions:
-                    self._kvm.add_region(region)
-            except BaseException:
-                if kvm is None:
-                    self._kvm.close()
-                raise
+        self._kvm = memslots_vm(regions, kvm) if self.tag_mode is TagMode.KVM else None
         vm_fd = -1 if self._kvm is None else self._kvm.fd
-        entries = [(r.gpa, r.size, r.base_pointer, r.tag_table_pointer) for r in regions]
-        self.native_space: Any = native_space(self.tag_mode, entries, vm_fd, HOST_PAGE, regions)
-        """The regions as native code walks them (``struct gm_space``): the virtqueue, the
-        stream codec and the fast path's writes take it (and mark its dirty bits)."""
+        native = NativeRegions.of(self.tag_mode, regions, vm_fd, self._pool)
+        self.native_space: Any = native.space
+        """The regions as native code walks them (``struct gm_space``): every native
+        entry over guest addresses takes it (and marks its dirty bits)."""
         self.dirty = DirtyLog(space, self.native_space)
-        self.native_entries: tuple[Any, dict[GuestRegion, Any]] = (
-            self.native_space,
-            region_entries(self.native_space, regions),
-        )
+        self.native_entries: tuple[Any, dict[GuestRegion, Any]] = (native.space, native.entries)
         """The native space and each region's entry in it (a ``struct gm_space_region *``),
         as one value swapped whole at :meth:`stop`: native calls over regions read both
         at once, so a span never names an entry of a space the caller does not hold."""
-        self._hots: dict[GuestRegion, _Hot] = {
-            r: self._new_hot(r, index) for index, r in enumerate(regions)
-        }
+        self._hots = native.hots
         self._hot: _Hot = self._hots[regions[0]]
-
-    def _new_hot(self, region: GuestRegion, index: int) -> _Hot:
-        native = hot_region(
-            self.tag_mode, region.base_pointer, region.tag_table_pointer, region.gpa,
-            region.size, self._pool, self.native_space, index, region,
-        )  # fmt: skip
-        return (region.gpa, region.end, region, native)
 
     @property
     def kvm(self) -> KvmVm | None:
@@ -176,9 +150,10 @@ class Mover:
         closed when the last in-flight ioctl on it has returned.
         """
         self._hot = _CLOSED
-        self._hots = {}
-        self.native_space = native_space(self.tag_mode, [], -1, HOST_PAGE, None)
-        self.native_entries = (self.native_space, {})
+        empty = NativeRegions.empty(self.tag_mode)
+        self._hots = empty.hots
+        self.native_space = empty.space
+        self.native_entries = (empty.space, empty.entries)
         self.dirty.detach()
         if self._kvm is not None:
             self._kvm.close()
