@@ -69,7 +69,7 @@ print("arm64-trixie:", core.__file__, "|", guestmem.platform_summary())'
 mkdir -p "$top/lane-reports"
 set +e  # both test runs below report, whatever the first one's result
 in_trixie GUESTMEM_LANE=arm64-trixie GUESTMEM_LANE_REPORT=/tmp/arm64-trixie.json \
-    sh -c 'cd /src/tests && /opt/gm-test/bin/python -m pytest -p no:cacheprovider "$@"' pytest "$@"
+    sh -c 'cd /src/tests && /opt/gm-test/bin/python -m pytest -p no:cacheprovider --durations=10 "$@"' pytest "$@"
 status=$?
 cp "$root/tmp/arm64-trixie.json" "$top/lane-reports/arm64-trixie.json" 2>/dev/null || true
 

@@ -27,7 +27,7 @@ mkdir -p "$top/lane-reports"
 cp "$wheel_path" "$top/lane-reports/"
 set +e  # both test runs below report, whatever the first one's result
 in_arm64 GUESTMEM_LANE=arm64-user GUESTMEM_LANE_REPORT=/tmp/arm64-user.json \
-    sh -c 'cd /src/tests && /opt/gm-test/bin/python -m pytest -p no:cacheprovider "$@"' pytest "$@"
+    sh -c 'cd /src/tests && /opt/gm-test/bin/python -m pytest -p no:cacheprovider --durations=20 "$@"' pytest "$@"
 status=$?
 cp "$root/tmp/arm64-user.json" "$top/lane-reports/arm64-user.json" 2>/dev/null || true
 

@@ -15,6 +15,6 @@ rm -rf build  # stale modules in build/lib would ship in the wheel
 mkdir -p lane-reports
 cd tests  # import the installed package, not ../src
 GUESTMEM_LANE=host GUESTMEM_LANE_REPORT=../lane-reports/host.json \
-    "$venv/bin/python" -m pytest -p no:cacheprovider "$@"
+    "$venv/bin/python" -m pytest -p no:cacheprovider --durations=10 "$@"
 # 100,000 mutated streams and packets, with their outcomes counted.
 "$venv/bin/python" -m pytest -p no:cacheprovider -q -s -m soak test_soak.py
