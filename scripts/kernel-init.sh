@@ -21,7 +21,7 @@ cd /src/tests
 PATH=/usr/bin HOME=/root LANG=C.UTF-8 PYTHONPATH=/opt/guestmem PYTHONDONTWRITEBYTECODE=1 \
     GUESTMEM_LANE=arm64-kernel GUESTMEM_LANE_REPORT=/tmp/lane.json \
     GUESTMEM_GUEST_KERNEL=/opt/guest/Image GUESTMEM_GUEST_INITRD=/opt/guest/initrd \
-    python3 -m pytest -p no:cacheprovider -q --color=no -m kernel "$@"  # each console byte costs
+    python3 -m pytest -p no:cacheprovider -q --color=no --durations=15 -m kernel "$@"  # each console byte costs
 status=$?
 echo "GUESTMEM-LANE-REPORT-BEGIN"
 [ -f /tmp/lane.json ] && while IFS= read -r line || [ -n "$line" ]; do echo "$line"; done < /tmp/lane.json
