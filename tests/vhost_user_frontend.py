@@ -170,14 +170,19 @@ class Frontend:
         return int(U64.unpack(self.reply(request))[0])
 
     def closed_by_backend(self) -> bool:
-        """Whether the backend closed the connection (EOF within 5 s)."""
+        """Whether the backend closed the connection within 5 s.
+
+        EOF, or a reset: closing with part of a message unread resets a Unix socket.
+        """
         self.sock.settimeout(5)
         try:
             while True:
                 chunk = self.sock.recv(4096)
                 if not chunk:
                     return True
-        except (TimeoutError, ConnectionResetError):
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
             return False
 
     # ---- what QEMU's vhost-user-blk does -------------------------------------------
