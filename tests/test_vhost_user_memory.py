@@ -67,7 +67,7 @@ def test_an_offset_of_zero_is_what_attach_did_before(memfd: int) -> None:
             assert theirs.read(0x100, 6) == b"shared"
 
 
-def _pages(bits: bytes | mmap.mmap) -> set[int]:
+def _pages(bits: bytes | bytearray | mmap.mmap) -> set[int]:
     return {i * 8 + b for i, byte in enumerate(bytes(bits)) for b in range(8) if byte >> b & 1}
 
 
