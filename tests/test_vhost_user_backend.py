@@ -28,6 +28,7 @@ from vhost_user_frontend import (
     VERSION_1,
     Frontend,
     open_fds,
+    region_entries,
     start_backend,
 )
 
@@ -260,3 +261,30 @@ def test_a_session_leaves_no_fd_open(disk: str) -> None:
     assert backend.errors == []
     gc.collect()  # a mapping's dup of the memfd goes with its last view
     assert open_fds() == before
+
+
+def test_regions_added_and_removed_one_at_a_time(disk: str) -> None:
+    sock, backend = start_backend(disk)
+    front = Frontend(sock)
+    low, high = region_entries()
+    try:
+        offered = front.negotiate()
+        assert U64.unpack(front.ask(Request.GET_MAX_MEM_SLOTS))[0] == 32
+        front.set_features(offered & ~F_LOG_ALL)
+        assert front.add_region(high) == 0
+        assert front.add_region(low) == 0
+        front.start_ring()
+        front.mem.write(0x20000, b"L" * SECTOR)  # low
+        assert front.request(T_OUT, 1, 0x20000, SECTOR) == 0
+        assert front.remove_region(low) == 0  # the ring lives in the high region
+        assert front.request(T_IN, 1, 0x140000, SECTOR) == 0
+        assert front.mem.read(0x140000, SECTOR) == b"L" * SECTOR
+        assert front.add_region(low) == 0
+        assert front.request(T_IN, 1, 0x21000, SECTOR) == 0
+        assert front.mem.read(0x21000, SECTOR) == b"L" * SECTOR
+        assert front.get_vring_base() == 3
+        assert front.gap_is_untouched()
+    finally:
+        front.close()
+        backend.join()
+    assert backend.errors == []

@@ -33,6 +33,7 @@ from guestmem.vhost_user.protocol import (
     FLAG_REPLY,
     LOG,
     MAX_PAYLOAD,
+    REGION,
     U64,
     VERSION,
     VRING_ADDR,
@@ -40,6 +41,7 @@ from guestmem.vhost_user.protocol import (
     Request,
 )
 from vhost_user_frontend import (
+    ALL_PROTOCOL,
     QUEUE_SIZE,
     SECTOR,
     Frontend,
@@ -90,6 +92,19 @@ def table(entries: list[tuple[int, int, int, int]], fds: int | None = None) -> S
 def addr(desc: int, used: int, avail: int, flags: int = 0, log: int = 0) -> Step:
     def send(front: Frontend) -> None:
         front.send(Request.SET_VRING_ADDR, VRING_ADDR.pack(0, flags, desc, used, avail, log))
+
+    return send
+
+
+def old_protocol(front: Frontend) -> None:
+    """Negotiated without CONFIGURE_MEM_SLOTS."""
+    front.negotiate(protocol=ALL_PROTOCOL & ~(1 << 15))
+
+
+def add(entry: tuple[int, int, int, int], cut: int = 0) -> Step:
+    def send(front: Frontend) -> None:
+        payload = bytes(8) + REGION.pack(*entry)
+        front.send(Request.ADD_MEM_REG, payload[: len(payload) - cut], [front.fd])
 
     return send
 
@@ -149,7 +164,7 @@ CASES: dict[str, tuple[Step, Step, type[VhostUserError]]] = {
     "feature not offered": (fresh, raw(Request.SET_FEATURES, U64.pack(1 << 34)), FeatureError),
     "protocol feature not offered": (
         fresh,
-        raw(Request.SET_PROTOCOL_FEATURES, U64.pack(1 << 15)),
+        raw(Request.SET_PROTOCOL_FEATURES, U64.pack(1 << 16)),
         FeatureError,
     ),
     "GET_CONFIG without CONFIG": (
@@ -295,7 +310,47 @@ CASES: dict[str, tuple[Step, Step, type[VhostUserError]]] = {
     "log of two fds": (running, raw(Request.SET_LOG_BASE, LOG.pack(64, 0), fds=2), MessageError),
     "log past its fd": (running, small_log_fd, LogError),
     "log fd without fd": (running, raw(Request.SET_LOG_FD), MessageError),
-    "REM_MEM_REG (not offered)": (running, raw(Request.REM_MEM_REG, bytes(40)), FeatureError),
+    "ADD_MEM_REG not negotiated": (
+        old_protocol,
+        raw(Request.ADD_MEM_REG, bytes(40), fds=1),
+        FeatureError,
+    ),
+    "ADD_MEM_REG without fd": (
+        negotiated,
+        raw(Request.ADD_MEM_REG, bytes(8) + REGION.pack(*LOW)),
+        MessageError,
+    ),
+    "ADD_MEM_REG of 32 bytes": (negotiated, add(LOW, cut=8), MessageError),
+    "ADD_MEM_REG overlapping": (
+        with_table,
+        add((0x9F000, 0x2000, USER + 0x1C0000, 0x1C0000)),
+        MemoryTableError,
+    ),
+    "ADD_MEM_REG past the fd": (
+        with_table,
+        add((0x400000, 0x1000, USER + 0x400000, 2 << 20)),
+        MemoryTableError,
+    ),
+    "REM_MEM_REG of no region": (
+        with_table,
+        raw(Request.REM_MEM_REG, bytes(8) + REGION.pack(0x300000, 0x1000, USER, 0)),
+        MemoryTableError,
+    ),
+    "REM_MEM_REG with two fds": (
+        with_table,
+        raw(Request.REM_MEM_REG, bytes(8) + REGION.pack(*LOW), fds=2),
+        MessageError,
+    ),
+    "REM_MEM_REG of the ring's region": (
+        running,
+        raw(Request.REM_MEM_REG, bytes(8) + REGION.pack(*HIGH)),
+        VringError,
+    ),
+    "GET_MAX_MEM_SLOTS not negotiated": (
+        old_protocol,
+        raw(Request.GET_MAX_MEM_SLOTS),
+        FeatureError,
+    ),
 }
 
 

@@ -203,6 +203,14 @@ class Frontend:
         fds = [self.fd, self.fd]
         assert self.ack(Request.SET_MEM_TABLE, memory_table_payload(region_entries()), fds) == 0
 
+    def add_region(self, entry: tuple[int, int, int, int]) -> int:
+        """ADD_MEM_REG of ``entry`` from the memfd; the backend's status."""
+        return self.ack(Request.ADD_MEM_REG, bytes(8) + REGION.pack(*entry), [self.fd])
+
+    def remove_region(self, entry: tuple[int, int, int, int]) -> int:
+        """REM_MEM_REG of ``entry``; the backend's status."""
+        return self.ack(Request.REM_MEM_REG, bytes(8) + REGION.pack(*entry))
+
     def start_ring(self, *, flags: int = 0, base: int = 0) -> None:
         desc, avail, used = self.driver.rings()
         self.send(Request.SET_VRING_NUM, VRING_STATE.pack(0, QUEUE_SIZE))
@@ -289,6 +297,7 @@ ALL_PROTOCOL = int(
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.CONFIG
     | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
 )
 __all__ = [
     "ALL_PROTOCOL",

@@ -23,15 +23,17 @@ from guestmem.region import SharedRegion
 from guestmem.units import HOST_PAGE
 from guestmem.vhost_user.errors import MemoryTableError
 from guestmem.vhost_user.payloads import RegionDescription
+from guestmem.vhost_user.protocol import MAX_REGIONS
 
 _LIMIT = 1 << 64
 
 
 @dataclass(frozen=True)
 class MemoryTable:
-    """The regions of one SET_MEM_TABLE and the guest memory mapped from them."""
+    """The regions of a memory table, their fds (this table's own) and the memory mapped."""
 
     regions: tuple[RegionDescription, ...]
+    fds: tuple[int, ...]
     memory: gm.GuestMemory
 
     @property
@@ -47,17 +49,27 @@ class MemoryTable:
         return None
 
     def close(self) -> None:
-        """Unmap the regions (once no view of them is left)."""
+        """Unmap the regions (once no view of them is left) and close the fds."""
         self.memory.close()
+        for fd in self.fds:
+            os.close(fd)
 
 
 def map_table(
-    regions: Sequence[RegionDescription], fds: Sequence[int], tags: TagMode, request: int
+    regions: Sequence[RegionDescription],
+    fds: Sequence[int],
+    tags: TagMode,
+    request: int,
+    *,
+    max_regions: int = MAX_REGIONS,
 ) -> MemoryTable:
     """Check ``regions`` against ``fds`` (one each) and map them; the fds stay the caller's.
 
+    The table keeps a duplicate of each fd (ADD_MEM_REG maps them again).
     MemoryTableError, with nothing mapped, if any check fails.
     """
+    if not 1 <= len(regions) <= max_regions:
+        raise MemoryTableError(f"{len(regions)} regions (1 to {max_regions})", request=request)
     if len(fds) != len(regions):
         raise MemoryTableError(f"{len(regions)} regions came with {len(fds)} fds", request=request)
     for i, r in enumerate(regions):
@@ -74,7 +86,16 @@ def map_table(
         raise MemoryTableError(
             f"the memory table cannot be mapped: {err}", request=request
         ) from err
-    return MemoryTable(tuple(regions), memory)
+    owned: list[int] = []
+    try:
+        for fd in fds:
+            owned.append(os.dup(fd))
+    except OSError as err:
+        for fd in owned:
+            os.close(fd)
+        memory.close()
+        raise MemoryTableError(f"the table's fds cannot be kept ({err})", request=request) from err
+    return MemoryTable(tuple(regions), tuple(owned), memory)
 
 
 def _check_region(i: int, r: RegionDescription, fd: int, request: int) -> None:

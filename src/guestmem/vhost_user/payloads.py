@@ -144,3 +144,13 @@ def config(message: Message, *, with_data: bool) -> ConfigAccess:
         )
     data = payload[CONFIG_HEADER.size :] if with_data else b""
     return ConfigAccess(offset, size, flags, data)
+
+
+def single_region(message: Message) -> RegionDescription:
+    """ADD_MEM_REG / REM_MEM_REG: 8 bytes of padding and one region."""
+    if len(message.payload) != 8 + REGION.size:
+        raise MessageError(
+            f"{message.name}: a payload of {len(message.payload)} bytes, not {8 + REGION.size}",
+            request=message.request,
+        )
+    return RegionDescription(*REGION.unpack_from(message.payload, 8))

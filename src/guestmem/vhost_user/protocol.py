@@ -15,6 +15,7 @@ HEADER = struct.Struct("=III")  # request, flags, size (native byte order)
 MAX_PAYLOAD = 4096  # larger than any request this backend serves
 MAX_FDS = 8  # fds one message may carry (VHOST_MEMORY_BASELINE_NREGIONS)
 MAX_REGIONS = 8  # regions of one SET_MEM_TABLE
+MAX_MEM_SLOTS = 32  # regions ADD_MEM_REG may build up (GET_MAX_MEM_SLOTS)
 MAX_CONFIG = 256  # VHOST_USER_MAX_CONFIG_SIZE
 MAX_QUEUE_SIZE = 32768
 LOG_PAGE = 0x1000  # VHOST_LOG_PAGE: a bit of the dirty log covers 4 KiB of GPA
@@ -118,5 +119,7 @@ OFFERED_PROTOCOL_FEATURES = (
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.CONFIG
     | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
 )
-"""What this backend offers: queue count, a shared dirty log, acks, config space, reset."""
+"""What this backend offers: queue count, a shared dirty log, acks, config space, reset,
+regions added and removed one at a time."""

@@ -74,6 +74,7 @@ def serve_connection(
     except Disconnected:
         return None
     except GuestMemoryError as error:
+        _drop_frames(error)
         on_error(error)
         return error
     except OSError as error:  # the socket broke under a reply
@@ -86,6 +87,24 @@ def serve_connection(
             session.close()
         device.close()
         conn.close()
+
+
+def _drop_frames(error: BaseException) -> None:
+    """Forget the frames of ``error`` and its causes: their locals would keep guest memory mapped.
+
+    A refused table or queue is referenced from the frames that refused it;
+    the mappings (and the frontend's fds they hold) must go with the
+    connection, not with the report of its error.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__]
 
 
 def _rewatch(

@@ -23,6 +23,7 @@ from guestmem.vhost_user.dirty_log import SharedLog
 from guestmem.vhost_user.errors import (
     FeatureError,
     LogError,
+    MemoryTableError,
     MessageError,
     VringError,
 )
@@ -30,6 +31,7 @@ from guestmem.vhost_user.memory_table import MemoryTable, map_table
 from guestmem.vhost_user.protocol import (
     F_LOG_ALL,
     F_PROTOCOL_FEATURES,
+    MAX_MEM_SLOTS,
     MAX_QUEUE_SIZE,
     OFFERED_PROTOCOL_FEATURES,
     U64,
@@ -47,7 +49,13 @@ from guestmem.virtio import SplitQueue
 F_EVENT_IDX = 1 << 29
 _RING_PARTS = ("descriptor table", "available ring", "used ring")
 _ALIGN = (16, 2, 4)
-_FD_REQUESTS = {Request.SET_LOG_BASE, Request.SET_LOG_FD, Request.SET_MEM_TABLE}
+_FD_REQUESTS = {
+    Request.SET_LOG_BASE,
+    Request.SET_LOG_FD,
+    Request.SET_MEM_TABLE,
+    Request.ADD_MEM_REG,
+    Request.REM_MEM_REG,
+}
 _VRING_FD_REQUESTS = {Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR}
 
 
@@ -103,6 +111,9 @@ class Session:
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
             Request.RESET_DEVICE: self._reset_device,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
         }
 
     # ---- the entry points ------------------------------------------------------
@@ -266,8 +277,72 @@ class Session:
 
     def _set_mem_table(self, message: Message) -> None:
         regions = payloads.memory_table(message)
-        table = map_table(regions, message.fds, self.tags, message.request)
+        self._install(map_table(regions, message.fds, self.tags, message.request), message)
+
+    def _get_max_mem_slots(self, message: Message) -> bytes:
+        payloads.empty(message)
+        self._require_protocol(message, ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        return U64.pack(MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, message: Message) -> None:
+        self._require_protocol(message, ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        region = payloads.single_region(message)
+        if len(message.fds) != 1:
+            raise MessageError(
+                f"{message.name}: needs exactly one fd, got {len(message.fds)}",
+                request=message.request,
+            )
+        regions = list(self.table.regions) if self.table else []
+        fds = list(self.table.fds) if self.table else []
+        table = map_table(
+            [*regions, region], [*fds, message.fds[0]], self.tags, message.request,
+            max_regions=MAX_MEM_SLOTS,
+        )  # fmt: skip
+        self._install(table, message)
+
+    def _rem_mem_reg(self, message: Message) -> None:
+        self._require_protocol(message, ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        region = payloads.single_region(message)
+        if len(message.fds) > 1:  # one fd is tolerated (the spec's MAY), and closed
+            raise MessageError(
+                f"{message.name}: carried {len(message.fds)} fds", request=message.request
+            )
+        table = self.table
+        found = [
+            i
+            for i, r in enumerate(table.regions if table else ())
+            if (r.gpa, r.size, r.user_address) == (region.gpa, region.size, region.user_address)
+        ]
+        if table is None or not found:
+            raise MemoryTableError(
+                f"{message.name}: no region at guest {region.gpa:#x} of size {region.size:#x} "
+                f"and user address {region.user_address:#x}",
+                request=message.request,
+            )
+        keep = [i for i in range(len(table.regions)) if i != found[0]]
+        if not keep:
+            if any(v.started for v in self.vrings):
+                raise VringError(
+                    f"{message.name}: the last region goes while rings run",
+                    request=message.request,
+                )
+            self._share_log(False)
+            self.table = None
+            table.close()
+            return
+        regions = [table.regions[i] for i in keep]
+        fds = [table.fds[i] for i in keep]
+        self._install(map_table(regions, fds, self.tags, message.request), message)
+
+    def _install(self, table: MemoryTable, message: Message) -> None:
+        """Make ``table`` the session's, running rings rebuilt over it (or close it and raise)."""
         try:
+            if self._logging() and self.log is not None and self.log.covers < table.end:
+                raise LogError(
+                    f"{message.name}: the dirty log covers GPAs below {self.log.covers:#x}, "
+                    f"not the table up to {table.end:#x}",
+                    request=message.request,
+                )
             queues = self._queues_over(table, message)
         except BaseException:
             table.close()
@@ -332,10 +407,12 @@ class Session:
         if old is not None:
             os.close(old)
 
+    def _logging(self) -> bool:
+        return bool(self.features is not None and self.features & F_LOG_ALL and self.log)
+
     def _update_logging(self, message: Message) -> None:
-        want = bool(self.features is not None and self.features & F_LOG_ALL and self.log)
         try:
-            self._share_log(want)
+            self._share_log(self._logging())
         except LengthError as err:
             raise LogError(f"{message.name}: {err}", request=message.request) from err
 
