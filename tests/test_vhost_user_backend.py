@@ -243,6 +243,7 @@ def test_the_server_serves_the_next_frontend_a_fresh_device(disk: str, tmp_path:
 
 
 def test_a_session_leaves_no_fd_open(disk: str) -> None:
+    gc.collect()  # what earlier tests left for the collector goes first
     before = open_fds()
     sock, backend = start_backend(disk)
     front = Frontend(sock)
@@ -288,3 +289,38 @@ def test_regions_added_and_removed_one_at_a_time(disk: str) -> None:
         front.close()
         backend.join()
     assert backend.errors == []
+
+
+def test_the_server_survives_a_device_that_fails_to_start(disk: str, tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def make() -> VirtioBlock:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("no device this time")
+        return VirtioBlock(None, disk, locked=False)
+
+    errors: list[gm.GuestMemoryError] = []
+    path = str(tmp_path / "vu.sock")
+    server = BackendServer(path, make, gm.TagMode.NONE, on_error=errors.append)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        first.connect(path)
+        first.settimeout(5)
+        assert first.recv(1) == b"", "the failed connection is closed"
+        first.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        front = Frontend(sock)
+        try:
+            front.start()
+            assert front.request(T_IN, 0, 0x30000, SECTOR) == 0
+        finally:
+            front.close()
+    finally:
+        server.close()
+        thread.join(10)
+    assert len(errors) == 1
+    assert "no device this time" in str(errors[0])

@@ -8,6 +8,7 @@ the status byte, the used ring.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 
@@ -54,5 +55,6 @@ class SharedLog:
         return self._map
 
     def close(self) -> None:
-        """Unmap the log (its users must have let go of it)."""
-        self._map.close()
+        """Unmap the log; while a view of it is still held, it goes with the last one."""
+        with contextlib.suppress(BufferError):
+            self._map.close()

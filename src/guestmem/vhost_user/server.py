@@ -17,12 +17,13 @@ import selectors
 import socket
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 
 from guestmem.errors import GuestMemoryError
 from guestmem.kinds import TagMode
 from guestmem.owner_only import bind_unix
-from guestmem.vhost_user.device import DeviceFactory
+from guestmem.vhost_user.device import BackendDevice, DeviceFactory
 from guestmem.vhost_user.errors import VhostUserError
 from guestmem.vhost_user.protocol import U64
 from guestmem.vhost_user.session import Session
@@ -51,12 +52,13 @@ def serve_connection(
     Returns the error that ended the connection (None for a disconnect);
     ``conn`` is closed either way.
     """
-    device = make_device()
+    device: BackendDevice | None = None
     session: Session | None = None
     # poll(2), not epoll: an epoll set keeps a closed fd's registration while the
     # frontend still holds the file, so a new kick fd with the same number would clash.
     selector = selectors.PollSelector()
     try:
+        device = make_device()
         session = Session(device, tags)
         selector.register(conn, selectors.EVENT_READ, None)
         watched: dict[int, int] = {}
@@ -85,7 +87,8 @@ def serve_connection(
         selector.close()
         if session is not None:
             session.close()
-        device.close()
+        if device is not None:
+            device.close()
         conn.close()
 
 
@@ -174,7 +177,13 @@ class BackendServer:
                 except OSError:
                     continue
                 self.connections += 1
-                serve_connection(conn, self._make_device, self._tags, on_error=self._on_error)
+                try:
+                    serve_connection(conn, self._make_device, self._tags, on_error=self._on_error)
+                except Exception as bug:  # not a refusal: report it, serve the next frontend
+                    traceback.print_exc()
+                    self._on_error(
+                        VhostUserError(f"the connection failed inside the backend: {bug!r}")
+                    )
         finally:
             selector.close()
 
