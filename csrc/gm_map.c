@@ -14,14 +14,14 @@
 #define PROT_MTE 0x20
 #endif
 
-static struct gm_mapping *map_with(int fd, size_t size, int mte, int owns_fd)
+static struct gm_mapping *map_with(int fd, size_t size, int mte, int owns_fd, uint64_t offset)
 {
     struct gm_mapping *m = calloc(1, sizeof *m);
     if (m == NULL)
         return NULL;
     int prot = PROT_READ | PROT_WRITE | (mte ? PROT_MTE : 0);
     int flags = fd < 0 ? MAP_PRIVATE | MAP_ANONYMOUS : MAP_SHARED;
-    void *addr = mmap(NULL, size, prot, flags, fd, 0);
+    void *addr = mmap(NULL, size, prot, flags, fd, (off_t)offset);
     if (addr == MAP_FAILED) {
         int saved = errno;
         if (owns_fd)
@@ -39,7 +39,7 @@ static struct gm_mapping *map_with(int fd, size_t size, int mte, int owns_fd)
 
 struct gm_mapping *gm_map_anonymous(size_t size, int mte)
 {
-    return map_with(-1, size, mte, 0);
+    return map_with(-1, size, mte, 0, 0);
 }
 
 struct gm_mapping *gm_map_memfd(const char *name, size_t size, int mte)
@@ -53,15 +53,24 @@ struct gm_mapping *gm_map_memfd(const char *name, size_t size, int mte)
         errno = saved;
         return NULL;
     }
-    return map_with(fd, size, mte, 1);
+    return map_with(fd, size, mte, 1, 0);
 }
 
 struct gm_mapping *gm_map_fd(int fd, size_t size, int mte)
 {
+    return gm_map_fd_at(fd, size, mte, 0);
+}
+
+struct gm_mapping *gm_map_fd_at(int fd, size_t size, int mte, uint64_t offset)
+{
+    if (offset > (uint64_t)INT64_MAX) {
+        errno = EINVAL;
+        return NULL;
+    }
     int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (own < 0)
         return NULL;
-    return map_with(own, size, mte, 1);
+    return map_with(own, size, mte, 1, offset);
 }
 
 void gm_mapping_free(struct gm_mapping *m)

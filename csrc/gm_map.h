@@ -15,6 +15,8 @@ struct gm_mapping {
 struct gm_mapping *gm_map_anonymous(size_t size, int mte);
 struct gm_mapping *gm_map_memfd(const char *name, size_t size, int mte);
 struct gm_mapping *gm_map_fd(int fd, size_t size, int mte);
+/* A shared mapping of `size` bytes of fd from `offset` (a multiple of the host page). */
+struct gm_mapping *gm_map_fd_at(int fd, size_t size, int mte, uint64_t offset);
 void gm_mapping_free(struct gm_mapping *mapping);
 int gm_mapping_keeps_tags(struct gm_mapping *mapping);
 

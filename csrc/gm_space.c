@@ -32,14 +32,36 @@ void gm_space_mark(const struct gm_space *space, size_t index, uint64_t offset, 
         gm_space_mark_region(space, &space->regions[index], offset, len);
 }
 
+#define GPA_LOG_SHIFT 12
+
+static void mark_gpa_log(const struct gm_gpa_log *log, uint64_t gpa, uint64_t len)
+{
+    uint64_t first = gpa >> GPA_LOG_SHIFT;
+    uint64_t last = (gpa + len - 1) >> GPA_LOG_SHIFT;
+    if (last >= log->pages)
+        last = log->pages - 1;
+    for (uint64_t page = first; page <= last && page < log->pages; page++)
+        __atomic_fetch_or(&log->bits[page / 8], (uint8_t)(1u << (page % 8)), __ATOMIC_RELEASE);
+}
+
+void gm_space_set_gpa_log(struct gm_space *space, const struct gm_gpa_log *log)
+{
+    __atomic_store_n(&space->gpa_log, log, __ATOMIC_RELEASE);
+}
+
 void gm_space_mark_region(const struct gm_space *space, const struct gm_space_region *region,
                           uint64_t offset, uint64_t len)
 {
-    uint64_t *bits = __atomic_load_n(&region->dirty, __ATOMIC_ACQUIRE);
-    if (bits == NULL || len == 0)
+    if (len == 0)
         return;
     uint64_t size = region->size;
     if (offset >= size || len > size - offset)
+        return;
+    const struct gm_gpa_log *log = __atomic_load_n(&space->gpa_log, __ATOMIC_ACQUIRE);
+    if (log != NULL)
+        mark_gpa_log(log, region->gpa + offset, len);
+    uint64_t *bits = __atomic_load_n(&region->dirty, __ATOMIC_ACQUIRE);
+    if (bits == NULL)
         return;
     uint64_t first = offset >> space->page_shift;
     uint64_t last = (offset + len - 1) >> space->page_shift;

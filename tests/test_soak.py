@@ -1,4 +1,5 @@
-"""Soak: 100,000 mutated migration streams and 100,000 mutated GDB packets.
+"""Soak: 100,000 mutated migration streams and 100,000 mutated GDB packets, and
+1,000 vhost-user sessions with one mutated message each.
 
 Outside the default run: `pytest -m soak` (about 10 s on the host; the host
 lane runs it after the suite).
@@ -12,6 +13,7 @@ import io
 import os
 import random
 import re
+import socket
 from collections import Counter
 
 import pytest
@@ -132,3 +134,95 @@ def test_mutated_packets_are_answered_or_refused() -> None:
     print(f"\n{COUNT} mutated packets: {dict(outcomes)}")
     assert sum(outcomes.values()) >= COUNT * 0.9
     assert outcomes["error"] and outcomes["answer"]
+
+
+VHOST_SESSIONS = int(os.environ.get("GUESTMEM_SOAK_VHOST_SESSIONS", "1000"))
+
+
+def test_vhost_user_sessions_with_one_mutated_message(tmp_path: object) -> None:
+    """QEMU's set-up of a ring with one message mutated: served, or refused with a typed error.
+
+    After a real negotiation, the memory table and the ring's messages are
+    sent with one of them mutated (bits, length, fds or flags), then a
+    request is kicked. Nothing escapes but guestmem errors, nothing is
+    written outside the memory table, and each session ends cleanly.
+    """
+    from pathlib import Path
+
+    from guestmem.vhost_user.protocol import U64, VERSION, VRING_ADDR, VRING_STATE, Request
+    from vhost_user_frontend import (
+        QUEUE_SIZE,
+        Frontend,
+        memory_table_payload,
+        region_entries,
+        start_backend,
+        user,
+    )
+
+    disk = Path(str(tmp_path)) / "disk.img"
+    disk.write_bytes(bytes(64 * 512))
+    rng = random.Random(21)
+    outcomes: Counter[str] = Counter()
+    for _ in range(VHOST_SESSIONS):
+        sock, backend = start_backend(str(disk))
+        front = Frontend(sock)
+        desc, avail, used = front.driver.rings()
+        script: list[tuple[int, bytes, list[int], int]] = [
+            (
+                Request.SET_MEM_TABLE,
+                memory_table_payload(region_entries()),
+                [front.fd] * 2,
+                VERSION,
+            ),
+            (Request.SET_VRING_NUM, VRING_STATE.pack(0, QUEUE_SIZE), [], VERSION),
+            (Request.SET_VRING_BASE, VRING_STATE.pack(0, 0), [], VERSION),
+            (
+                Request.SET_VRING_ADDR,
+                VRING_ADDR.pack(0, 0, user(desc), user(used), user(avail), used),
+                [],
+                VERSION,
+            ),
+            (Request.SET_VRING_KICK, U64.pack(0), [front.kick], VERSION),
+            (Request.SET_VRING_CALL, U64.pack(0), [front.call], VERSION),
+            (Request.SET_VRING_ENABLE, VRING_STATE.pack(0, 1), [], VERSION),
+        ]
+        victim = rng.randrange(len(script))
+        request, payload, fds, flags = script[victim]
+        kind = rng.randrange(4)
+        if kind == 0:
+            data = bytearray(payload)
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            payload = bytes(data)
+        elif kind == 1:
+            payload = payload[: rng.randrange(len(payload) + 1)] + rng.randbytes(rng.randint(0, 8))
+        elif kind == 2:
+            fds = [front.kick] * rng.randint(0, 3)
+        else:
+            flags = rng.choice([0, 2, 3, VERSION | 4, VERSION | 0x10])
+        script[victim] = (request, payload, fds, flags)
+        try:
+            offered = front.negotiate()
+            front.set_features(offered & ~(1 << 26))
+            for request, payload, fds, flags in script:
+                front.send(request, payload, fds, flags=flags)
+            front.driver.set_desc(0, 0x30000, 16)
+            front.driver.publish(0)
+            os.eventfd_write(front.kick, 1)
+            front.send(Request.GET_VRING_BASE, VRING_STATE.pack(0, 0))
+            front.sock.shutdown(socket.SHUT_WR)  # the backend ends the session at our EOF
+            front.sock.settimeout(5)
+            while front.sock.recv(1 << 16):
+                pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass
+        finally:
+            gap_ok = front.gap_is_untouched()
+            front.close()
+            backend.join()
+        assert gap_ok
+        for error in backend.errors:
+            assert isinstance(error, gm.GuestMemoryError), repr(error)
+        outcomes[type(backend.errors[0]).__name__ if backend.errors else "served"] += 1
+    print(f"\nvhost-user sessions with one mutated message: {dict(outcomes)}")
+    assert sum(outcomes.values()) == VHOST_SESSIONS

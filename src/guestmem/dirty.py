@@ -10,11 +10,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from guestmem._native import dirty_mark, dirty_mark_pages, dirty_take, set_dirty_bits
+from guestmem._native import dirty_mark, dirty_mark_pages, dirty_take, set_dirty_bits, set_gpa_log
 from guestmem.address_space import AddressSpace
-from guestmem.errors import UsageError
+from guestmem.errors import LengthError, UsageError
 from guestmem.region import GuestRegion
 from guestmem.units import HOST_PAGE, Frames
+
+GPA_BITMAP_PAGE = 4096
+"""The page of a shared GPA bitmap (:meth:`DirtyLog.share_bitmap`): vhost-user's VHOST_LOG_PAGE."""
 
 
 class DirtyLog:
@@ -48,6 +51,7 @@ class DirtyLog:
         # kept (a native writer may hold a pointer to them), cleared at each start.
         self._bits: list[npt.NDArray[np.uint64]] = []
         self._on = False
+        self._shared: Any = None  # the native GPA bitmap's description, while one is shared
         # Whether pages are being tracked: a plain attribute, as every write
         # of the mover's fast path asks it.
         self.active = False
@@ -77,6 +81,8 @@ class DirtyLog:
             if native is not None:
                 for index in range(len(self._bits)):
                     set_dirty_bits(native, index, None)
+                set_gpa_log(native, None, 0)
+            self._shared = None
             self._index = {}
 
     def _switch_off(self) -> None:
@@ -84,7 +90,39 @@ class DirtyLog:
             for index in range(len(self._bits)):
                 set_dirty_bits(self._native, index, None)
         self._on = False
-        self.active = False
+        self.active = self._shared is not None
+
+    def share_bitmap(self, bits: Any) -> None:
+        """Also mark every page the library writes in ``bits``, another process's bitmap.
+
+        ``bits`` is a writable buffer laid out as vhost-user's dirty log: bit
+        ``i % 8`` of byte ``i // 8`` is the 4 KiB page at GPA ``i * 4096``
+        (:data:`GPA_BITMAP_PAGE`, whatever the host page), set with atomic
+        ORs, never cleared here. It must cover every region (LengthError
+        otherwise). Independent of :meth:`start`: the host-page log stays as
+        it is. Replaces a bitmap shared before; the caller keeps ``bits``
+        alive until no write that began before the change can still mark it.
+        """
+        pages = len(memoryview(bits).cast("B")) * 8
+        end = max((region.end for region in self._space.regions), default=0)
+        if pages * GPA_BITMAP_PAGE < end:
+            raise LengthError(
+                f"a GPA bitmap of {pages} pages covers [0, {pages * GPA_BITMAP_PAGE:#x}), "
+                f"not the regions up to {end:#x}"
+            )
+        with self._lock:
+            if self._native is None:
+                raise UsageError("the memory is closed: no bitmap can be shared")
+            self._shared = set_gpa_log(self._native, bits, pages)
+            self.active = True
+
+    def unshare_bitmap(self) -> None:
+        """Stop marking the bitmap :meth:`share_bitmap` gave (none shared: nothing happens)."""
+        with self._lock:
+            if self._native is not None:
+                set_gpa_log(self._native, None, 0)
+            self._shared = None
+            self.active = self._on
 
     def mark(self, gpa: int, length: int) -> None:
         """Mark the pages of ``[gpa, gpa + length)`` dirty (AddressError if unmapped)."""

@@ -52,12 +52,15 @@ class SharedRegion:
 
     Pass the fds as a child's ``pass_fds`` or over a Unix socket (SCM_RIGHTS).
     ``table_fd`` is the SOFTWARE tag table; HARDWARE tags travel in the memfd.
+    ``offset`` is where the region starts in ``fd`` (a multiple of the host
+    page): a frontend such as QEMU shares several regions of one memfd.
     """
 
     gpa: int
     size: int
     fd: int
     table_fd: int | None = None
+    offset: int = 0
 
 
 class GuestRegion:
@@ -228,10 +231,15 @@ def _fd_size(fd: object, what: str) -> int:
 
 def _check_shared(shared: SharedRegion, size: int, tag_mode: TagMode) -> None:
     """Refuse a shared table its fds cannot back: a smaller memfd would SIGBUS later."""
+    offset = as_int(shared.offset, "a region's offset in its fd")
+    if offset < 0:
+        raise SharedTableError(f"region {shared.gpa:#x}: a negative offset {offset} in its fd")
+    _require_page_multiple("offset", offset)
     data = _fd_size(shared.fd, "the region's memfd")
-    if data < size:
+    if data < size or offset > data - size:
+        where = f" from offset {offset:#x}" if offset else ""
         raise SharedTableError(
-            f"region {shared.gpa:#x} claims {size:#x} bytes but its memfd holds {data:#x}"
+            f"region {shared.gpa:#x} claims {size:#x} bytes{where} but its memfd holds {data:#x}"
         )
     if tag_mode is not TagMode.SOFTWARE:
         return
@@ -259,7 +267,7 @@ def _map(
 ) -> Any:
     mte = tag_mode is TagMode.HARDWARE
     if shared is not None:
-        mapping = map_memory(size, mte, fd=shared.fd)
+        mapping = map_memory(size, mte, fd=shared.fd, offset=shared.offset)
     elif backing is Backing.MEMFD:
         mapping = map_memory(size, mte, memfd_name=name)
     else:

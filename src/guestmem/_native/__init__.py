@@ -75,6 +75,7 @@ from guestmem._native.space import (
     native_space,
     region_entries,
     set_dirty_bits,
+    set_gpa_log,
 )
 from guestmem._native.status import ERR_ERRNO, ERR_VIRTQ, MISS, OK, check, last_errno, raise_for
 from guestmem._native.stream import (
@@ -175,6 +176,7 @@ __all__ = [
     "run_access",
     "scratch",
     "set_dirty_bits",
+    "set_gpa_log",
     "space_tags_get",
     "space_tags_set",
     "spans",

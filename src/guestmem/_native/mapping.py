@@ -14,17 +14,23 @@ NULL: Any = ffi.NULL
 
 
 def map_memory(
-    size: int, mte: bool, *, fd: int | None = None, memfd_name: str | None = None
+    size: int,
+    mte: bool,
+    *,
+    fd: int | None = None,
+    memfd_name: str | None = None,
+    offset: int = 0,
 ) -> Any:
     """A ``struct gm_mapping *`` of ``size`` bytes, unmapped with its last reference.
 
-    Of ``fd`` when given, else of a new memfd named ``memfd_name`` when given,
-    else private anonymous memory; PROT_MTE when ``mte``. None on failure
+    Of ``fd`` from ``offset`` (a multiple of the host page) when given,
+    else of a new memfd named ``memfd_name`` when given, else private
+    anonymous memory; PROT_MTE when ``mte``. None on failure
     (``last_errno()`` says why).
     """
     flag = 1 if mte else 0
     if fd is not None:
-        raw = lib.gm_map_fd(fd, size, flag)
+        raw = lib.gm_map_fd_at(fd, size, flag, offset) if offset else lib.gm_map_fd(fd, size, flag)
     elif memfd_name is not None:
         raw = lib.gm_map_memfd(memfd_name.encode(), size, flag)
     else:

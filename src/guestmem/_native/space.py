@@ -79,3 +79,22 @@ def dirty_take(space: Any, index: int, out: npt.NDArray[np.uint64]) -> None:
     """Move region ``index``'s dirty words into ``out`` and clear them (atomically a word)."""
     pointer = ffi.from_buffer("uint64_t[]", out, require_writable=True)
     lib.gm_space_take(space, index, pointer, out.size)
+
+
+def set_gpa_log(space: Any, bits: Any, pages: int) -> Any:
+    """Have every dirty mark of ``space`` also set its 4 KiB pages' bits in ``bits``.
+
+    ``bits`` is a writable buffer (bit ``i % 8`` of byte ``i // 8`` is the page
+    at GPA ``i * 4096``) covering ``pages`` pages; None detaches the log. The
+    result keeps the native description alive: hold it (and ``bits``) until no
+    writer can still be marking through it.
+    """
+    if bits is None:
+        lib.gm_space_set_gpa_log(space, ffi.NULL)
+        return None
+    pointer = ffi.from_buffer("uint8_t[]", bits, require_writable=True)
+    log = ffi.new("struct gm_gpa_log *")
+    log.bits = pointer
+    log.pages = pages
+    lib.gm_space_set_gpa_log(space, log)
+    return (log, pointer)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import guestmem as gm
 from guestmem.devices.disk_lock import DiskLock
 from guestmem.devices.interrupt import UsedBuffers
+from guestmem.dma_io import DmaIO
 from guestmem.saved_state import Reader, Writer
 from guestmem.virtio import DescriptorChain, SplitQueue
 
@@ -50,11 +51,21 @@ class VirtioBlock:
 
     device_id = DEVICE_ID
     queue_count = 1
+    _memory: gm.GuestMemory
+    _io: DmaIO
 
     def __init__(
-        self, memory: gm.GuestMemory, path: str, *, read_only: bool = False, locked: bool = True
+        self,
+        memory: gm.GuestMemory | None,
+        path: str,
+        *,
+        read_only: bool = False,
+        locked: bool = True,
     ) -> None:
         """Open the image; its size, rounded down to sectors, is the disk's capacity.
+
+        ``memory`` may come later (:meth:`use_memory`), before the device is
+        activated: a vhost-user frontend gives it after asking for the config.
 
         With ``locked`` the image is locked (:mod:`disk_lock`: exclusive, or
         shared when ``read_only``), and DiskLockedError names it if another
@@ -73,7 +84,12 @@ class VirtioBlock:
 
     @classmethod
     def over_fd(
-        cls, memory: gm.GuestMemory, fd: int, *, read_only: bool = False, serial: bytes = b""
+        cls,
+        memory: gm.GuestMemory | None,
+        fd: int,
+        *,
+        read_only: bool = False,
+        serial: bytes = b"",
     ) -> VirtioBlock:
         """A device over an open image file (it becomes the device's to close)."""
         device = cls.__new__(cls)
@@ -81,9 +97,11 @@ class VirtioBlock:
         device.image_lock = DiskLock(fd, f"on fd {fd}", shared=read_only)
         return device
 
-    def _setup(self, memory: gm.GuestMemory, fd: int, read_only: bool, serial: bytes) -> None:
-        self._memory = memory
-        self._io = memory.dma.io
+    def _setup(
+        self, memory: gm.GuestMemory | None, fd: int, read_only: bool, serial: bytes
+    ) -> None:
+        if memory is not None:
+            self.use_memory(memory)
         self.read_only = read_only
         self.fd = fd
         self.size = os.fstat(fd).st_size // SECTOR * SECTOR
@@ -91,6 +109,11 @@ class VirtioBlock:
         self.serial = serial[:ID_BYTES]
         self._queue: SplitQueue | None = None
         self.requests = 0
+
+    def use_memory(self, memory: gm.GuestMemory) -> None:
+        """Serve requests in ``memory`` from now on (set while the device is not active)."""
+        self._memory = memory
+        self._io = memory.dma.io
 
     def config(self) -> bytes:
         """Capacity (sectors), size_max, seg_max, geometry, blk_size."""

@@ -1,4 +1,4 @@
-"""The ``guestmem`` command: info, bench, migrate, inspect, gdbserve and vmm."""
+"""The ``guestmem`` command: info, bench, migrate, inspect, gdbserve, vmm and vhost-user-blk."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import guestmem as gm
 from guestmem.tools import bench
 from guestmem.tools import gdbserve as gdbstub_cli
 from guestmem.tools import migrate as migration_cli
+from guestmem.tools import vhost_user_blk as vhost_user_blk_cli
 from guestmem.tools import vmm as vmm_cli
 from guestmem.tools.bench import virtio_blk
 from guestmem.tools.info import info_rows
@@ -140,6 +141,7 @@ def parser() -> argparse.ArgumentParser:
     migration_cli.add_commands(commands)
     gdbstub_cli.add_commands(commands)
     vmm_cli.add_commands(commands)
+    vhost_user_blk_cli.add_commands(commands)
     return top
 
 
