@@ -10,8 +10,9 @@
 # (checked for what the guest needs built in), and the modules the guest loads
 # for its disk (virtio_ring, virtio, virtio_pci_modern_dev,
 # virtio_pci_legacy_dev, virtio_pci, virtio_blk; one built in is left out).
-# The initramfs: Debian's busybox-static (amd64), tests/guest-x86/vublk_check.c
-# compiled static by the host's gcc, tests/guest-x86/init and those modules.
+# The initramfs: Debian's busybox-static (amd64), the checks
+# tests/guest-x86/vublk_*.c compiled static by the host's gcc,
+# tests/guest-x86/init and those modules.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/.." && pwd)
@@ -72,7 +73,7 @@ for option in CONFIG_PVH=y CONFIG_DEVTMPFS=y CONFIG_BLK_DEV_INITRD=y CONFIG_SERI
     grep -qx "$option" "$dir/kernel/config" || { echo "the x86 guest's kernel lacks $option" >&2; exit 1; }
 done
 
-key=$( (cat "$top/tests/guest-x86/init" "$top"/tests/guest-x86/*.c "$0" "$dir/kernel/package") \
+key=$( (cat "$top/tests/guest-x86/init" "$top"/tests/guest-x86/*.[ch] "$0" "$dir/kernel/package") \
     | sha256sum | cut -c1-16)
 out=$dir/initramfs-$key.cpio
 if [ ! -f "$out" ]; then
@@ -82,8 +83,10 @@ if [ ! -f "$out" ]; then
     mkdir -p "$stage/bin" "$stage/proc" "$stage/sys" "$stage/dev" "$stage/lib/modules"
     cp "$dir/kernel/busybox" "$stage/bin/busybox"
     ln -s busybox "$stage/bin/sh"
-    gcc -static -O2 -Wall -Wextra -Werror -pthread -o "$stage/bin/vublk_check" \
-        "$top/tests/guest-x86/vublk_check.c" >&2
+    for check in vublk_check vublk_migrate; do
+        gcc -static -O2 -Wall -Wextra -Werror -pthread -o "$stage/bin/$check" \
+            "$top/tests/guest-x86/$check.c" >&2
+    done
     for module in "$dir"/kernel/modules/*.ko; do
         [ ! -e "$module" ] || cp "$module" "$stage/lib/modules/"
     done

@@ -14,10 +14,12 @@ the harness; guestmem's own backend joins it as a second one.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -25,11 +27,16 @@ import pytest
 from conftest import FIGURES
 from x86_guest import (
     BACKENDS,
+    RESULT,
     SECTOR,
     Backend,
+    Console,
+    Qmp,
     first_difference,
     guest_files,
     make_plan,
+    migrate_generations,
+    migrate_write_extent,
     pattern,
     plan_argument,
     qemu_command,
@@ -41,6 +48,7 @@ from x86_guest import (
 
 DISK_MIB = 32
 SEED = 0x5EED_2100_C0FF_EE21
+READY = re.compile(rb"VHOST-MIG-READY|VHOST-BLK-CHECK fail[^\r\n]*")
 GUEST_TIMEOUT = 600.0  # TCG on a loaded two-core machine; it takes seconds when idle
 
 
@@ -64,7 +72,7 @@ def served_disk(backend: Backend, tmp_path: Path) -> Iterator[tuple[Path, Path]]
     image.write_bytes(pattern(SEED, np.zeros(sectors, dtype=np.uint64)))
     socket = tmp_path / "vhost-user-blk.sock"
     log = tmp_path / "backend.log"
-    process = backend(socket, image, log)
+    process = backend([socket], image, log)
     try:
         wait_for_socket(process, socket, log)
         yield socket, image
@@ -87,7 +95,7 @@ def test_guest_io_through_vhost_user_blk_is_exact(
     started = time.monotonic()
     with open(qemu_log, "wb") as log:
         qemu = subprocess.Popen(
-            qemu_command(kernel, initramfs, socket, console, append),
+            qemu_command(kernel, initramfs, socket, f"file:{console}", append),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -121,3 +129,124 @@ def test_guest_io_through_vhost_user_blk_is_exact(
     FIGURES["x86 guest under TCG: QEMU start to power-off and image checked (s)"] = round(
         time.monotonic() - started, 1
     )
+
+
+MIGRATION_BANDWIDTH = 64 << 20  # bytes/s: several seconds of pre-copy with the guest busy
+VHOST_USER_SET_LOG_BASE = 6
+
+
+def test_live_migration_keeps_guest_ram_and_disk_exact(
+    guest: tuple[Path, Path], backend: Backend, tmp_path: Path
+) -> None:
+    """QEMU migrates the guest to a second QEMU while it reads, writes and checks.
+
+    The backend serves both QEMUs (the target's frontend connects when it
+    starts, while the source's is still served). During pre-copy QEMU hands
+    the source's backend a dirty log (SET_LOG_BASE with a shared-memory fd)
+    and sets VHOST_F_LOG_ALL: the guest pages the backend writes (disk reads,
+    used rings) reach the target only through that log, and the guest
+    re-checks them there.
+    """
+    kernel, initramfs = guest
+    sectors = DISK_MIB * 1024 * 1024 // SECTOR
+    image = tmp_path / "disk.img"
+    image.write_bytes(pattern(SEED, np.zeros(sectors, dtype=np.uint64)))
+    vu = [tmp_path / "source-vu.sock", tmp_path / "target-vu.sock"]
+    backend_log = tmp_path / "backend.log"
+    served = backend(vu, image, backend_log)
+    qemus: list[subprocess.Popen[bytes]] = []
+    consoles: list[Console] = []
+
+    def start(name: str, socket: Path, *extra: str) -> tuple[Console, Qmp]:
+        with open(tmp_path / f"{name}-qemu.log", "wb") as log:
+            qemus.append(
+                subprocess.Popen(
+                    qemu_command(
+                        kernel,
+                        initramfs,
+                        socket,
+                        "chardev:console",
+                        f"vublk.seed={SEED:x} vublk.mode=migrate",
+                        (
+                            "-chardev",
+                            f"socket,id=console,path={tmp_path}/{name}-console.sock,"
+                            "server=on,wait=off",
+                            "-qmp",
+                            f"unix:{tmp_path}/{name}-qmp.sock,server=on,wait=off",
+                            "-trace",
+                            f"enable=vhost_user_write,file={tmp_path}/{name}-trace.log",
+                            *extra,
+                        ),
+                    ),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        consoles.append(Console(tmp_path / f"{name}-console.sock"))
+        return consoles[-1], Qmp(tmp_path / f"{name}-qmp.sock")
+
+    try:
+        wait_for_socket(served, vu[1], backend_log)
+        started = time.monotonic()
+        source_console, source = start("source", vu[0])
+        ready = source_console.wait_for(READY, GUEST_TIMEOUT)
+        if not ready or ready.group(0) != b"VHOST-MIG-READY":
+            pytest.fail(f"the guest's check never started; its console:\n{source_console.tail()}")
+        booted = time.monotonic() - started
+        target_console, target = start("target", vu[1], "-incoming", f"unix:{tmp_path}/mig.sock")
+        assert target.execute("query-status") == {"status": "inmigrate", "running": False}
+        limits = {"max-bandwidth": MIGRATION_BANDWIDTH, "downtime-limit": 1000}
+        source.execute("migrate-set-parameters", **limits)
+        source.execute("migrate", uri=f"unix:{tmp_path}/mig.sock")
+        status = wait_for_migration(source, GUEST_TIMEOUT)
+        assert status["status"] == "completed", f"migration: {status}"
+        assert cast(dict[str, Any], status["ram"])["dirty-sync-count"] >= 2, status
+        assert target.execute("query-status") == {"status": "running", "running": True}
+        source.execute("quit")
+        assert qemus[0].wait(60) == 0
+        log_messages = (tmp_path / "source-trace.log").read_text()
+        assert re.search(rf"vhost_user_write req:{VHOST_USER_SET_LOG_BASE} ", log_messages), (
+            "QEMU never gave the source's backend a dirty log (SET_LOG_BASE)"
+        )
+
+        target_console.send(b"stop\n")
+        found = target_console.wait_for(RESULT, GUEST_TIMEOUT)
+        if not found:
+            pytest.fail(f"no result from the migrated guest; its console:\n{target_console.tail()}")
+        assert found.group(1) == b"ok", f"the migrated guest's check failed: {found.group(0)!r}"
+        assert qemus[1].wait(60) == 0
+    finally:
+        for console in consoles:
+            console.close()
+        for qemu in qemus:
+            stop(qemu)
+        backend_status = stop(served)
+    assert backend_status == 0, backend_log.read_text(errors="replace")[-2000:]
+
+    fields = dict(item.split(b"=") for item in found.group(2).split())
+    rounds = int(fields[b"rounds"])
+    assert rounds > 0
+    written = sum(migrate_write_extent(r, sectors)[1] for r in range(1, rounds + 1)) * SECTOR
+    assert int(fields[b"written"]) == written
+    expected = pattern(SEED, migrate_generations(rounds, sectors))
+    got = image.read_bytes()
+    if got != expected:
+        at = first_difference(got, expected)
+        pytest.fail(f"the image differs from the guest's writes at byte {at}")
+    FIGURES["x86 guest under TCG: QEMU start to the migration check running (s)"] = round(booted, 1)
+    FIGURES["x86 guest migration over vhost-user-blk: total, downtime (ms)"] = (
+        f"{status['total-time']}, {status['downtime']}"
+    )
+    FIGURES["x86 guest migration over vhost-user-blk: guest rounds (2 I/Os each)"] = rounds
+
+
+def wait_for_migration(qmp: Qmp, timeout: float) -> dict[str, Any]:
+    """query-migrate until the migration ends (completed, failed or cancelled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = cast(dict[str, Any], qmp.execute("query-migrate"))
+        if status.get("status") in ("completed", "failed", "cancelled"):
+            return status
+        time.sleep(0.2)
+    pytest.fail(f"the migration did not end in {timeout:.0f} s: {status}")

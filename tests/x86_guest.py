@@ -10,15 +10,19 @@ writes, so the image can be checked byte for byte afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from socket import AF_UNIX, SOCK_STREAM
+from socket import socket as Socket
 
 import numpy as np
 import pytest
@@ -37,9 +41,13 @@ RESULT = re.compile(rb"VHOST-BLK-CHECK (ok|fail)([^\r\n]*)\r?\n")
 QEMU = "qemu-system-x86_64"
 STORAGE_DAEMON = "qemu-storage-daemon"
 
-# A backend: started for a socket path and a disk image, it serves that image
-# as a vhost-user-blk device on that socket until terminated.
-Backend = Callable[[Path, Path, Path], "subprocess.Popen[bytes]"]
+# A backend: started for socket paths, a disk image and a log file, it serves
+# that image as a vhost-user-blk device on each socket (one frontend each)
+# until terminated. The migration test gives two sockets: QEMU connects to
+# its backend when it starts, so the target's frontend connects while the
+# source's is still served (qemu-storage-daemon serves one frontend per
+# export at a time; two exports of one block node serve both).
+Backend = Callable[[Sequence[Path], Path, Path], "subprocess.Popen[bytes]"]
 
 
 def cannot_start(reason: str) -> None:
@@ -68,18 +76,20 @@ def guest_files() -> tuple[Path, Path]:
 # ---- the backends -----------------------------------------------------------------
 
 
-def start_qemu_storage_daemon(socket: Path, disk: Path, log: Path) -> subprocess.Popen[bytes]:
-    """QEMU's own vhost-user-blk backend serving ``disk`` (raw, writable) on ``socket``."""
+def start_qemu_storage_daemon(
+    paths: Sequence[Path], disk: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    """QEMU's own vhost-user-blk backend serving ``disk`` (raw, writable) on each socket."""
+    exports = []
+    for n, path in enumerate(paths):
+        exports += [
+            "--export",
+            f"type=vhost-user-blk,id=exp{n},node-name=disk,"
+            f"addr.type=unix,addr.path={path},writable=on",
+        ]
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [
-                STORAGE_DAEMON,
-                "--blockdev",
-                f"driver=file,node-name=disk,filename={disk}",
-                "--export",
-                "type=vhost-user-blk,id=exp,node-name=disk,"
-                f"addr.type=unix,addr.path={socket},writable=on",
-            ],
+            [STORAGE_DAEMON, "--blockdev", f"driver=file,node-name=disk,filename={disk}", *exports],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -162,6 +172,24 @@ def plan_argument(groups: list[list[Extent]]) -> str:
     return "/".join(",".join(f"{e.start}:{e.count}:{e.segments}" for e in g) for g in groups)
 
 
+def migrate_write_extent(r: int, sectors: int) -> tuple[int, int]:
+    """The extent (start, count) round ``r`` of the migration check writes (vublk_migrate.c)."""
+    count = 1 + (r * 37) % 128
+    start = (r * 7919) % (sectors - 128)
+    if r % 2:
+        start -= start % 8
+    return start, count
+
+
+def migrate_generations(rounds: int, sectors: int) -> np.ndarray:
+    """The generation each sector holds after ``rounds`` rounds of the migration check."""
+    gens = np.zeros(sectors, dtype=np.uint64)
+    for r in range(1, rounds + 1):
+        start, count = migrate_write_extent(r, sectors)
+        gens[start : start + count] = r
+    return gens
+
+
 def sector_generations(groups: list[list[Extent]], sectors: int) -> np.ndarray:
     """The generation each sector holds after the plan (0: the host's, n: the n-th write)."""
     gens = np.zeros(sectors, dtype=np.uint64)
@@ -196,14 +224,20 @@ def first_difference(got: bytes, expected: bytes) -> int:
 
 
 def qemu_command(
-    kernel: Path, initramfs: Path, socket: Path, console: Path, append: str, memory_mib: int = 256
+    kernel: Path,
+    initramfs: Path,
+    socket: Path,
+    serial: str,
+    append: str,
+    extra: tuple[str, ...] = (),
+    memory_mib: int = 256,
 ) -> list[str]:
     """qemu-system-x86_64 under TCG, its RAM a shared memfd, its disk vhost-user-blk on ``socket``.
 
     vhost-user needs the guest's RAM in shared memory the backend can map
-    (``memory-backend-memfd,share=on``). The console goes to a file; nothing
-    else is attached (``-nodefaults``), and a guest that powers off or panics
-    ends QEMU (``-no-reboot``, ``panic=-1``).
+    (``memory-backend-memfd,share=on``). The console is ``-serial serial``;
+    nothing else is attached (``-nodefaults``) but ``extra``, and a guest that
+    powers off or panics ends QEMU (``-no-reboot``, ``panic=-1``).
     """
     return [
         QEMU,
@@ -230,8 +264,9 @@ def qemu_command(
         "-display",
         "none",
         "-serial",
-        f"file:{console}",
+        serial,
         "-no-reboot",
+        *extra,
     ]
 
 
@@ -256,3 +291,100 @@ def wait_for_result(
                 f"the console's tail:\n{text[-3000:].decode(errors='replace')}"
             )
         time.sleep(0.1)
+
+
+class Console:
+    """A guest's serial console on a QEMU ``socket`` chardev: what it wrote, and lines to it."""
+
+    def __init__(self, path: Path, timeout: float = 30) -> None:
+        self.sock = connect_unix(path, timeout)
+        self.output = bytearray()
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                data = b""
+            with self._changed:
+                if not data:
+                    self._changed.notify_all()
+                    return
+                self.output += data
+                self._changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[bytes], timeout: float) -> re.Match[bytes] | None:
+        """The first match of ``pattern`` in the output, waiting up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = pattern.search(bytes(self.output))
+                left = deadline - time.monotonic()
+                if found or left <= 0 or not self._reader.is_alive():
+                    return found
+                self._changed.wait(min(left, 1.0))
+
+    def send(self, line: bytes) -> None:
+        """Type ``line`` on the guest's console."""
+        self.sock.sendall(line)
+
+    def tail(self) -> str:
+        """The last of the output, for failure messages."""
+        return bytes(self.output[-3000:]).decode(errors="replace")
+
+    def close(self) -> None:
+        """Disconnect from the console."""
+        self.sock.close()
+
+
+class Qmp:
+    """A QMP client on a QEMU ``-qmp unix:PATH,server=on,wait=off`` socket."""
+
+    def __init__(self, path: Path, timeout: float = 30) -> None:
+        self.sock = connect_unix(path, timeout)
+        self.file = self.sock.makefile("rb")
+        self._receive()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def _receive(self) -> dict[str, object]:
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("QMP connection closed")
+        message: dict[str, object] = json.loads(line)
+        return message
+
+    def execute(self, command: str, **arguments: object) -> object:
+        """Run ``command`` and return its result (events on the way are dropped)."""
+        request: dict[str, object] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            reply = self._receive()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"QMP {command}: {reply['error']}")
+
+    def close(self) -> None:
+        """Disconnect from QMP."""
+        self.file.close()
+        self.sock.close()
+
+
+def connect_unix(path: Path, timeout: float) -> Socket:
+    """Connect to the Unix socket at ``path``, waiting up to ``timeout`` for it to listen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = Socket(AF_UNIX, SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
