@@ -18,6 +18,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 
 from conftest import FIGURES
+from vhost_user_decoy_log import DecoyLogRelay
 from x86_guest import (
     BACKENDS,
     RESULT,
@@ -133,29 +135,41 @@ def test_guest_io_through_vhost_user_blk_is_exact(
 
 MIGRATION_BANDWIDTH = 64 << 20  # bytes/s: several seconds of pre-copy with the guest busy
 VHOST_USER_SET_LOG_BASE = 6
+DECOY_RESULT_TIMEOUT = 60.0  # a guest whose rings went stale may hang rather than fail
 
 
-def test_live_migration_keeps_guest_ram_and_disk_exact(
-    guest: tuple[Path, Path], backend: Backend, tmp_path: Path
-) -> None:
-    """QEMU migrates the guest to a second QEMU while it reads, writes and checks.
+@dataclass
+class Migration:
+    """How a migration of the busy guest went."""
+
+    status: dict[str, Any]  # the source's query-migrate at the end
+    result: re.Match[bytes] | None  # the migrated guest's result line, if it printed one
+    console: str  # the tail of the target's console
+    booted: float  # seconds from the source QEMU's start to the guest's check running
+
+
+def migrate_busy_guest(
+    guest: tuple[Path, Path],
+    backend: Backend,
+    tmp_path: Path,
+    image: Path,
+    result_timeout: float,
+    decoy_log: bool = False,
+) -> Migration:
+    """Boot the guest's migration check, migrate it to a second QEMU, stop it there.
 
     The backend serves both QEMUs (the target's frontend connects when it
-    starts, while the source's is still served). During pre-copy QEMU hands
-    the source's backend a dirty log (SET_LOG_BASE with a shared-memory fd)
-    and sets VHOST_F_LOG_ALL: the guest pages the backend writes (disk reads,
-    used rings) reach the target only through that log, and the guest
-    re-checks them there.
+    starts, while the source's is still served). With ``decoy_log`` the
+    source's backend is reached through a relay that hands it a decoy in place
+    of QEMU's dirty log: a backend that does not log.
     """
     kernel, initramfs = guest
-    sectors = DISK_MIB * 1024 * 1024 // SECTOR
-    image = tmp_path / "disk.img"
-    image.write_bytes(pattern(SEED, np.zeros(sectors, dtype=np.uint64)))
     vu = [tmp_path / "source-vu.sock", tmp_path / "target-vu.sock"]
     backend_log = tmp_path / "backend.log"
     served = backend(vu, image, backend_log)
     qemus: list[subprocess.Popen[bytes]] = []
     consoles: list[Console] = []
+    relay = None
 
     def start(name: str, socket: Path, *extra: str) -> tuple[Console, Qmp]:
         with open(tmp_path / f"{name}-qemu.log", "wb") as log:
@@ -188,8 +202,12 @@ def test_live_migration_keeps_guest_ram_and_disk_exact(
 
     try:
         wait_for_socket(served, vu[1], backend_log)
+        source_vu = vu[0]
+        if decoy_log:
+            source_vu = tmp_path / "relay.sock"
+            relay = DecoyLogRelay(source_vu, vu[0])
         started = time.monotonic()
-        source_console, source = start("source", vu[0])
+        source_console, source = start("source", source_vu)
         ready = source_console.wait_for(READY, GUEST_TIMEOUT)
         if not ready or ready.group(0) != b"VHOST-MIG-READY":
             pytest.fail(f"the guest's check never started; its console:\n{source_console.tail()}")
@@ -201,30 +219,56 @@ def test_live_migration_keeps_guest_ram_and_disk_exact(
         source.execute("migrate", uri=f"unix:{tmp_path}/mig.sock")
         status = wait_for_migration(source, GUEST_TIMEOUT)
         assert status["status"] == "completed", f"migration: {status}"
-        assert cast(dict[str, Any], status["ram"])["dirty-sync-count"] >= 2, status
-        assert target.execute("query-status") == {"status": "running", "running": True}
+        assert status["ram"]["dirty-sync-count"] >= 2, status
+        if not decoy_log:  # else its guest may already have failed and powered off
+            assert target.execute("query-status") == {"status": "running", "running": True}
         source.execute("quit")
         assert qemus[0].wait(60) == 0
         log_messages = (tmp_path / "source-trace.log").read_text()
         assert re.search(rf"vhost_user_write req:{VHOST_USER_SET_LOG_BASE} ", log_messages), (
             "QEMU never gave the source's backend a dirty log (SET_LOG_BASE)"
         )
+        if relay is not None:
+            assert relay.decoy_logs >= 1, "the relay never replaced a dirty log"
 
         target_console.send(b"stop\n")
-        found = target_console.wait_for(RESULT, GUEST_TIMEOUT)
-        if not found:
-            pytest.fail(f"no result from the migrated guest; its console:\n{target_console.tail()}")
-        assert found.group(1) == b"ok", f"the migrated guest's check failed: {found.group(0)!r}"
-        assert qemus[1].wait(60) == 0
+        found = target_console.wait_for(RESULT, result_timeout)
+        if found and found.group(1) == b"ok":
+            assert qemus[1].wait(60) == 0
+        migration = Migration(status, found, target_console.tail(), booted)
     finally:
         for console in consoles:
             console.close()
         for qemu in qemus:
             stop(qemu)
+        if relay is not None:
+            relay.close()
         backend_status = stop(served)
     assert backend_status == 0, backend_log.read_text(errors="replace")[-2000:]
+    return migration
 
-    fields = dict(item.split(b"=") for item in found.group(2).split())
+
+def test_live_migration_keeps_guest_ram_and_disk_exact(
+    guest: tuple[Path, Path], backend: Backend, tmp_path: Path
+) -> None:
+    """QEMU migrates the guest to a second QEMU while it reads, writes and checks.
+
+    During pre-copy QEMU hands the source's backend a dirty log (SET_LOG_BASE
+    with a shared-memory fd) and sets VHOST_F_LOG_ALL: the guest pages the
+    backend writes (disk reads, used rings) reach the target only through that
+    log, and the guest re-checks them there. The image is checked after.
+    """
+    sectors = DISK_MIB * 1024 * 1024 // SECTOR
+    image = tmp_path / "disk.img"
+    image.write_bytes(pattern(SEED, np.zeros(sectors, dtype=np.uint64)))
+    migration = migrate_busy_guest(guest, backend, tmp_path, image, GUEST_TIMEOUT)
+    if not migration.result:
+        pytest.fail(f"no result from the migrated guest; its console:\n{migration.console}")
+    assert migration.result.group(1) == b"ok", (
+        f"the migrated guest's check failed: {migration.result.group(0)!r}"
+    )
+
+    fields = dict(item.split(b"=") for item in migration.result.group(2).split())
     rounds = int(fields[b"rounds"])
     assert rounds > 0
     written = sum(migrate_write_extent(r, sectors)[1] for r in range(1, rounds + 1)) * SECTOR
@@ -234,11 +278,30 @@ def test_live_migration_keeps_guest_ram_and_disk_exact(
     if got != expected:
         at = first_difference(got, expected)
         pytest.fail(f"the image differs from the guest's writes at byte {at}")
-    FIGURES["x86 guest under TCG: QEMU start to the migration check running (s)"] = round(booted, 1)
+    status = migration.status
+    FIGURES["x86 guest under TCG: QEMU start to the migration check running (s)"] = round(
+        migration.booted, 1
+    )
     FIGURES["x86 guest migration over vhost-user-blk: total, downtime (ms)"] = (
         f"{status['total-time']}, {status['downtime']}"
     )
     FIGURES["x86 guest migration over vhost-user-blk: guest rounds (2 I/Os each)"] = rounds
+
+
+def test_a_backend_that_does_not_log_fails_the_migration_check(
+    guest: tuple[Path, Path], backend: Backend, tmp_path: Path
+) -> None:
+    """The same migration with the source's backend writing a decoy log: the guest notices."""
+    sectors = DISK_MIB * 1024 * 1024 // SECTOR
+    image = tmp_path / "disk.img"
+    image.write_bytes(pattern(SEED, np.zeros(sectors, dtype=np.uint64)))
+    migration = migrate_busy_guest(
+        guest, backend, tmp_path, image, DECOY_RESULT_TIMEOUT, decoy_log=True
+    )
+    assert migration.result is None or migration.result.group(1) == b"fail", (
+        f"the guest's check passed although its backend's writes were never logged: "
+        f"{migration.result.group(0)!r}"
+    )
 
 
 def wait_for_migration(qmp: Qmp, timeout: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ writes, so the image can be checked byte for byte afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -328,8 +329,9 @@ class Console:
                 self._changed.wait(min(left, 1.0))
 
     def send(self, line: bytes) -> None:
-        """Type ``line`` on the guest's console."""
-        self.sock.sendall(line)
+        """Type ``line`` on the guest's console (lost if QEMU has ended: its output says why)."""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.sock.sendall(line)
 
     def tail(self) -> str:
         """The last of the output, for failure messages."""
