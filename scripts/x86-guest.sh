@@ -27,11 +27,22 @@ modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
 if [ ! -f "$dir/kernel/vmlinux" ]; then
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
-    image=$(apt-cache depends linux-image-amd64 \
-        | sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n 1)
-    [ -n "$image" ] || { echo "linux-image-amd64 names no kernel package here" >&2; exit 1; }
-    echo "fetching Debian's amd64 kernel ($image) and busybox-static into $dir" >&2
-    (cd "$work" && apt-get -qq -o APT::Sandbox::User=root download "$image" busybox-static) >&2
+    kernel_package() {
+        apt-cache depends linux-image-amd64 \
+            | sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n 1
+    }
+    download() { (cd "$work" && apt-get -qq -o APT::Sandbox::User=root download "$@") >&2; }
+    image=$(kernel_package)
+    echo "fetching Debian's amd64 kernel (${image:-none named}) and busybox-static into $dir" >&2
+    if [ -z "$image" ] || ! download "$image" busybox-static; then
+        # Lists older than the archive name a kernel it no longer has: refresh them (root only).
+        [ "$(id -u)" -eq 0 ] || { echo "apt-get download failed; apt-get update may help" >&2; exit 1; }
+        echo "refreshing apt's lists and trying again" >&2
+        apt-get update -qq -o Dir::Etc::sourcelist=/dev/null >&2 || apt-get update -qq >&2 || true
+        image=$(kernel_package)
+        [ -n "$image" ] || { echo "linux-image-amd64 names no kernel package here" >&2; exit 1; }
+        download "$image" busybox-static
+    fi
     dpkg -x "$work/$image"_*.deb "$work/tree"
     dpkg -x "$work"/busybox-static_*.deb "$work/busybox"
     rm -rf "$dir/kernel.tmp"
