@@ -8,8 +8,13 @@ the host) with O_DIRECT and checks every byte, writes a plan of extents
 (first and last sectors, 512-byte and 4 KiB alignments, several segments per
 request, groups of four at once, later writes over earlier ones), reads each
 back, fsyncs and reads the whole disk again; the host then checks the image
-byte for byte. The backend is a parameter: qemu-storage-daemon here, proving
-the harness; guestmem's own backend joins it as a second one.
+byte for byte. In a second mode the guest keeps writing the disk, reading it
+into buffers only the backend writes and re-checking them and a RAM region
+while QEMU live-migrates it to a second QEMU: the backend's dirty log is what
+brings the backend's writes to the target, and the same migration with the
+log replaced by a decoy fails the guest's check. The backend is a parameter:
+qemu-storage-daemon here, proving the harness; guestmem's own backend joins it
+as a second one.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ DISK_MIB = 32
 SEED = 0x5EED_2100_C0FF_EE21
 READY = re.compile(rb"VHOST-MIG-READY|VHOST-BLK-CHECK fail[^\r\n]*")
 GUEST_TIMEOUT = 600.0  # TCG on a loaded two-core machine; it takes seconds when idle
+MIGRATION_BANDWIDTH = 64 << 20  # bytes/s: a pre-copy of 1-2 s, several dirty syncs
+VHOST_USER_SET_LOG_BASE = 6
+DECOY_RESULT_TIMEOUT = 60.0  # a guest whose rings went stale may hang rather than fail
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +139,6 @@ def test_guest_io_through_vhost_user_blk_is_exact(
     FIGURES["x86 guest under TCG: QEMU start to power-off and image checked (s)"] = round(
         time.monotonic() - started, 1
     )
-
-
-MIGRATION_BANDWIDTH = 64 << 20  # bytes/s: several seconds of pre-copy with the guest busy
-VHOST_USER_SET_LOG_BASE = 6
-DECOY_RESULT_TIMEOUT = 60.0  # a guest whose rings went stale may hang rather than fail
 
 
 @dataclass
