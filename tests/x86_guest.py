@@ -40,6 +40,7 @@ MIX2 = 0x94D049BB133111EB
 MASK = (1 << 64) - 1
 RESULT = re.compile(rb"VHOST-BLK-CHECK (ok|fail)([^\r\n]*)\r?\n")
 QEMU = "qemu-system-x86_64"
+REPLY_TIMEOUT = 120.0  # seconds for a QMP reply
 STORAGE_DAEMON = "qemu-storage-daemon"
 
 # A backend: started for socket paths, a disk image and a log file, it serves
@@ -347,6 +348,8 @@ class Qmp:
 
     def __init__(self, path: Path, timeout: float = 30) -> None:
         self.sock = connect_unix(path, timeout)
+        # A QEMU whose main loop is stuck (a device waiting for its backend) never answers.
+        self.sock.settimeout(REPLY_TIMEOUT)
         self.file = self.sock.makefile("rb")
         self._receive()  # the greeting
         self.execute("qmp_capabilities")
