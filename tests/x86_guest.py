@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -98,7 +99,22 @@ def start_qemu_storage_daemon(
         )
 
 
-BACKENDS: dict[str, Backend] = {"qemu-storage-daemon": start_qemu_storage_daemon}
+def start_guestmem_backend(paths: Sequence[Path], disk: Path, log: Path) -> subprocess.Popen[bytes]:
+    """guestmem's vhost-user-blk backend serving ``disk`` on each socket (tags: none)."""
+    sockets = [arg for path in paths for arg in ("--socket", str(path))]
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "guestmem", "vhost-user-blk", *sockets, "--disk", str(disk)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+BACKENDS: dict[str, Backend] = {
+    "qemu-storage-daemon": start_qemu_storage_daemon,
+    "guestmem": start_guestmem_backend,
+}
 
 
 def wait_for_socket(process: subprocess.Popen[bytes], socket: Path, log: Path) -> None:

@@ -1,9 +1,11 @@
 """``guestmem vhost-user-blk``: serve a disk image to a vhost-user frontend (QEMU's vhost-user-blk).
 
-``--socket PATH`` is where it listens (mode 0600); ``--disk FILE[,ro]`` the
-image (locked as the VMM locks it: exclusive, or shared when read-only);
-``--tags none|hardware`` how guest memory is mapped (HARDWARE: PROT_MTE, on
-MTE hosts). One frontend at a time; each gets a fresh virtio-blk device.
+``--socket PATH`` is where it listens (mode 0600; given again, it listens on
+each: e.g. a live migration's source and target QEMU, which are connected at
+once); ``--disk FILE[,ro]`` the image (locked as the VMM locks it: exclusive,
+or shared when read-only); ``--tags none|hardware`` how guest memory is
+mapped (HARDWARE: PROT_MTE, on MTE hosts). One frontend at a time on each
+socket; each gets a fresh virtio-blk device over the one image.
 Runs until SIGTERM or SIGINT (exit 0); an operator error is one line on
 stderr and exit status 1.
 """
@@ -11,9 +13,11 @@ stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import threading
 from types import FrameType
 
 import guestmem as gm
@@ -34,7 +38,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     blk = commands.add_parser(
         "vhost-user-blk", help="serve a disk image as a vhost-user-blk backend (for QEMU)"
     )
-    blk.add_argument("--socket", required=True, metavar="PATH", help="listen here (mode 0600)")
+    blk.add_argument(
+        "--socket",
+        required=True,
+        action="append",
+        metavar="PATH",
+        help="listen here (mode 0600); repeat to serve one frontend on each at once",
+    )
     blk.add_argument(
         "--disk",
         required=True,
@@ -69,17 +79,31 @@ def run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        with BackendServer(args.socket, fresh_device, tags) as server:
+        with contextlib.ExitStack() as servers:
+            serving = [
+                servers.enter_context(BackendServer(socket, fresh_device, tags))
+                for socket in args.socket
+            ]
             print(
                 f"guestmem vhost-user-blk: serving {path}{' (read-only)' if read_only else ''} "
-                f"on {args.socket}",
+                f"on {', '.join(args.socket)}",
                 file=sys.stderr,
                 flush=True,
             )
-            server.serve_forever()
+            _serve_all(serving)
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
         image.close()
     return 0
+
+
+def _serve_all(servers: list[BackendServer]) -> None:
+    """Serve every socket, each on its own thread, until a signal ends the main thread."""
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.5)  # wakes for SIGTERM/SIGINT, whose handlers raise here
