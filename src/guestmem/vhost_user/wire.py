@@ -98,7 +98,9 @@ def _header(sock: socket.socket, timeout: float | None) -> tuple[bytes, list[int
         for fd in fds:
             os.close(fd)
         raise Disconnected
-    if msg_flags & socket.MSG_CTRUNC:
+    # More fds than asked room for: the kernel truncates (MSG_CTRUNC), but an
+    # emulator's recvmsg (qemu-user) may hand them all over.
+    if msg_flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
         for fd in fds:
             os.close(fd)
         raise MessageError(f"a message carried more than {MAX_FDS} fds")
