@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import guestmem as gm
+from conftest import QEMU_USER
 from guestmem.vhost_user import (
     FeatureError,
     LogError,
@@ -384,7 +385,12 @@ def test_a_malformed_message_gets_a_typed_error_and_closes_only_its_connection(
     before = open_fds()
     errors = _refused(disk, setup, bad)
     assert len(errors) == 1, errors
-    assert type(errors[0]) is kind, f"{name}: {errors[0]!r}"
+    expected: tuple[type[BaseException], ...] = (kind,)
+    if name == "nine fds" and QEMU_USER:
+        # qemu-user's recvmsg drops the fds past the room given without MSG_CTRUNC:
+        # the backend sees eight fds for nine regions and refuses the table instead.
+        expected = (kind, MemoryTableError)
+    assert type(errors[0]) in expected, f"{name}: {errors[0]!r}"
     assert isinstance(errors[0], gm.GuestMemoryError)
     gc.collect()
     assert open_fds() == before, "an fd the frontend sent was kept"

@@ -98,8 +98,8 @@ def _header(sock: socket.socket, timeout: float | None) -> tuple[bytes, list[int
         for fd in fds:
             os.close(fd)
         raise Disconnected
-    # More fds than asked room for: the kernel truncates (MSG_CTRUNC), but an
-    # emulator's recvmsg (qemu-user) may hand them all over.
+    # More fds than the room given: the kernel drops the rest and says so
+    # (MSG_CTRUNC; qemu-user drops them silently). Counted too, never trusted.
     if msg_flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
         for fd in fds:
             os.close(fd)
