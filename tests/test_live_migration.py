@@ -11,6 +11,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ class Guest:
     """A writer thread that keeps changing data and tags until paused."""
 
     def __init__(self, mem: gm.GuestMemory, seed: int) -> None:
-        self.mem, self.seed, self.writes = mem, seed, 0
+        self.mem, self.seed, self.writes, self.seen = mem, seed, 0, 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run)
 
@@ -81,6 +82,21 @@ class Guest:
             if self.mem.tag_mode is not gm.TagMode.NONE:
                 self.mem.set_tags(at, 512, rng.integers(0, 16, 32).astype(np.uint8))
             self.writes += 1
+
+    def progressed(self) -> None:
+        """Wait (up to 10 s) for a few writes since the last call: send_live's harvest hook.
+
+        Without it a round can end before the writer thread got the GIL once,
+        and a loaded machine then sends no dirty page after the full pass.
+        """
+        deadline = time.monotonic() + 10
+        while (
+            not self.stop.is_set()  # paused: the final round waits for nothing
+            and self.writes < self.seen + 3
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.001)
+        self.seen = self.writes
 
     def pause(self) -> None:
         self.stop.set()
@@ -102,7 +118,9 @@ def migrate_once(mode: gm.TagMode, family: str, seed: int, where: str) -> None:
         try:
             conn, _ = server.accept()
             with conn:
-                totals = migration.send_live(mem, conn, pause=guest.pause, max_rounds=4)
+                totals = migration.send_live(
+                    mem, conn, pause=guest.pause, max_rounds=4, harvest=guest.progressed
+                )
             out, err = child.communicate(timeout=300)
         finally:
             guest.pause()
