@@ -380,17 +380,18 @@ def _refused(disk: str, setup: Step, bad: Step) -> list[gm.GuestMemoryError]:
 def test_a_malformed_message_gets_a_typed_error_and_closes_only_its_connection(
     name: str, disk: str
 ) -> None:
+    if name == "nine fds" and QEMU_USER:
+        pytest.skip(
+            "qemu-user's recvmsg delivers eight of nine SCM_RIGHTS fds without MSG_CTRUNC and "
+            "keeps the ninth open itself: the kernel's truncation this case checks does not "
+            "exist under the emulator (the host lane runs it on a real kernel)"
+        )
     setup, bad, kind = CASES[name]
     gc.collect()  # what earlier tests left for the collector goes first
     before = open_fds()
     errors = _refused(disk, setup, bad)
     assert len(errors) == 1, errors
-    expected: tuple[type[BaseException], ...] = (kind,)
-    if name == "nine fds" and QEMU_USER:
-        # qemu-user's recvmsg drops the fds past the room given without MSG_CTRUNC:
-        # the backend sees eight fds for nine regions and refuses the table instead.
-        expected = (kind, MemoryTableError)
-    assert type(errors[0]) in expected, f"{name}: {errors[0]!r}"
+    assert type(errors[0]) is kind, f"{name}: {errors[0]!r}"
     assert isinstance(errors[0], gm.GuestMemoryError)
     gc.collect()
     assert open_fds() == before, "an fd the frontend sent was kept"
