@@ -43,6 +43,18 @@ def disk(tmp_path: Path) -> str:
     return str(path)
 
 
+def _a_read_is_served(path: str) -> None:
+    """A new frontend on the server's socket sets up and has one read served."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    front = Frontend(sock)
+    try:
+        front.start()
+        assert front.request(T_IN, 0, 0x30000, SECTOR) == 0
+    finally:
+        front.close()
+
+
 def test_negotiation_offers_what_vhost_user_blk_needs(disk: str) -> None:
     sock, backend = start_backend(disk)
     front = Frontend(sock)
@@ -225,14 +237,7 @@ def test_the_server_serves_the_next_frontend_a_fresh_device(disk: str, tmp_path:
         hostile.send(Request.SET_VRING_NUM, VRING_STATE.pack(5, 16))
         assert hostile.closed_by_backend()
         hostile.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        front = Frontend(sock)
-        try:
-            front.start()
-            assert front.request(T_IN, 0, 0x30000, SECTOR) == 0
-        finally:
-            front.close()
+        _a_read_is_served(path)
     finally:
         server.close()
         thread.join(10)
@@ -311,14 +316,7 @@ def test_the_server_survives_a_device_that_fails_to_start(disk: str, tmp_path: P
         first.settimeout(5)
         assert first.recv(1) == b"", "the failed connection is closed"
         first.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        front = Frontend(sock)
-        try:
-            front.start()
-            assert front.request(T_IN, 0, 0x30000, SECTOR) == 0
-        finally:
-            front.close()
+        _a_read_is_served(path)
     finally:
         server.close()
         thread.join(10)
